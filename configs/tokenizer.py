@@ -1,0 +1,171 @@
+"""FVQ tokenizer training.
+
+  python -m fvq_jax.main --config=configs/tokenizer.py --workdir=/tmp/fvq
+      the default: a small FVQ tokenizer on the built-in sample photos, minutes on a CPU;
+  python -m fvq_jax.main --config=configs/tokenizer.py:paper --workdir=gs://.../fvq16k
+      the reference recipe: VQ-16, K=16384, D=256, VQBridge L/4, ImageNet 256x256, batch 128;
+  python -m fvq_jax.main --config=configs/tokenizer.py:paper,codebook=262144,bridge=L/8 ...
+
+The argument is a comma-separated list of words and key=value pairs (see KEYS); any field can
+also be set with --config.<field>=<value>.
+"""
+
+from fvq_jax import config_lib
+from fvq_jax.models.factory import arch_fields
+
+import ml_collections
+
+FLAGS = ("paper", "local")
+# Short argument keys -> (config field, default in the local variant).
+KEYS = {
+    "codebook": ("quantizer.codebook_size", 1024),
+    "dim": ("quantizer.code_dim", 32),
+    "bridge": ("quantizer.projector", "S/4"),
+    "quantizer": ("quantizer.type", "vq"),
+    "model": ("model.preset", "local"),
+    "res": ("data.image_size", 64),
+    "batch": ("train.global_batch", 16),
+    "steps": ("train.num_steps", 600),
+    "schedule": ("optim.schedule", "lin"),
+    "data": ("data.source", "photos"),
+    "precision": ("precision", "fp32"),
+    "seed": ("seed", 0),
+}
+
+# The CPU-sized encoder/decoder of the local variant: 64x64 images -> 16x16 tokens.
+LOCAL_ARCH = dict(preset="local", ch=32, ch_mult=(1, 2, 2), enc_blocks=1, dec_blocks=1, z_channels=64,
+                  norm_groups=8, dropout=0.0)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
+    config = paper_config() if "paper" in flags else local_config()
+    if "model" in values:
+        config.model = ml_collections.ConfigDict(LOCAL_ARCH if values["model"] == "local" else arch_fields(values["model"]))
+    for key, value in values.items():
+        if key == "model":
+            continue
+        node, field = config, KEYS[key][0]
+        *parents, leaf = field.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def paper_config() -> ml_collections.ConfigDict:
+    """The reference FVQ recipe (fvq_method.md): ImageNet 256x256, 40 epochs at batch 128."""
+    config = ml_collections.ConfigDict()
+    config.task = "tokenizer"
+    config.seed = 0
+    config.precision = "bf16"  # compute dtype of the encoder/decoder/discriminator; params stay fp32
+
+    config.model = arch_fields("VQ-16")
+
+    config.quantizer = dict(
+        type="vq",  # vq | residual | multiscale | ema
+        codebook_size=16384,
+        code_dim=256,
+        projector="L/4",  # VQBridge preset, or none | lin/1 | lin/5
+        beta=0.25,
+        entropy_weight=0.0,
+        entropy_temperature=0.01,
+        l2_norm=False,
+        search_precision="fp32",  # fp32 | tf32 | bf16 products
+        search_tile=0,  # codes per tile of the memory-bounded search; 0 = whole codebook at once
+        search_token_chunk=0,
+        usage_window=0,  # 0 = FVQ's window (65,536 below K = 65,536, else K + 1)
+        residual_depth=4,  # type=residual: quantization depths sharing one codebook
+        scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale
+        ema_decay=0.99,  # type=ema: codebook EMA decay
+    )
+
+    config.loss = dict(
+        pixel="l2",  # l2 | l1
+        pixel_weight=1.0,
+        perceptual_weight=1.0,  # LPIPS(VGG16)
+        codebook_weight=1.0,  # scales the quantizer's total loss
+        disc_weight=0.5,
+        disc_start=20_000,
+        disc_loss="hinge",  # hinge | vanilla
+        gen_loss="hinge",  # hinge | non_saturating
+        adaptive_weight=False,
+    )
+    config.discriminator = dict(num_layers=3, filters=64)
+
+    config.optim = dict(
+        base_lr=1e-4,  # at global batch lr_ref_batch; scaled linearly with the global batch
+        lr_ref_batch=128,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        schedule="lin",  # learning annealing: lin | cos | const
+        warmup_steps=40_000,  # 4 of 40 epochs
+        warmup_start=0.005,
+        decay_start=0.3,  # T: fraction of post-warmup progress before the decay
+        final_mult=0.01,
+        ema_decay=0.0,  # EMA of the tokenizer weights; 0 = off (reference: 0.9999 when on)
+    )
+
+    config.data = dict(
+        source="tfds",  # tfds | folder | photos
+        tfds_name="imagenet2012",
+        tfds_data_dir="",  # '' = TFDS default
+        folder="",  # image folder root: <folder>/<split>/<class>/*.JPEG
+        train_split="train",
+        eval_split="validation",
+        image_size=256,
+        max_resize_ratio=1.25,  # random crop: short side resized to U[S, ratio*S], then S x S crop
+        flip=True,
+        num_workers=16,  # grain worker processes per host; 0 = in the main process
+        prefetch_buffer=2,
+    )
+
+    config.train = dict(
+        global_batch=128,
+        num_steps=400_000,
+        log_every=100,
+        checkpoint_every=5_000,
+        keep_checkpoints=3,  # the newest N, plus every keep_every-th step kept for good
+        keep_every=50_000,
+        image_every=5_000,
+        eval_every=0,  # 0 = only at the end
+    )
+
+    config.eval = dict(
+        batch_size=64,
+        num_images=50_000,  # 0 = the whole eval split
+        metrics=("psnr", "ssim", "lpips", "usage", "rfid"),
+        reference_stats="",  # .npz of Inception statistics of the eval images; '' = compute and cache
+    )
+
+    config.mesh = dict(data=-1, fsdp=1)  # -1 = all remaining devices
+    return config
+
+
+def local_config() -> ml_collections.ConfigDict:
+    """The default: FVQ on the built-in sample photos at 64x64, a few minutes on a 2-core CPU."""
+    config = paper_config()
+    config.precision = "fp32"
+    config.model = ml_collections.ConfigDict(LOCAL_ARCH)
+    config.quantizer.codebook_size = 1024
+    config.quantizer.code_dim = 32
+    config.quantizer.projector = "S/4"
+    config.loss.disc_start = 300
+    config.discriminator.filters = 32
+    config.optim.base_lr = 1e-3
+    config.optim.lr_ref_batch = 16
+    config.optim.warmup_steps = 30
+    config.data.source = "photos"
+    config.data.image_size = 64
+    config.data.num_workers = 0
+    config.train.global_batch = 16
+    config.train.num_steps = 600
+    config.train.log_every = 25
+    config.train.checkpoint_every = 200
+    config.train.image_every = 200
+    config.eval.batch_size = 16
+    config.eval.num_images = 0
+    config.eval.metrics = ("psnr", "ssim", "lpips", "usage")
+    return config

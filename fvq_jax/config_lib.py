@@ -1,0 +1,100 @@
+"""Helpers for the ml_collections configs under configs/: `key=value` arguments and validation.
+
+`get_config(arg)` in a config file takes a string such as "paper,codebook=65536,bridge=L/8":
+bare words are flags, `key=value` pairs are typed overrides. Every config is validated before
+anything is built, and a bad value raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field's dotted name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config field {field}: {message}")
+        self.field = field
+
+
+def parse_arg(arg: str | None, *, flags: tuple[str, ...], keys: Mapping[str, Any]) -> tuple[set[str], dict[str, Any]]:
+    """Split "flag1,key=value,..." into (flags, {key: value}).
+
+    Values are parsed as Python literals when possible ("16384" -> int, "(1,2)" -> tuple)
+    and kept as strings otherwise ("L/4"). Commas inside brackets do not split.
+    `keys` maps each accepted key to its default, which also fixes its type.
+    """
+    found_flags: set[str] = set()
+    values: dict[str, Any] = {}
+    for item in _split_top_level(arg or ""):
+        if "=" not in item:
+            if item not in flags:
+                raise ConfigError("arg", f"unknown word {item!r}; flags: {sorted(flags)}, keys: {sorted(keys)}")
+            found_flags.add(item)
+            continue
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key not in keys:
+            raise ConfigError("arg", f"unknown key {key!r}; choose from {sorted(keys)}")
+        values[key] = _coerce(key, raw, keys[key])
+    return found_flags, values
+
+
+def _split_top_level(arg: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in arg:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [s.strip() for s in items if s.strip()]
+
+
+def _coerce(key: str, raw: str, default: Any) -> Any:
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ConfigError(f"arg {key}", f"expected true/false, got {raw!r}")
+    if isinstance(default, str) and not isinstance(value, str):
+        return raw
+    if isinstance(default, int) and not isinstance(value, int):
+        raise ConfigError(f"arg {key}", f"expected an integer, got {raw!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, (list, int)):
+        return tuple(value) if isinstance(value, list) else (value,)
+    return value
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raise ConfigError(field, message) unless `condition`."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def require_choice(value: Any, field: str, choices) -> None:
+    require(value in choices, field, f"{value!r} is not one of {list(choices)}")
+
+
+def require_number(value: Any, field: str, *, minimum: float = 0.0, strict: bool = True,
+                   integer: bool = False) -> None:
+    """value must be a finite number > minimum (>= minimum when not strict); int if `integer`."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum)
+    kind = "an int" if integer else "a number"
+    require(ok, field, f"must be {kind} {'>' if strict else '>='} {minimum}, got {value!r}")

@@ -1,0 +1,116 @@
+"""The vector quantizer module: raw codebook -> projector -> nearest-code search -> VQ losses.
+
+The math lives in `ops`; this module owns the parameters (the raw codebook E and the
+projector), the usage window, and the reshaping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fvq_jax.quantizers import ops, usage
+from fvq_jax.quantizers.vqbridge import make_projector
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How the nearest code is found (the result is the same up to `precision`).
+
+    precision: 'fp32' | 'tf32' | 'bf16' products for the distances.
+    tile_size: codes per tile for the memory-bounded search; None searches all K at once.
+    token_chunk: tokens per chunk inside the tiled search; None takes all tokens per tile.
+    """
+
+    precision: ops.Precision = "fp32"
+    tile_size: int | None = None
+    token_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.precision not in ops.PRECISIONS:
+            raise ValueError(f"search precision must be one of {ops.PRECISIONS}, got {self.precision!r}")
+        for field in ("tile_size", "token_chunk"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"search {field} must be positive or None, got {value}")
+
+
+def uniform_codebook_init(num_codes: int):
+    """Raw codebook init: uniform in (-1/K, 1/K)."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -1.0 / num_codes, 1.0 / num_codes)
+    return init
+
+
+class VectorQuantizer(nnx.Module):
+    """FVQ quantizer: codes = projector(E); z_q = nearest code; STE; VQ losses; usage window.
+
+    With projector="none" this is plain VQ; with a VQBridge preset ("L/4", ...) it is FVQ.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        code_dim: int,
+        *,
+        projector: str = "L/4",
+        beta: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
+        l2_norm: bool = False,
+        search: SearchOptions = SearchOptions(),
+        usage_window: int | None = None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_codes = codebook_size
+        self.code_dim = code_dim
+        self.beta = beta
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+        self.l2_norm = l2_norm
+        self.search = search
+        self.projector_name = projector
+        self.projector = make_projector(projector, codebook_size, code_dim, dtype=dtype, rngs=rngs)
+        self.embedding = nnx.Param(uniform_codebook_init(codebook_size)(rngs.params(), (codebook_size, code_dim)))
+        buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
+        self.usage_buffer = usage.CodeUsage(buffer)
+        self.usage_position = usage.CodeUsage(position)
+
+    def codebook(self) -> jax.Array:
+        """The searched codebook [K, D] float32 (projector output, unit norm if l2_norm)."""
+        codes = self.projector(self.embedding[...]).astype(jnp.float32)
+        return ops.l2_normalize(codes) if self.l2_norm else codes
+
+    def quantize(self, z: jax.Array, codebook: jax.Array) -> dict[str, jax.Array]:
+        """`ops.quantize` with this module's settings: z [..., D] against codebook [K, D]."""
+        return ops.quantize(
+            z, codebook, beta=self.beta, entropy_weight=self.entropy_weight,
+            entropy_temperature=self.entropy_temperature, l2_norm=self.l2_norm,
+            precision=self.search.precision, tile_size=self.search.tile_size,
+            token_chunk=self.search.token_chunk)
+
+    def track_usage(self, indices: jax.Array) -> jax.Array:
+        """Push indices into the FIFO window; returns the windowed usage fraction."""
+        buffer, position = usage.push(self.usage_buffer[...], self.usage_position[...], indices)
+        self.usage_buffer[...] = buffer
+        self.usage_position[...] = position
+        return usage.window_usage(buffer, self.num_codes)
+
+    def __call__(self, z: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """z: [B, h, w, D] -> `ops.quantize` dict (z_q, indices [B, h, w], losses, perplexity).
+
+        With train=True the indices also enter the usage window and the dict gains `usage`.
+        """
+        out = self.quantize(z, self.codebook())
+        if train:
+            out["usage"] = self.track_usage(out["indices"])
+        return out
+
+    def lookup(self, indices: jax.Array) -> jax.Array:
+        """indices [...] -> codes [..., D] float32 from the searched codebook."""
+        return jnp.take(self.codebook(), indices, axis=0)
+

@@ -1,0 +1,183 @@
+"""VQBridge and the other codebook projectors, chosen by name.
+
+A projector maps the raw trainable codebook E [K, D] to the codebook the quantizer searches
+[K, D]. VQBridge (compress - process - recover) lays E out as a sqrt(K) x sqrt(K) image with D
+channels (code n at row n // sqrt(K), column n % sqrt(K)), embeds p x p patches, runs a small
+pre-LN ViT over them and projects each token back to its p x p block of codes. Because every
+code comes out of one shared network, a gradient on any selected code updates all K codes.
+
+Names: "<size>/<patch>" with size in XS, S, B, L, XL (e.g. "L/4"), depth variants
+"<size>/<patch>-d<depth>" (e.g. "B/4-d4"), and the ablation projectors "none" (identity),
+"lin/1" (one D x D Linear) and "lin/5" (five Linear layers with ReLU between).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgePreset:
+    head_dim: int
+    patch: int
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 2
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+_SIZES = {"XS": (8, (2,)), "S": (16, (2, 4, 8)), "B": (32, (2, 4, 8)), "L": (64, (2, 4, 8)), "XL": (128, (4, 8))}
+_DEPTH_VARIANTS = ("B/4-d1", "B/4-d4", "S/4-d4", "L/4-d1", "L/4-d4", "L/2-d4", "XL/4-d4")
+
+
+def _build_presets() -> dict[str, BridgePreset]:
+    presets = {}
+    for size, (head_dim, patches) in _SIZES.items():
+        for patch in patches:
+            presets[f"{size}/{patch}"] = BridgePreset(head_dim, patch)
+    for name in _DEPTH_VARIANTS:
+        base, depth = name.split("-d")
+        presets[name] = dataclasses.replace(presets[base], depth=int(depth))
+    return presets
+
+
+BRIDGE_PRESETS: dict[str, BridgePreset] = _build_presets()
+ABLATION_PROJECTORS = ("none", "lin/1", "lin/5")
+PROJECTORS = ABLATION_PROJECTORS + tuple(BRIDGE_PRESETS)
+
+
+def codebook_side(codebook_size: int) -> int:
+    """sqrt(K), or a ValueError when K is not a perfect square."""
+    side = math.isqrt(codebook_size) if codebook_size > 0 else 0
+    if side * side != codebook_size or side == 0:
+        raise ValueError(
+            f"codebook_size={codebook_size} is not a perfect square: VQBridge lays the codebook out as a "
+            f"sqrt(K) x sqrt(K) grid (nearest valid sizes: {max(side, 1) ** 2}, {(side + 1) ** 2})")
+    return side
+
+
+def grid_side(codebook_size: int, patch: int) -> int:
+    """sqrt(K), after checking that the sqrt(K) x sqrt(K) grid tiles into p x p patches."""
+    side = codebook_side(codebook_size)
+    if side % patch:
+        raise ValueError(
+            f"codebook side {side} (codebook_size={codebook_size}) is not divisible by the bridge patch size {patch}")
+    return side
+
+
+def check_projector(name: str, codebook_size: int) -> None:
+    """Raise a ValueError naming the problem if projector `name` cannot serve a K-entry codebook."""
+    if name not in PROJECTORS:
+        raise ValueError(f"unknown projector {name!r}; choose one of {', '.join(PROJECTORS)}")
+    if name in BRIDGE_PRESETS:
+        grid_side(codebook_size, BRIDGE_PRESETS[name].patch)
+
+
+def plain_layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without scale or bias, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class BridgeBlock(nnx.Module):
+    """Pre-LN transformer block: x + MHSA(LN(x)); x + MLP(LN(x)). LN without affine."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"bridge width {width} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        dense = dict(kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.qkv = nnx.Linear(width, 3 * width, **dense)
+        self.proj = nnx.Linear(width, width, **dense)
+        self.fc1 = nnx.Linear(width, mlp_ratio * width, **dense)
+        self.fc2 = nnx.Linear(mlp_ratio * width, width, **dense)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, H] -> [B, T, H]."""
+        b, t, width = x.shape
+        qkv = self.qkv(plain_layer_norm(x)).reshape(b, t, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        x = x + self.proj(jax.nn.dot_product_attention(q, k, v).reshape(b, t, width))
+        return x + self.fc2(jax.nn.gelu(self.fc1(plain_layer_norm(x)), approximate=True))
+
+
+class VQBridge(nnx.Module):
+    """Compress (patch embed) - process (ViT blocks) - recover (LN + zero-init Linear, unpatchify).
+
+    There is no skip from E to the output: at step 0 every output code is exactly zero.
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, preset: BridgePreset, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.side = grid_side(codebook_size, preset.patch)
+        self.code_dim = code_dim
+        self.patch = preset.patch
+        p, width = preset.patch, preset.width
+        # Xavier on the (H, D*p*p) view of the kernel: fan_in = p*p*D, fan_out = H.
+        self.patch_embed = nnx.Conv(
+            code_dim, width, (p, p), strides=(p, p), padding="VALID",
+            kernel_init=nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+            bias_init=zeros, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            BridgeBlock(width, preset.num_heads, preset.mlp_ratio, dtype=dtype, rngs=rngs)
+            for _ in range(preset.depth)])
+        self.head = nnx.Linear(width, p * p * code_dim, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs)
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        """embedding: [K, D] raw codebook -> [K, D] bridged codebook (same row-major order)."""
+        s, p, d = self.side, self.patch, self.code_dim
+        grid = embedding.reshape(1, s, s, d)
+        x = self.patch_embed(grid)  # [1, s/p, s/p, H]
+        n = s // p
+        x = x.reshape(1, n * n, -1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.head(plain_layer_norm(x))  # [1, n*n, p*p*D], laid out (row-in-patch, col-in-patch, D)
+        x = x.reshape(n, n, p, p, d).transpose(0, 2, 1, 3, 4)  # [n, p, n, p, D] = grid rows, grid cols
+        return x.reshape(s * s, d)
+
+
+class Identity(nnx.Module):
+    """The "none" projector: the raw codebook is searched directly (plain VQ)."""
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        return embedding
+
+
+class LinearProjector(nnx.Module):
+    """`num_layers` D x D Linear layers with ReLU between (lin/1 is SimVQ-like, lin/5 an MLP)."""
+
+    def __init__(self, code_dim: int, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List([
+            nnx.Linear(code_dim, code_dim, kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+            for _ in range(num_layers)])
+
+    def __call__(self, embedding: jax.Array) -> jax.Array:
+        x = embedding
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(jax.nn.relu(x))
+        return x
+
+
+def make_projector(name: str, codebook_size: int, code_dim: int, *, dtype=jnp.float32,
+                   rngs: nnx.Rngs) -> nnx.Module:
+    """The projector called `name` (see module docstring) for a [K, D] codebook."""
+    check_projector(name, codebook_size)
+    if name == "none":
+        return Identity()
+    if name in ("lin/1", "lin/5"):
+        return LinearProjector(code_dim, int(name[-1]), dtype=dtype, rngs=rngs)
+    return VQBridge(codebook_size, code_dim, BRIDGE_PRESETS[name], dtype=dtype, rngs=rngs)
