@@ -34,7 +34,7 @@ KEYS = {
 
 # The CPU-sized encoder/decoder of the local variant: 64x64 images -> 16x16 tokens.
 LOCAL_ARCH = dict(preset="local", ch=32, ch_mult=(1, 2, 2), enc_blocks=1, dec_blocks=1, z_channels=64,
-                  norm_groups=8, dropout=0.0)
+                  norm_groups=8)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -24,10 +24,8 @@ def arch_from_config(cfg: ml_collections.ConfigDict, prefix: str = "model") -> V
     for m in sorted({cfg.ch * m for m in mult} | {cfg.z_channels}):
         config_lib.require(m % cfg.norm_groups == 0, f("norm_groups"),
                            f"{cfg.norm_groups} groups do not divide a layer's {m} channels")
-    config_lib.require_number(cfg.dropout, f("dropout"), strict=False)
-    config_lib.require(cfg.dropout < 1, f("dropout"), f"must be < 1, got {cfg.dropout}")
     return VQGANArch(ch=cfg.ch, ch_mult=mult, enc_blocks=cfg.enc_blocks, dec_blocks=cfg.dec_blocks,
-                     z_channels=cfg.z_channels, norm_groups=cfg.norm_groups, dropout=cfg.dropout)
+                     z_channels=cfg.z_channels, norm_groups=cfg.norm_groups)
 
 
 def arch_fields(preset: str) -> dict:
@@ -36,8 +34,7 @@ def arch_fields(preset: str) -> dict:
         raise config_lib.ConfigError("model.preset", f"{preset!r} is not one of {list(VQGAN_PRESETS)}")
     arch = VQGAN_PRESETS[preset]
     return dict(preset=preset, ch=arch.ch, ch_mult=arch.ch_mult, enc_blocks=arch.enc_blocks,
-                dec_blocks=arch.dec_blocks, z_channels=arch.z_channels, norm_groups=arch.norm_groups,
-                dropout=arch.dropout)
+                dec_blocks=arch.dec_blocks, z_channels=arch.z_channels, norm_groups=arch.norm_groups)
 
 
 def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:

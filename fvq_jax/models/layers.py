@@ -22,21 +22,22 @@ def group_norm(channels: int, groups: int, *, dtype, rngs) -> nnx.GroupNorm:
 
 
 class ResnetBlock(nnx.Module):
-    """norm-swish-conv3x3-norm-swish-dropout-conv3x3 plus a (1x1-projected) shortcut."""
+    """norm-swish-conv3x3-norm-swish-conv3x3 plus a (1x1-projected) shortcut.
 
-    def __init__(self, in_ch: int, out_ch: int, *, norm_groups: int = 32, dropout: float = 0.0,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    The reference tokenizers train without dropout, so there is none.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, norm_groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
         self.norm1 = group_norm(in_ch, norm_groups, dtype=dtype, rngs=rngs)
         self.conv1 = conv(in_ch, out_ch, 3, dtype=dtype, rngs=rngs)
         self.norm2 = group_norm(out_ch, norm_groups, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.conv2 = conv(out_ch, out_ch, 3, dtype=dtype, rngs=rngs)
         self.shortcut = conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs) if in_ch != out_ch else None
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, in_ch] -> [B, H, W, out_ch]."""
         h = self.conv1(nnx.swish(self.norm1(x)))
-        h = self.conv2(self.dropout(nnx.swish(self.norm2(h)), deterministic=not train))
+        h = self.conv2(nnx.swish(self.norm2(h)))
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 

@@ -23,7 +23,6 @@ class VQGANArch:
     dec_blocks: int = 3
     z_channels: int = 256
     norm_groups: int = 32
-    dropout: float = 0.0
 
     @property
     def downsample_factor(self) -> int:
@@ -50,23 +49,22 @@ class Encoder(nnx.Module):
             ch_out = arch.ch * mult
             res, attn = [], []
             for _ in range(arch.enc_blocks):
-                res.append(ResnetBlock(ch_in, ch_out, dropout=arch.dropout, **kw))
+                res.append(ResnetBlock(ch_in, ch_out, **kw))
                 ch_in = ch_out
                 if i == last:
                     attn.append(AttnBlock(ch_in, **kw))
             levels.append(Level(res, attn, Downsample(ch_in, dtype=dtype, rngs=rngs) if i != last else None))
         self.levels = nnx.List(levels)
-        self.mid = MiddleBlock(ch_in, dropout=arch.dropout, **kw)
+        self.mid = MiddleBlock(ch_in, **kw)
         self.norm_out = group_norm(ch_in, arch.norm_groups, dtype=dtype, rngs=rngs)
         self.conv_out = conv(ch_in, arch.z_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, 3] -> [B, H/f, W/f, z_channels]."""
         h = self.conv_in(x)
         for level in self.levels:
-            h = level(h, train=train)
-        h = self.mid(h, train=train)
-        return self.conv_out(nnx.swish(self.norm_out(h)))
+            h = level(h)
+        return self.conv_out(nnx.swish(self.norm_out(self.mid(h))))
 
 
 class Decoder(nnx.Module):
@@ -77,13 +75,13 @@ class Decoder(nnx.Module):
         kw = dict(norm_groups=arch.norm_groups, dtype=dtype, rngs=rngs)
         ch_in = arch.ch * arch.ch_mult[-1]
         self.conv_in = conv(arch.z_channels, ch_in, 3, dtype=dtype, rngs=rngs)
-        self.mid = MiddleBlock(ch_in, dropout=arch.dropout, **kw)
+        self.mid = MiddleBlock(ch_in, **kw)
         levels = []
         for i, mult in enumerate(reversed(arch.ch_mult)):
             ch_out = arch.ch * mult
             res, attn = [], []
             for _ in range(arch.dec_blocks):
-                res.append(ResnetBlock(ch_in, ch_out, dropout=arch.dropout, **kw))
+                res.append(ResnetBlock(ch_in, ch_out, **kw))
                 ch_in = ch_out
                 if i == 0:
                     attn.append(AttnBlock(ch_in, **kw))
@@ -93,12 +91,16 @@ class Decoder(nnx.Module):
         self.norm_out = group_norm(ch_in, arch.norm_groups, dtype=dtype, rngs=rngs)
         self.conv_out = conv(ch_in, out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
-        """z: [B, h, w, z_channels] -> [B, h*f, w*f, 3]."""
-        h = self.mid(self.conv_in(z), train=train)
+    def features(self, z: jax.Array) -> jax.Array:
+        """z: [B, h, w, z_channels] -> the input of conv_out [B, h*f, w*f, ch*ch_mult[0]]."""
+        h = self.mid(self.conv_in(z))
         for level in self.levels:
-            h = level(h, train=train)
-        return self.conv_out(nnx.swish(self.norm_out(h)))
+            h = level(h)
+        return nnx.swish(self.norm_out(h))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        """z: [B, h, w, z_channels] -> [B, h*f, w*f, 3]."""
+        return self.conv_out(self.features(z))
 
 
 class Level(nnx.Module):
@@ -110,9 +112,9 @@ class Level(nnx.Module):
         self.attn = nnx.List(attn)
         self.resample = resample
 
-    def __call__(self, h: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, h: jax.Array) -> jax.Array:
         for i, block in enumerate(self.res):
-            h = block(h, train=train)
+            h = block(h)
             if self.attn:
                 h = self.attn[i](h)
         return h if self.resample is None else self.resample(h)
@@ -121,13 +123,13 @@ class Level(nnx.Module):
 class MiddleBlock(nnx.Module):
     """ResnetBlock - AttnBlock - ResnetBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, *, norm_groups: int, dropout: float, dtype, rngs: nnx.Rngs):
-        self.res1 = ResnetBlock(channels, channels, norm_groups=norm_groups, dropout=dropout, dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, norm_groups: int, dtype, rngs: nnx.Rngs):
+        self.res1 = ResnetBlock(channels, channels, norm_groups=norm_groups, dtype=dtype, rngs=rngs)
         self.attn = AttnBlock(channels, norm_groups=norm_groups, dtype=dtype, rngs=rngs)
-        self.res2 = ResnetBlock(channels, channels, norm_groups=norm_groups, dropout=dropout, dtype=dtype, rngs=rngs)
+        self.res2 = ResnetBlock(channels, channels, norm_groups=norm_groups, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.res2(self.attn(self.res1(h, train=train)), train=train)
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.res2(self.attn(self.res1(h)))
 
 
 class VQGAN(nnx.Module):
@@ -149,14 +151,17 @@ class VQGAN(nnx.Module):
 
     def encode(self, images: jax.Array, *, train: bool = False):
         """images: [B, H, W, 3] -> (z_q [B, h, w, D] float32, indices [B, h, w, ...], aux dict)."""
-        z = self.quant_conv(self.encoder(images.astype(self.dtype), train=train))
+        z = self.quant_conv(self.encoder(images.astype(self.dtype)))
         aux = self.quantizer(z, train=train)
         return aux["z_q"], aux["indices"], aux
 
-    def decode(self, z_q: jax.Array, *, train: bool = False) -> jax.Array:
+    def decode_features(self, z_q: jax.Array) -> jax.Array:
+        """z_q: [B, h, w, D] -> the input of the decoder's last conv (see `last_layer`)."""
+        return self.decoder.features(self.post_quant_conv(z_q.astype(self.dtype)))
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
         """z_q: [B, h, w, D] -> images [B, H, W, 3] (float32)."""
-        h = self.post_quant_conv(z_q.astype(self.dtype))
-        return self.decoder(h, train=train).astype(jnp.float32)
+        return self.last_layer()(self.decode_features(z_q)).astype(jnp.float32)
 
     def decode_codes(self, indices: jax.Array) -> jax.Array:
         """indices: [B, h, w, ...] (as returned by encode) -> images [B, H, W, 3]."""
@@ -165,10 +170,10 @@ class VQGAN(nnx.Module):
     def __call__(self, images: jax.Array, *, train: bool = False):
         """images -> (reconstruction [B, H, W, 3] float32, quantizer aux dict)."""
         z_q, _, aux = self.encode(images, train=train)
-        return self.decode(z_q, train=train), aux
+        return self.decode(z_q), aux
 
     def last_layer(self) -> nnx.Conv:
-        """The decoder's output conv (its kernel's gradient norms set the adaptive GAN weight)."""
+        """The decoder's output conv (the adaptive GAN weight compares gradients at its kernel)."""
         return self.decoder.conv_out
 
 
