@@ -1,0 +1,89 @@
+"""Checkpoints: the only module that touches Orbax.
+
+A checkpoint step holds three items:
+  state   the train state pytree (sharded arrays; restored against an abstract target that
+          carries the *new* shardings, so a run saved on N devices restores on any mesh);
+  data    the grain iterator state of every process (exact resume of the input stream);
+  config  JSON: the resolved config plus run facts (global batch, devices, versions), so every
+          number can be traced to the settings that produced it.
+Saves are atomic (Orbax writes to a temporary directory and renames), so a run killed
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class Checkpointer:
+    """Keeps the newest `max_to_keep` checkpoints plus every `keep_period`-th step for good."""
+
+    def __init__(self, directory, *, max_to_keep: int = 3, keep_period: int | None = None,
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
+            enable_async_checkpointing=async_save, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, *, data_iterator=None, config: dict | None = None,
+             force: bool = False) -> bool:
+        """Start saving `step` (asynchronously for the arrays); returns whether it saved."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            logging.info("Checkpoint of step %d -> %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int | None, abstract_state, *, data_iterator=None):
+        """The state at `step` (default: latest), laid out as `abstract_state`'s shardings.
+
+        `data_iterator`, when given, is set to the saved position in place.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        logging.info("Restored step %d from %s", step, self.directory)
+        return restored["state"]
+
+    def restore_config(self, step: int | None = None) -> dict:
+        """The JSON config saved with `step` (default: latest)."""
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def run_facts(global_batch: int) -> dict:
+    """What, beyond the config, a checkpoint records about the run that wrote it."""
+    return {
+        "global_batch": global_batch,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+    }

@@ -1,0 +1,42 @@
+"""Shared test helpers.
+
+Tests run on the CPU. Multi-device code runs in a subprocess whose XLA_FLAGS simulate 8
+devices (the flag must be set before jax is imported, so never in this process).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(num_devices: int = 1, **extra) -> dict:
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_python(code: str, *, num_devices: int = 1, timeout: float = 600, **env) -> str:
+    """Run `code` in a fresh interpreter with `num_devices` CPU devices; returns its stdout."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=subprocess_env(num_devices, **env),
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result.stdout
+
+
+@pytest.fixture
+def python_runner():
+    return run_python

@@ -1,0 +1,58 @@
+"""Mesh construction and the parameter sharding rule (on 8 simulated CPU devices)."""
+
+import json
+
+import ml_collections
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fvq_jax import config_lib, sharding
+
+
+def mesh_cfg(**kw):
+    return ml_collections.ConfigDict(dict(dict(data=-1, fsdp=1), **kw))
+
+
+def test_mesh_shape_fills_minus_one():
+    assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1)
+    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=-1), 8) == (2, 4)
+    assert sharding.mesh_shape(mesh_cfg(data=4, fsdp=2), 8) == (4, 2)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (dict(data=3, fsdp=-1), "8 devices do not split"),
+    (dict(data=4, fsdp=4), "needs 16 devices"),
+    (dict(data=-1, fsdp=-1), "at most one axis"),
+    (dict(data=0, fsdp=1), "mesh.data"),
+])
+def test_bad_meshes_are_rejected(cfg, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        sharding.mesh_shape(mesh_cfg(**cfg), 8)
+
+
+def test_array_rule():
+    assert sharding.array_spec((256,), 4, 1000) == P()  # small: replicated
+    assert sharding.array_spec((3, 3, 256, 512), 4, 1000) == P(None, None, None, "fsdp")
+    assert sharding.array_spec((16384, 256), 4, 1000) == P("fsdp", None)
+    assert sharding.array_spec((6, 10), 4, 10) == P()  # nothing divisible
+    assert sharding.array_spec((1024, 1024), 1, 10) == P()  # no fsdp axis
+
+
+def test_state_shardings_on_8_devices(python_runner):
+    out = python_runner("""
+        import json, jax, jax.numpy as jnp, ml_collections
+        from fvq_jax import sharding
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
+        tree = {"kernel": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+                "bias": jax.ShapeDtypeStruct((128,), jnp.float32)}
+        s = sharding.state_shardings(tree, mesh, fsdp_min_size=1000)
+        x = jax.device_put(jnp.ones((3, 3, 64, 128)), s["kernel"])
+        print(json.dumps({"kernel": str(s["kernel"].spec), "bias": str(s["bias"].spec),
+                          "shard": list(x.addressable_shards[0].data.shape),
+                          "batch": str(sharding.data_sharding(mesh).spec), "mesh": dict(mesh.shape)}))
+    """, num_devices=8)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["mesh"] == {"data": 2, "fsdp": 4}
+    assert got["kernel"] == str(P(None, None, None, "fsdp")) and got["bias"] == str(P())
+    assert got["shard"] == [3, 3, 64, 32]
+    assert got["batch"] == str(P(("data", "fsdp")))
