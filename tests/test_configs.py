@@ -53,6 +53,7 @@ def test_first_class_knobs_from_the_argument():
     ("bridge=L/3", "quantizer.projector", "unknown projector"),
     ("dim=0", "quantizer.code_dim", "must be an int > 0"),
     ("quantizer=foo", "quantizer.type", "is not one of"),
+    ("res=16", "discriminator.num_layers", "3 stride-2 layers leave no logits for 16x16 images"),
 ])
 def test_bad_values_name_the_field(arg, field, message):
     config = tokenizer.get_config(arg)

@@ -1,4 +1,5 @@
-"""Build the tokenizer from the `config.model` and `config.quantizer` blocks."""
+"""Build the tokenizer and its discriminator from the `config.model`, `config.quantizer` and
+`config.discriminator` blocks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ml_collections
 from flax import nnx
 
 from fvq_jax import config_lib
+from fvq_jax.models.discriminator import PatchDiscriminator, logits_size
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.factory import build_quantizer, check_quantizer_config
 
@@ -40,9 +42,25 @@ def arch_fields(preset: str) -> dict:
 def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
     arch_from_config(config.model)
     check_quantizer_config(config.quantizer)
+    check_discriminator_config(config.discriminator)
+    config_lib.require_number(config.data.image_size, "data.image_size", integer=True)
+    size, layers = config.data.image_size, config.discriminator.num_layers
+    config_lib.require(logits_size(size, layers) >= 1, "discriminator.num_layers",
+                       f"{layers} stride-2 layers leave no logits for {size}x{size} images")
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:
     """VQGAN(config.model) around build_quantizer(config.quantizer)."""
     arch = arch_from_config(config.model)
     return VQGAN(arch, build_quantizer(config.quantizer, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+
+
+def check_discriminator_config(cfg: ml_collections.ConfigDict, prefix: str = "discriminator") -> None:
+    for name in ("num_layers", "filters"):
+        config_lib.require_number(cfg[name], f"{prefix}.{name}", integer=True)
+
+
+def build_discriminator(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> PatchDiscriminator:
+    """PatchDiscriminator(config.discriminator) for RGB images (fields checked first)."""
+    check_discriminator_config(cfg)
+    return PatchDiscriminator(3, cfg.filters, cfg.num_layers, dtype=dtype, rngs=rngs)
