@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from fvq_jax import config_lib
 from fvq_jax.data.sources import Record, make_source
@@ -182,6 +183,10 @@ def _read_options(data_cfg, buffer: int | None = None) -> grain.ReadOptions:
 def _prefetch(dataset: grain.IterDataset, data_cfg) -> grain.IterDataset:
     if not data_cfg.num_workers:
         return dataset
+    if not flags.FLAGS.is_parsed():
+        # grain 0.2.18 reads one of its absl flags in mp_prefetch and fails when the program did not
+        # parse flags (scripts, tests; grain issue #1355): the defaults are what we want.
+        flags.FLAGS.mark_as_parsed()
     return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
                                                             per_worker_buffer_size=data_cfg.prefetch_buffer))
 
