@@ -16,16 +16,37 @@ import numpy as np
 from PIL import Image
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize so that the short side is `size`, the ADM (guided-diffusion) way.
-
-    Halve with a box filter while the short side is >= 2 * size (cheap, alias-free), then one
-    bicubic resize; the long side is rounded to the nearest pixel.
-    """
-    while min(image.size) >= 2 * size:
+def _halve(image: Image.Image, short: int) -> Image.Image:
+    """Box-filter halvings while the short side is >= 2 * short (cheap and alias-free)."""
+    while min(image.size) >= 2 * short:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    return image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    return image
+
+
+def _short_side_shape(image: Image.Image, short: int) -> tuple[int, int]:
+    """(height, width) once the short side is `short`, the long side rounded to the nearest pixel."""
+    scale = short / min(image.size)
+    return round(image.height * scale), round(image.width * scale)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so that the short side is `size`, the ADM (guided-diffusion) way: box-filter halvings
+    while the short side is >= 2 * size, then one bicubic resize."""
+    image = _halve(image, size)
+    height, width = _short_side_shape(image, size)
+    return image.resize((width, height), resample=Image.BICUBIC)
+
+
+def _resized_crop(image: Image.Image, shape: tuple[int, int], top: int, left: int, size: int) -> np.ndarray:
+    """image.resize(shape) [top:top + size, left:left + size], computing only the crop's pixels.
+
+    PIL maps output pixel i of `box` to input coordinate box_left + (i + 0.5) * box_width / size and
+    clips its filter at the image (not the box) border, so a box with the full resize's scale gives
+    that resize's pixels: half the bicubic work of resizing the whole image at ImageNet sizes.
+    """
+    sy, sx = image.height / shape[0], image.width / shape[1]
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return np.asarray(image.resize((size, size), resample=Image.BICUBIC, box=box))
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -33,10 +54,9 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
 
     Returns: uint8 [size, size, 3].
     """
-    pixels = np.asarray(resize_short_side(image, size))
-    top = (pixels.shape[0] - size) // 2
-    left = (pixels.shape[1] - size) // 2
-    return pixels[top:top + size, left:left + size]
+    image = _halve(image, size)
+    shape = _short_side_shape(image, size)
+    return _resized_crop(image, shape, (shape[0] - size) // 2, (shape[1] - size) // 2, size)
 
 
 def max_short_side(size: int, max_resize_ratio: float) -> int:
@@ -45,16 +65,17 @@ def max_short_side(size: int, max_resize_ratio: float) -> int:
 
 
 def random_resize_crop(image: Image.Image, size: int, max_resize_ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """The reference training crop: short side to an integer drawn from [size, ceil(ratio * size)], then
-    a uniformly placed size x size crop.
+    """The reference training crop: short side to an integer drawn from [size, ceil(ratio * size)] (ADM
+    resize), then a uniformly placed size x size crop.
 
     Returns: uint8 [size, size, 3].
     """
     short = int(rng.integers(size, max_short_side(size, max_resize_ratio) + 1))
-    pixels = np.asarray(resize_short_side(image, short))
-    top = int(rng.integers(0, pixels.shape[0] - size + 1))
-    left = int(rng.integers(0, pixels.shape[1] - size + 1))
-    return pixels[top:top + size, left:left + size]
+    image = _halve(image, short)
+    shape = _short_side_shape(image, short)
+    top = int(rng.integers(0, shape[0] - size + 1))
+    left = int(rng.integers(0, shape[1] - size + 1))
+    return _resized_crop(image, shape, top, left, size)
 
 
 def random_zoom_crop(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:

