@@ -11,8 +11,8 @@ Batches are numpy, images uint8 [B, S, S, 3]; `to_global_batch` makes global jax
 `transforms.to_model_range` maps images to [-1, 1] inside the jitted step.
 
 Determinism: a batch depends only on (data config, seed, process_index, process_count, num_workers)
-and its position; changing num_workers changes the order (grain slices the stream across workers),
-never the content's validity. `TrainIterator.get_state/set_state` resume exactly.
+and its position. num_workers matters because grain deals the record stream out to the workers, each
+batching its own share; `TrainIterator.get_state/set_state` resume exactly under the same settings.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ class EvalExample(grain.transforms.Map):
 class TrainIterator(grain.DatasetIterator):
     """Endless batches {'image': uint8 [B, S, S, 3], 'label': int32 [B]}, B = global_batch / process_count.
 
-    `num_skipped`: unreadable files skipped so far (saved in the state, so it survives a resume);
-    `skipped_files`: their names in this session. Checkpoint it with Orbax as
+    `num_skipped`: unreadable files this process skipped so far (saved in the state, so it survives a
+    resume; exact with worker processes too, see fvq_jax.data.unreadable); `skipped_files`: their names
+    in this session. Restore only into an iterator built with the same data config, seed, process
+    count and num_workers (the state's layout depends on num_workers). Checkpoint it with Orbax as
     `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))` and restore with
     `grain.checkpoint.CheckpointRestore(iterator)` on a freshly built iterator.
     """
@@ -131,7 +133,7 @@ class TrainIterator(grain.DatasetIterator):
 
 class EvalBatches:
     """A re-iterable, finite sequence of `len(self)` batches {'image', 'label', 'mask': bool [B]}, the same
-    count on every process. Unreadable images are masked out and counted in `num_skipped`."""
+    count on every process. Unreadable images are masked out and counted in `num_skipped` (summed over passes)."""
 
     def __init__(self, dataset: grain.IterDataset, num_batches: int, num_records: int, description: str):
         self._dataset = dataset
