@@ -116,10 +116,12 @@ def paper_config() -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="validation",
         image_size=256,
-        max_resize_ratio=1.25,  # random crop: short side resized to U[S, ratio*S], then S x S crop
+        train_crop="short_side",  # short_side: the reference crop below; zoom: random-scale squares resized to S
+        max_resize_ratio=1.25,  # short_side crop: short side resized to U[S, ratio*S], then S x S crop
         flip=True,
         num_workers=16,  # grain worker processes per host; 0 = in the main process
-        prefetch_buffer=2,
+        read_threads=4,  # decoding threads per process (PIL releases the GIL while decoding and resizing)
+        prefetch_buffer=2,  # batches buffered per worker process
     )
 
     config.train = dict(
@@ -159,7 +161,9 @@ def local_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 30
     config.data.source = "photos"
     config.data.image_size = 64
+    config.data.train_crop = "zoom"  # a few large photos: crops from whole views to fine detail
     config.data.num_workers = 0
+    config.data.read_threads = 2
     config.train.global_batch = 16
     config.train.num_steps = 600
     config.train.log_every = 25

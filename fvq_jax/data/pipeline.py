@@ -1,0 +1,247 @@
+"""grain input pipelines: the checkpointable training iterator, the padded eval batches, global arrays.
+
+Training, per process:
+  source[process_index::process_count] -> seed -> shuffle -> repeat -> random_map(decode, crop, flip)
+  -> to_iter_dataset (data.read_threads decode threads) -> DropUnreadable -> batch(local batch)
+  -> mp_prefetch (data.num_workers processes; 0 = in the main process) -> TrainIterator.
+Evaluation, per process: the first num_images records, strided across processes, padded to the
+same number of fixed-size batches on every process, with 'mask' False on padding.
+
+Batches are numpy, images uint8 [B, S, S, 3]; `to_global_batch` makes global jax.Arrays and
+`transforms.to_model_range` maps images to [-1, 1] inside the jitted step.
+
+Determinism: a batch depends only on (data config, seed, process_index, process_count, num_workers)
+and its position. num_workers matters because grain deals the record stream out to the workers, each
+batching its own share; `TrainIterator.get_state/set_state` resume exactly under the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from fvq_jax import config_lib
+from fvq_jax.data.sources import Record, make_source
+from fvq_jax.data.transforms import center_crop, random_flip, random_resize_crop, random_zoom_crop
+from fvq_jax.data.unreadable import DropUnreadable, SkipLog, Unreadable, read_image
+
+SOURCES = ("tfds", "folder", "photos")
+TRAIN_CROPS = ("short_side", "zoom")
+_PADDING: Record = {"padding": True}
+
+
+def check_data_config(data_cfg) -> None:
+    """Raise ConfigError naming the first bad field of the `data` block."""
+    config_lib.require_choice(data_cfg.source, "data.source", SOURCES)
+    config_lib.require_choice(data_cfg.train_crop, "data.train_crop", TRAIN_CROPS)
+    config_lib.require_number(data_cfg.image_size, "data.image_size", integer=True)
+    config_lib.require_number(data_cfg.max_resize_ratio, "data.max_resize_ratio", minimum=1.0, strict=False)
+    config_lib.require(isinstance(data_cfg.flip, bool), "data.flip", f"must be true or false, got {data_cfg.flip!r}")
+    config_lib.require_number(data_cfg.num_workers, "data.num_workers", strict=False, integer=True)
+    config_lib.require_number(data_cfg.read_threads, "data.read_threads", strict=False, integer=True)
+    config_lib.require_number(data_cfg.prefetch_buffer, "data.prefetch_buffer", integer=True)
+
+
+def local_batch_size(global_batch: int, process_count: int, field: str) -> int:
+    """global_batch / process_count, or ConfigError(field) when it does not divide."""
+    config_lib.require_number(global_batch, field, integer=True)
+    config_lib.require(global_batch % process_count == 0, field,
+                       f"{global_batch} is not divisible by the {process_count} processes")
+    return global_batch // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample(grain.transforms.RandomMap):
+    """record -> {'image': uint8 [S, S, 3], 'label': int32}, or Unreadable."""
+    image_size: int
+    crop: str
+    max_resize_ratio: float
+    flip: bool
+
+    def random_map(self, record: Record, rng: np.random.Generator) -> dict[str, Any] | Unreadable:
+        image = read_image(record)
+        if isinstance(image, Unreadable):
+            return image
+        if self.crop == "zoom":
+            pixels = random_zoom_crop(image, self.image_size, rng)
+        else:
+            pixels = random_resize_crop(image, self.image_size, self.max_resize_ratio, rng)
+        if self.flip:
+            pixels = random_flip(pixels, rng)
+        return {"image": pixels, "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample(grain.transforms.Map):
+    """record -> {'image': center crop, 'label', 'mask': True, 'skipped': ''}; padding and unreadable
+    records give zeros with mask False (an unreadable one names itself in 'skipped')."""
+    image_size: int
+
+    def map(self, record: Record) -> dict[str, Any]:
+        image = None if "padding" in record else read_image(record)
+        valid = image is not None and not isinstance(image, Unreadable)
+        size = self.image_size
+        return {
+            "image": center_crop(image, size) if valid else np.zeros((size, size, 3), np.uint8),
+            "label": np.int32(record["label"] if valid else 0),
+            "mask": np.bool_(valid),
+            "skipped": image.name if isinstance(image, Unreadable) else "",
+        }
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Endless batches {'image': uint8 [B, S, S, 3], 'label': int32 [B]}, B = global_batch / process_count.
+
+    `num_skipped`: unreadable files this process skipped so far (saved in the state, so it survives a
+    resume; exact with worker processes too, see fvq_jax.data.unreadable); `skipped_files`: their names
+    in this session. Restore only into an iterator built with the same data config, seed, process
+    count and num_workers (the state's layout depends on num_workers). Checkpoint it with Orbax as
+    `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))` and restore with
+    `grain.checkpoint.CheckpointRestore(iterator)` on a freshly built iterator.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._skips = SkipLog()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        self._skips.record(batch.pop("skipped"))
+        return batch
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skips.count
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return self._skips.names
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._parent.get_state(), "num_skipped": self._skips.count}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["pipeline"])
+        self._skips.count = int(state["num_skipped"])
+
+
+class EvalBatches:
+    """A re-iterable, finite sequence of `len(self)` batches {'image', 'label', 'mask': bool [B]}, the same
+    count on every process. Unreadable images are masked out and counted in `num_skipped` (summed over passes)."""
+
+    def __init__(self, dataset: grain.IterDataset, num_batches: int, num_records: int, description: str):
+        self._dataset = dataset
+        self._num_batches = num_batches
+        self._num_records = num_records
+        self._description = description
+        self._skips = SkipLog()
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skips.count
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return self._skips.names
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        iterator = iter(self._dataset)
+        readable = 0
+        try:
+            for batch in iterator:
+                batch = dict(batch)
+                self._skips.record(batch.pop("skipped"))
+                readable += int(batch["mask"].sum())
+                yield batch
+        finally:
+            iterator.close()
+        if self._num_records and not readable:
+            raise ValueError(f"no readable image in {self._description}: all {self._num_records} failed to decode")
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, {count})")
+    return index, count
+
+
+def _read_options(data_cfg, buffer: int | None = None) -> grain.ReadOptions:
+    if buffer is None:
+        return grain.ReadOptions(num_threads=data_cfg.read_threads)
+    return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=buffer)
+
+
+def _prefetch(dataset: grain.IterDataset, data_cfg) -> grain.IterDataset:
+    if not data_cfg.num_workers:
+        return dataset
+    if not flags.FLAGS.is_parsed():
+        # grain 0.2.18 reads one of its absl flags in mp_prefetch and fails when the program did not
+        # parse flags (scripts, tests; grain issue #1355): the defaults are what we want.
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
+                                                            per_worker_buffer_size=data_cfg.prefetch_buffer))
+
+
+def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int | None = None,
+                   process_count: int | None = None) -> TrainIterator:
+    """This process's endless, shuffled, augmented training batches (see TrainIterator).
+
+    Each process reads the records process_index::process_count of the source; seeds differ per
+    process so that no two processes crop alike.
+    """
+    check_data_config(data_cfg)
+    index, count = _process(process_index, process_count)
+    batch = local_batch_size(global_batch, count, "train.global_batch")
+    source = make_source(data_cfg, train=True)
+    shard = grain.MapDataset.source(source)[index::count]
+    description = f"the training shard {index} of {count} ({len(shard)} of {len(source)} records)"
+    if not len(shard):
+        raise ValueError(f"{description} is empty: more processes than training records")
+    process_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    example = TrainExample(data_cfg.image_size, data_cfg.train_crop, data_cfg.max_resize_ratio, data_cfg.flip)
+    dataset = shard.seed(process_seed).shuffle().repeat().random_map(example)
+    dataset = DropUnreadable(dataset.to_iter_dataset(_read_options(data_cfg)), len(shard), description)
+    dataset = _prefetch(dataset.batch(batch, drop_remainder=True), data_cfg)
+    return TrainIterator(iter(dataset))
+
+
+def eval_batches(data_cfg, *, batch_size: int, num_images: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> EvalBatches:
+    """Center-cropped eval batches of batch_size / process_count images (batch_size is global).
+
+    The first num_images records of the eval split (0 = all) are dealt out process_index::process_count;
+    every process pads its share to the same number of batches, marking padding with mask False.
+    """
+    check_data_config(data_cfg)
+    config_lib.require_number(num_images, "eval.num_images", strict=False, integer=True)
+    index, count = _process(process_index, process_count)
+    batch = local_batch_size(batch_size, count, "eval.batch_size")
+    source = make_source(data_cfg, train=False)
+    total = min(num_images, len(source)) if num_images else len(source)
+    num_batches = math.ceil(math.ceil(total / count) / batch)
+    shard = grain.MapDataset.source(source)[:total][index::count]
+    padding = num_batches * batch - len(shard)
+    records = grain.MapDataset.concatenate([shard, grain.MapDataset.source([_PADDING] * padding)]) if padding else shard
+    dataset = records.map(EvalExample(data_cfg.image_size)).batch(batch)
+    # Elements are whole batches here: buffer a few, not grain's default of 500.
+    dataset = _prefetch(dataset.to_iter_dataset(_read_options(data_cfg, buffer=max(2, data_cfg.read_threads))),
+                        data_cfg)
+    description = f"the eval shard {index} of {count} ({len(shard)} of {total} records)"
+    return EvalBatches(dataset, num_batches, len(shard), description)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Each process's local batch -> global jax.Arrays of batch global_batch, laid out by `sharding`
+    (e.g. NamedSharding(mesh, P('data')) over the leading axis; every leaf shares it)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
