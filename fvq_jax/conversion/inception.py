@@ -114,7 +114,7 @@ def fold_bn_scale(kernel: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tu
 def detect_layout(keys) -> tuple[TorchLayout, str]:
     """(layout, key prefix) of a torch state dict, e.g. (TF_GRAPH, 'net.') for fid-helper's file."""
     found = [(layout, key[: -len(layout.anchor)]) for layout in LAYOUTS for key in keys
-             if key.endswith(layout.anchor) and (len(key) == len(layout.anchor) or key[-len(layout.anchor) - 1] == ".")]
+             if key == layout.anchor or key.endswith("." + layout.anchor)]
     if len(found) != 1:
         raise ValueError(f"not an FID Inception-v3 state dict: expected exactly one key ending in one of "
                          f"{[layout.anchor for layout in LAYOUTS]}, found {[prefix + lay.anchor for lay, prefix in found]}")

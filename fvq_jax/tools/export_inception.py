@@ -54,7 +54,8 @@ def read_torch_state(source: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def export(source: str | os.PathLike | None = None, out: str | os.PathLike | None = None) -> tuple[Path, str, bool]:
+def export(source: str | os.PathLike | None = None,
+           out: str | os.PathLike | None = None) -> tuple[Path, str, bool]:
     """Convert `source` (default: fid-helper's network) and write `out`; -> (path, sha256, has logits)."""
     source = Path(source) if source is not None else fid_helper_network()
     out = Path(out).expanduser() if out is not None else default_weights_path()

