@@ -22,6 +22,7 @@ half-pixel offset, edge clamped, no antialiasing) and mapped to (x - 128) / 128.
 
 Weights are never random: build the network with `load_inception`, which reads the `.npz`
 written once by `python -m fvq_jax.tools.export_inception` (torch is needed only for that).
+They are frozen `PretrainedWeight` variables (as LPIPS's), never `nnx.Param`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from fvq_jax.models.lpips import PretrainedWeight
 
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
@@ -105,10 +108,10 @@ class ConvBN(nnx.Module):
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         ph, pw = (padding, padding) if isinstance(padding, int) else padding
         # Placeholders only: load_inception replaces every value.
-        self.kernel = nnx.Param(jnp.zeros((kh, kw, in_ch, out_ch), jnp.float32))
-        self.beta = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((out_ch,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((out_ch,), jnp.float32))
+        self.kernel = PretrainedWeight(jnp.zeros((kh, kw, in_ch, out_ch), jnp.float32))
+        self.beta = PretrainedWeight(jnp.zeros((out_ch,), jnp.float32))
+        self.mean = PretrainedWeight(jnp.zeros((out_ch,), jnp.float32))
+        self.var = PretrainedWeight(jnp.ones((out_ch,), jnp.float32))
         self.stride = stride
         self.padding = ((ph, ph), (pw, pw))
         self.precision = precision
@@ -287,7 +290,7 @@ class InceptionV3(nnx.Module):
         self.mixed_7a = InceptionD(768, precision=precision)
         self.mixed_7b = InceptionE(1280, pool="avg", precision=precision)
         self.mixed_7c = InceptionE(2048, pool="max", precision=precision)
-        self.logits_kernel = (nnx.Param(jnp.zeros((NUM_FEATURES, NUM_CLASSES), jnp.float32))
+        self.logits_kernel = (PretrainedWeight(jnp.zeros((NUM_FEATURES, NUM_CLASSES), jnp.float32))
                               if with_logits else None)
         self.precision = precision
         self.weights_sha256 = ""

@@ -1,10 +1,5 @@
 """FID / IS accumulation with the real Inception: padding masks, reference caching, sharded batches."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -71,9 +66,9 @@ def test_inception_score_needs_the_classifier_head():
         InceptionMetrics(features_only).inception_score()
 
 
-def test_sharded_batches_over_two_devices(weights):
+def test_sharded_batches_over_two_devices(weights, python_runner):
     # A fresh process with two simulated CPU devices: the batch is sharded over 'data'.
-    script = textwrap.dedent(f"""
+    out = python_runner(f"""
         import jax, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from fvq_jax.evaluation.inception_metrics import InceptionMetrics
@@ -92,8 +87,5 @@ def test_sharded_batches_over_two_devices(weights):
         np.testing.assert_allclose(sharded.stats.mean, single.stats.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.concatenate(sharded.logits), np.concatenate(single.logits), atol=1e-4)
         print("sharded ok")
-    """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
+    """, num_devices=2, timeout=300)
+    assert "sharded ok" in out

@@ -2,8 +2,10 @@
 
 import hashlib
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from fvq_jax.models import inception
 from fvq_jax.tools import export_inception
@@ -26,6 +28,7 @@ def test_round_trip(exported):
     model = inception.load_inception(exported)
     assert model.weights_sha256 == sha and not model.with_logits
     assert "default_1.pt" in model.weights_source
+    assert jax.tree.leaves(nnx.state(model, nnx.Param)) == []  # frozen weights, nothing to train
     state = torch.jit.load(str(network), map_location="cpu").state_dict()
     torch_kernel = state["net.layers.mixed_10.tower_1_mixed_conv_1.weight"].numpy()  # OIHW [384, 384, 3, 1]
     np.testing.assert_array_equal(model.mixed_7c.branch3x3dbl_3b.kernel[...], torch_kernel.transpose(2, 3, 1, 0))
