@@ -40,13 +40,13 @@ def arch_fields(preset: str) -> dict:
 
 
 def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
-    arch_from_config(config.model)
-    check_quantizer_config(config.quantizer)
+    arch = arch_from_config(config.model)
     check_discriminator_config(config.discriminator)
     config_lib.require_number(config.data.image_size, "data.image_size", integer=True)
     size, layers = config.data.image_size, config.discriminator.num_layers
     config_lib.require(logits_size(size, layers) >= 1, "discriminator.num_layers",
                        f"{layers} stride-2 layers leave no logits for {size}x{size} images")
+    check_quantizer_config(config.quantizer, token_grid=size // arch.downsample_factor)
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:

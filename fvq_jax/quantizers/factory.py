@@ -1,4 +1,9 @@
-"""Build a quantizer from the `config.quantizer` block, after checking its fields."""
+"""Build a quantizer from the `config.quantizer` block, after checking its fields.
+
+Types: "vq" (FVQ with a VQBridge projector; plain VQ with projector "none"), "residual"
+(residual VQ, `residual_depth` levels sharing one codebook), "multiscale" (VAR-style, `scales`),
+"ema" (EMA-updated codebook, `ema_decay`, projector "none").
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,21 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.quantizers import ops, vqbridge
+from fvq_jax.quantizers.ema import EMAQuantizer
+from fvq_jax.quantizers.multiscale import MultiScaleQuantizer, check_scales
+from fvq_jax.quantizers.residual import ResidualQuantizer
 from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 
-QUANTIZER_TYPES = ("vq",)
+QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
 
 
-def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quantizer") -> None:
-    """Raise ConfigError naming the field for any value the quantizer cannot take."""
+def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quantizer", *,
+                           token_grid: int | None = None) -> None:
+    """Raise ConfigError naming the field for any value the quantizer cannot take.
+
+    token_grid: the side of the encoder's token grid, when known (the multi-scale quantizer's
+    last scale must equal it).
+    """
     def f(name):
         return f"{prefix}.{name}"
 
@@ -33,17 +46,37 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
         config_lib.require_number(cfg[name], f(name), strict=False, integer=True)
 
+    if cfg.type in ("residual", "multiscale"):
+        config_lib.require(not cfg.l2_norm, f("l2_norm"),
+                           f"type={cfg.type} quantizes residuals, which are not unit vectors; use l2_norm=False")
+    if cfg.type == "residual":
+        config_lib.require_number(cfg.residual_depth, f("residual_depth"), integer=True)
+    if cfg.type == "multiscale":
+        try:
+            check_scales(tuple(cfg.scales) if isinstance(cfg.scales, (tuple, list)) else (cfg.scales,), token_grid)
+        except ValueError as e:
+            raise config_lib.ConfigError(f("scales"), str(e)) from None
+    if cfg.type == "ema":
+        config_lib.require(cfg.projector == "none", f("projector"),
+                           f"type=ema updates the codebook without gradients, so it takes projector 'none', "
+                           f"got {cfg.projector!r}")
+        config_lib.require_number(cfg.ema_decay, f("ema_decay"))
+        config_lib.require(cfg.ema_decay < 1, f("ema_decay"), f"must be < 1, got {cfg.ema_decay}")
+
 
 def build_quantizer(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
     """The quantizer that `cfg.type` names, configured from `cfg` (checked first)."""
     check_quantizer_config(cfg)
-    search = SearchOptions(
-        precision=cfg.search_precision,
-        tile_size=cfg.search_tile or None,
-        token_chunk=cfg.search_token_chunk or None,
-    )
-    return VectorQuantizer(
-        cfg.codebook_size, cfg.code_dim, projector=cfg.projector, beta=cfg.beta,
-        entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
-        l2_norm=cfg.l2_norm, search=search, usage_window=cfg.usage_window or None,
-        dtype=dtype, rngs=rngs)
+    common = dict(
+        beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
+        search=SearchOptions(precision=cfg.search_precision, tile_size=cfg.search_tile or None,
+                             token_chunk=cfg.search_token_chunk or None),
+        usage_window=cfg.usage_window or None, dtype=dtype, rngs=rngs)
+    k, d = cfg.codebook_size, cfg.code_dim
+    if cfg.type == "residual":
+        return ResidualQuantizer(k, d, depth=cfg.residual_depth, projector=cfg.projector, **common)
+    if cfg.type == "multiscale":
+        return MultiScaleQuantizer(k, d, scales=tuple(cfg.scales), projector=cfg.projector, **common)
+    if cfg.type == "ema":
+        return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
+    return VectorQuantizer(k, d, projector=cfg.projector, l2_norm=cfg.l2_norm, **common)
