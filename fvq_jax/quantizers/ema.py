@@ -82,6 +82,7 @@ class EMAQuantizer(VectorQuantizer):
                          usage_window=usage_window, dtype=dtype, rngs=rngs)
         self.decay = decay
         self.epsilon = epsilon
+        # The parent made the codebook a Param; here it is EMA state, invisible to the optimizer.
         initial = self.embedding[...]
         self.embedding = EMAState(initial)
         self.cluster_size = EMAState(jnp.ones((codebook_size,), jnp.float32))

@@ -52,8 +52,10 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     if cfg.type == "residual":
         config_lib.require_number(cfg.residual_depth, f("residual_depth"), integer=True)
     if cfg.type == "multiscale":
+        config_lib.require(isinstance(cfg.scales, (tuple, list)), f("scales"),
+                           f"must be a tuple of token-grid sides, got {cfg.scales!r}")
         try:
-            check_scales(tuple(cfg.scales) if isinstance(cfg.scales, (tuple, list)) else (cfg.scales,), token_grid)
+            check_scales(tuple(cfg.scales), token_grid)
         except ValueError as e:
             raise config_lib.ConfigError(f("scales"), str(e)) from None
     if cfg.type == "ema":
