@@ -95,7 +95,7 @@ def test_tiny_vqgan_trains_and_decodes_codes():
     images = tiny_model.smooth_images()
     losses = tiny_model.train(model, images)
     print("ema losses:", np.round(losses, 4))
-    assert np.mean(losses[-3:]) < 0.8 * losses[0]
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]
     # The EMA statistics were updated inside the jitted step and carried back into the model.
     assert float(np.abs(np.asarray(model.quantizer.embedding[...]) - initial).max()) > 1e-3
     # sum_k N_k is the EMA of the token count: N + (K - N) decay^steps, if every step was kept.

@@ -155,7 +155,7 @@ def test_tiny_vqgan_trains_and_decodes_codes():
     images = tiny_model.smooth_images()
     losses = tiny_model.train(model, images)
     print("multiscale losses:", np.round(losses, 4))
-    assert np.mean(losses[-3:]) < 0.8 * losses[0]
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]
     assert float(jnp.abs(model.quantizer.projector.head.kernel[...]).max()) > 0  # the bridge trained
     err, indices = tiny_model.decode_error(model, images)
     print(f"multiscale decode_codes max abs error: {err:.2e}")

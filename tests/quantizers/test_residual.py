@@ -136,7 +136,7 @@ def test_tiny_vqgan_trains_and_decodes_codes():
     images = tiny_model.smooth_images()
     losses = tiny_model.train(model, images)
     print("residual losses:", np.round(losses, 4))
-    assert np.mean(losses[-3:]) < 0.8 * losses[0]
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]
     err, indices = tiny_model.decode_error(model, images)
     print(f"residual decode_codes max abs error: {err:.2e}")
     assert indices.shape == (2, tiny_model.GRID, tiny_model.GRID, 3)

@@ -59,7 +59,7 @@ def smooth_images(seed=0, batch=2) -> jax.Array:
     return jax.image.resize(coarse, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), "bilinear")
 
 
-def train(model: VQGAN, images: jax.Array, steps: int = 12, lr: float = 2e-3) -> list[float]:
+def train(model: VQGAN, images: jax.Array, steps: int = 20, lr: float = 1e-3) -> list[float]:
     """Adam on the nnx.Params (MSE + quantizer loss); non-parameter state (usage window, EMA
     statistics) is carried from step to step and written back into `model`. Returns the losses."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
