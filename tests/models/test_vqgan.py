@@ -79,6 +79,7 @@ def test_downsample_pads_right_and_bottom():
 def test_upsample_is_nearest_then_conv():
     up = layers.Upsample(2, rngs=nnx.Rngs(0))
     up.conv.kernel[...] = jnp.zeros_like(up.conv.kernel[...]).at[1, 1].set(jnp.eye(2))  # identity 3x3 conv
+    up.conv.bias[...] = jnp.zeros_like(up.conv.bias[...])
     x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
     want = x.repeat(2, axis=1).repeat(2, axis=2)
     np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), want, atol=1e-6)

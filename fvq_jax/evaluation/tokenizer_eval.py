@@ -1,0 +1,211 @@
+"""Tokenizer evaluation: reconstruct an eval split and measure it.
+
+Used by the trainer (periodically and at the end) and by the eval entry
+(`python -m fvq_jax.main --config=configs/eval_tokenizer.py --workdir=RUN`). Metrics:
+  psnr, ssim  on uint8-rounded reconstructions (data range 255, the published convention);
+  lpips       LPIPS-VGG16 between input and clipped reconstruction;
+  usage       exact union of the codes used over the whole split, perplexity, dead codes,
+              plus codebook health (effective rank, near-duplicate codes) of the searched codebook;
+  rfid        Fréchet distance of Inception pool features, reconstructions vs the real images of
+              the same split (reference statistics computed once and cached, or given).
+Everything per image is reduced on device inside one jitted step, so it runs on any mesh and
+on several hosts; only per-batch sums (and Inception features, for rFID) reach the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from fvq_jax import sharding
+from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.transforms import to_model_range
+from fvq_jax.evaluation import codebook_health, image_metrics, reports
+from fvq_jax.evaluation.host import to_host
+from fvq_jax.quantizers import ops
+from fvq_jax.quantizers.usage import UsageCounter
+
+METRICS = ("psnr", "ssim", "lpips", "usage", "rfid")
+
+
+def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
+    """Code counts over the unmasked images; indices: one array [B, ...] or a list of them."""
+    counts = jnp.zeros((num_codes,), jnp.int32)
+    for idx in jax.tree.leaves(indices):
+        keep = mask.reshape((-1,) + (1,) * (idx.ndim - 1))
+        counts += ops.code_counts(jnp.where(keep, idx, num_codes), num_codes)  # num_codes: dropped
+    return counts
+
+
+def _to_uint8_range(images: jax.Array) -> jax.Array:
+    """[-1, 1] -> rounded [0, 255] as float32."""
+    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5)
+
+
+class TokenizerEvaluator:
+    """Evaluates a tokenizer train state on `config.data`'s eval split, with `config.eval`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, generator_graph: nnx.GraphDef, mesh: jax.sharding.Mesh,
+                 *, lpips_graph: nnx.GraphDef | None = None, lpips_state: nnx.State | None = None):
+        self.config = config
+        self.metrics = tuple(config.eval.metrics)
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"config field eval.metrics: unknown {sorted(unknown)}; choose from {METRICS}")
+        if "lpips" in self.metrics and lpips_graph is None:
+            raise ValueError("the lpips metric needs the LPIPS module")
+        self.mesh = mesh
+        self.batch_sharding = sharding.data_sharding(mesh)
+        self.data = data_pipeline.eval_batches(config.data, batch_size=config.eval.batch_size,
+                                               num_images=config.eval.num_images)
+        self.num_codes = config.quantizer.codebook_size
+        self._lpips_graph, self._lpips_state = lpips_graph, lpips_state
+        self._inception = None
+        self._step = jax.jit(self._eval_step(generator_graph))
+        self._codebook = jax.jit(lambda params, rest: nnx.merge(generator_graph, params, rest).quantizer.codebook())
+
+    def _eval_step(self, graph):
+        num_codes, lpips_graph = self.num_codes, self._lpips_graph
+        with_lpips = "lpips" in self.metrics
+
+        def step(params, model_state, lpips_state, images_u8, mask):
+            images = to_model_range(images_u8)
+            recon, aux = nnx.merge(graph, params, model_state)(images, train=False)
+            recon = jnp.clip(recon, -1.0, 1.0)
+            w = mask.astype(jnp.float32)
+            target = images_u8.astype(jnp.float32)
+            rounded = _to_uint8_range(recon)
+            sums = {
+                "count": jnp.sum(w),
+                "psnr": jnp.sum(w * image_metrics.psnr(rounded, target, data_range=255.0)),
+                "ssim": jnp.sum(w * image_metrics.ssim(rounded, target, data_range=255.0)),
+                "mse": jnp.sum(w * jnp.mean(jnp.square(recon - images), axis=(1, 2, 3))),
+            }
+            if with_lpips:
+                sums["lpips"] = jnp.sum(w * nnx.merge(lpips_graph, lpips_state)(recon, images))
+            return sums, _indices_counts(aux["indices"], mask, num_codes), recon
+
+        return step
+
+    # ------------------------------------------------------------------ helpers
+
+    def _batches(self):
+        for batch in self.data:
+            yield data_pipeline.to_global_batch(batch, self.batch_sharding)
+
+    def _inception_metrics(self):
+        from fvq_jax.evaluation.inception_metrics import InceptionMetrics
+        from fvq_jax.models.inception import load_inception
+
+        if self._inception is None:
+            self._inception = load_inception()
+        return (InceptionMetrics(self._inception, data_range=(-1.0, 1.0), mesh=self.mesh),
+                InceptionMetrics(self._inception, data_range=(0.0, 255.0), mesh=self.mesh))
+
+    def _reference_stats_path(self) -> epath.Path:
+        """Where the real images' Inception statistics of this eval split are cached."""
+        if self.config.eval.reference_stats:
+            return epath.Path(self.config.eval.reference_stats)
+        d = self.config.data
+        key = json.dumps([d.source, d.tfds_name, d.folder, d.eval_split, d.image_size, len(self.data),
+                          self.config.eval.batch_size, self.config.eval.num_images, self._inception.weights_sha256])
+        cache = epath.Path(os.environ.get("FVQ_CACHE", "~/.cache/fvq_jax")).expanduser() / "fid_stats"
+        return cache / f"{d.source}-{d.eval_split}-{d.image_size}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+
+    # ------------------------------------------------------------------ public
+
+    def reconstruction_grid(self, state, *, use_ema: bool = True) -> np.ndarray:
+        """uint8 grid: the first eval batch's inputs over their reconstructions."""
+        params = state.ema_params if use_ema and state.ema_params is not None else state.params
+        batch = next(self._batches())
+        _, _, recon = self._step(params, state.model_state, self._lpips_state, batch["image"], batch["mask"])
+        return reports.reconstruction_grid(to_model_range(batch["image"]), recon)
+
+    def evaluate(self, state, *, workdir=None, use_ema: bool = True, step: int | None = None) -> dict[str, float]:
+        """Metrics over the eval split; with `workdir`, also metrics.json and the PNG reports there."""
+        params = state.ema_params if use_ema and state.ema_params is not None else state.params
+        totals, counts, grid_pair = None, None, None
+        fid_recon = fid_real = None
+        if "rfid" in self.metrics:
+            fid_recon, fid_real = self._inception_metrics()
+            stats_path = self._reference_stats_path()
+            if stats_path.exists():
+                fid_real = None
+        for batch in self._batches():
+            sums, batch_counts, recon = self._step(params, state.model_state, self._lpips_state,
+                                                   batch["image"], batch["mask"])
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            counts = batch_counts if counts is None else counts + batch_counts
+            if grid_pair is None:
+                grid_pair = (to_model_range(batch["image"]), recon)
+            if fid_recon is not None:
+                fid_recon.update(recon, mask=batch["mask"])
+                if fid_real is not None:
+                    fid_real.update(batch["image"], mask=batch["mask"])
+        totals = {k: float(to_host(v)) for k, v in totals.items()}
+        n = totals.pop("count")
+        if not n:
+            raise ValueError("the eval split yielded no images")
+        results = {k: v / n for k, v in totals.items() if k in ("psnr", "ssim", "lpips", "mse")}
+        results["num_images"] = n
+        counter = UsageCounter(self.num_codes)
+        counter.counts = to_host(counts).astype(np.int64)
+        if "usage" in self.metrics:
+            results.update({f"eval_{k}" if k == "perplexity" else k: v
+                            for k, v in codebook_health.usage_summary(counter).items()})
+            codes = self._codebook(params, state.model_state)
+            results.update(codebook_health.codebook_health(codes))
+        protocol = {"dataset": self.config.data.source, "split": self.config.data.eval_split,
+                    "image_size": self.config.data.image_size, "num_images": int(n),
+                    "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",
+                    "weights": "ema" if params is state.ema_params else "raw"}
+        if fid_recon is not None:
+            stats_path = self._reference_stats_path()
+            if fid_real is not None:
+                reference = fid_real.feature_stats(f"real {protocol['dataset']}/{protocol['split']} images")
+                if jax.process_index() == 0:
+                    stats_path.parent.mkdir(parents=True, exist_ok=True)
+                    reference.save(stats_path)
+            else:
+                from fvq_jax.evaluation.feature_stats import load_stats
+                reference = load_stats(stats_path)
+            results["rfid"] = fid_recon.fid(reference)
+            protocol.update(reference_stats=str(stats_path), reference_count=int(reference.count),
+                            inception_sha256=fid_recon.weights_sha256)
+        if workdir is not None and jax.process_index() == 0:
+            out = epath.Path(workdir) / "eval" / (f"step_{step}" if step is not None else "final")
+            out.mkdir(parents=True, exist_ok=True)
+            reports.save_reconstruction_grid(*grid_pair, out / "reconstructions.png")
+            reports.save_usage_histogram(counter.counts, out / "code_usage.png")
+            reports.write_metrics_json(dict(results, protocol=protocol), out / "metrics.json")
+            logging.info("Wrote evaluation reports to %s", out)
+        return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """The eval entry: restore the run in `workdir`, evaluate it with `config`'s data and eval blocks."""
+    from fvq_jax.models.lpips import LPIPS
+    from fvq_jax.train.restore import restore_tokenizer
+    from fvq_jax.train.state import COMPUTE_DTYPES
+
+    restored = restore_tokenizer(workdir, step=config.eval.step or None, mesh_cfg=config.mesh)
+    run_config = restored.config
+    run_config.data = config.data
+    run_config.eval = config.eval
+    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=COMPUTE_DTYPES[run_config.precision]))
+    evaluator = TokenizerEvaluator(run_config, restored.graphs.generator, restored.mesh,
+                                   lpips_graph=lpips_graph, lpips_state=jax.device_put(
+                                       lpips_state, sharding.replicated(restored.mesh)))
+    results = evaluator.evaluate(restored.state, workdir=workdir, step=restored.step, use_ema=config.eval.use_ema)
+    print(f"evaluation of step {restored.step}: " + "  ".join(
+        f"{k} {v:.4g}" for k, v in sorted(results.items())), flush=True)
+    return results

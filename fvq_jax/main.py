@@ -1,0 +1,64 @@
+"""Entry point: `python -m fvq_jax.main --config=configs/tokenizer.py --workdir=DIR`.
+
+The config's `task` field picks the job (tokenizer | eval_tokenizer). Multi-host runs call
+`jax.distributed.initialize` before anything touches the backend: with --coordinator_address
+(plus --num_processes / --process_id) for explicit clusters, or --multihost for the
+auto-detected ones (Cloud TPU pods, SLURM, ...).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, summaries and reports go here.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+
+TASKS = ("tokenizer", "eval_tokenizer")
+
+
+def initialize_distributed() -> None:
+    """Connect the processes of a multi-host run; a no-op for a single process."""
+    import jax
+
+    if _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif _MULTIHOST.value:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    initialize_distributed()
+    import jax
+
+    # tf.data / TFDS must never grab the accelerator.
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+
+    logging.info("JAX %s, process %d/%d, %d devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
+    if config.task == "tokenizer":
+        from fvq_jax.train import tokenizer
+        tokenizer.train_and_evaluate(config, _WORKDIR.value)
+    elif config.task == "eval_tokenizer":
+        from fvq_jax.evaluation import tokenizer_eval
+        tokenizer_eval.evaluate_checkpoint(config, _WORKDIR.value)
+    else:
+        raise app.UsageError(f"config.task={config.task!r} is not one of {TASKS}")
+
+
+if __name__ == "__main__":
+    app.run(main)
