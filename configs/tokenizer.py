@@ -24,8 +24,8 @@ KEYS = {
     "quantizer": ("quantizer.type", "vq"),
     "model": ("model.preset", "local"),
     "res": ("data.image_size", 64),
-    "batch": ("train.global_batch", 16),
-    "steps": ("train.num_steps", 600),
+    "batch": ("train.global_batch", 8),
+    "steps": ("train.num_steps", 360),
     "schedule": ("optim.schedule", "lin"),
     "data": ("data.source", "photos"),
     "precision": ("precision", "fp32"),
@@ -142,7 +142,9 @@ def paper_config() -> ml_collections.ConfigDict:
         reference_stats="",  # .npz of Inception statistics of the eval images; '' = compute and cache
     )
 
-    config.mesh = dict(data=-1, fsdp=1)  # -1 = all remaining devices
+    # Device mesh: -1 = all remaining devices. fsdp > 1 splits every array of at least
+    # fsdp_min_size elements (parameters, optimizer moments, EMA) over that axis.
+    config.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18)
     return config
 
 
@@ -154,21 +156,21 @@ def local_config() -> ml_collections.ConfigDict:
     config.quantizer.codebook_size = 1024
     config.quantizer.code_dim = 32
     config.quantizer.projector = "S/4"
-    config.loss.disc_start = 300
+    config.loss.disc_start = 240
     config.discriminator.filters = 32
     config.optim.base_lr = 1e-3
-    config.optim.lr_ref_batch = 16
-    config.optim.warmup_steps = 30
+    config.optim.lr_ref_batch = 8
+    config.optim.warmup_steps = 20
     config.data.source = "photos"
     config.data.image_size = 64
     config.data.train_crop = "zoom"  # a few large photos: crops from whole views to fine detail
     config.data.num_workers = 0
     config.data.read_threads = 2
-    config.train.global_batch = 16
-    config.train.num_steps = 600
-    config.train.log_every = 25
-    config.train.checkpoint_every = 200
-    config.train.image_every = 200
+    config.train.global_batch = 8
+    config.train.num_steps = 360
+    config.train.log_every = 20
+    config.train.checkpoint_every = 120
+    config.train.image_every = 120
     config.eval.batch_size = 16
     config.eval.num_images = 0
     config.eval.metrics = ("psnr", "ssim", "lpips", "usage")

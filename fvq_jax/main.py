@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, summaries and reports go here.")
@@ -40,13 +42,16 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tokenizer.py")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     initialize_distributed()
     import jax
 
     # tf.data / TFDS must never grab the accelerator.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
+    if not flags.FLAGS["verbosity"].present:
+        # The console gets the progress lines and warnings; every scalar still goes to TensorBoard
+        # and metrics.jsonl. -v 0 brings back the INFO logs (Orbax, clu, the data pipeline).
+        logging.set_verbosity(logging.WARNING)
 
     logging.info("JAX %s, process %d/%d, %d devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)

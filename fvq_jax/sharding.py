@@ -26,7 +26,7 @@ BATCH_AXES = ("data", "fsdp")
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Axis sizes for `config.mesh` (one of them may be -1: all remaining devices)."""
-    sizes = [mesh_cfg[axis] for axis in MESH_AXES]
+    sizes = [mesh_cfg.get(axis, 1) for axis in MESH_AXES]
     for axis, size in zip(MESH_AXES, sizes):
         config_lib.require(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.{axis}",
                            f"must be a positive int or -1, got {size!r}")

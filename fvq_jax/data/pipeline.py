@@ -193,25 +193,47 @@ def _prefetch(dataset: grain.IterDataset, data_cfg) -> grain.IterDataset:
                                                             per_worker_buffer_size=data_cfg.prefetch_buffer))
 
 
+class _ProcessShare(grain.MapDataset):
+    """Process p's share of every global batch: local element i is global element
+    (i // L) * G + p * L + i % L, with L = G / P the local batch. The global stream (shuffle and
+    augmentation keyed on the global position) is therefore the same for any number of processes."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int):
+        super().__init__(parent)
+        self._index, self._count, self._local = index, count, local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        row, col = divmod(i, self._local)
+        return self._parent[row * self._local * self._count + self._index * self._local + col]
+
+    def __str__(self) -> str:
+        return f"ProcessShare(index={self._index}, count={self._count}, local_batch={self._local})"
+
+
 def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int | None = None,
                    process_count: int | None = None) -> TrainIterator:
     """This process's endless, shuffled, augmented training batches (see TrainIterator).
 
-    Each process reads the records process_index::process_count of the source; seeds differ per
-    process so that no two processes crop alike.
+    One global stream (epoch-wise shuffle and random crops keyed on the global position, from
+    `seed`) is cut into global batches; each process decodes only its columns of every batch, so
+    the global batches do not depend on the process count.
     """
     check_data_config(data_cfg)
     index, count = _process(process_index, process_count)
     batch = local_batch_size(global_batch, count, "train.global_batch")
     source = make_source(data_cfg, train=True)
-    shard = grain.MapDataset.source(source)[index::count]
-    description = f"the training shard {index} of {count} ({len(shard)} of {len(source)} records)"
-    if not len(shard):
-        raise ValueError(f"{description} is empty: more processes than training records")
-    process_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    description = f"the training data of process {index} of {count} ({len(source)} records in all)"
+    if not len(source):
+        raise ValueError(f"{description}: the source is empty")
     example = TrainExample(data_cfg.image_size, data_cfg.train_crop, data_cfg.max_resize_ratio, data_cfg.flip)
-    dataset = shard.seed(process_seed).shuffle().repeat().random_map(example)
-    dataset = DropUnreadable(dataset.to_iter_dataset(_read_options(data_cfg)), len(shard), description)
+    stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(example)
+    dataset = _ProcessShare(stream, index, count, batch)
+    dataset = DropUnreadable(dataset.to_iter_dataset(_read_options(data_cfg)), len(source), description)
     dataset = _prefetch(dataset.batch(batch, drop_remainder=True), data_cfg)
     return TrainIterator(iter(dataset))
 

@@ -48,9 +48,12 @@ def saved_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
 
 
 def restore_tokenizer(workdir, *, step: int | None = None, mesh_cfg=None) -> RestoredTokenizer:
-    """The tokenizer train state saved in `workdir` (latest step unless `step`)."""
+    """The tokenizer train state saved in `workdir` (latest step unless `step`), laid out on the
+    mesh `mesh_cfg` describes (default: data parallel over all devices present)."""
     config = saved_config(workdir, step)
-    mesh = sharding.make_mesh(mesh_cfg or ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+    # The saved mesh may not fit the devices present now: default to data parallelism over them.
+    config.mesh = mesh_cfg or ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+    mesh = sharding.make_mesh(config.mesh)
     total, batch = config.train.num_steps, config.train.global_batch
     tx = state_lib.make_optimizer(config.optim, total_steps=total, global_batch=batch)
     graphs, abstract, _, _ = state_lib.create_state(config, mesh, tx, tx)

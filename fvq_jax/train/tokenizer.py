@@ -8,9 +8,11 @@ checkpoint stays.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -29,6 +31,7 @@ from fvq_jax.models.lpips import LPIPS
 from fvq_jax.train import schedules, state as state_lib
 from fvq_jax.train.tokenizer_step import LOSS_TERMS, make_train_step
 from fvq_jax import config_lib
+from fvq_jax.train.state import Graphs, TokenizerState
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -83,6 +86,39 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@dataclasses.dataclass
+class Trainer:
+    """Everything a loop needs to run tokenizer steps on a mesh (see `build_trainer`)."""
+
+    graphs: Graphs
+    abstract_state: TokenizerState  # ShapeDtypeStructs carrying the state's shardings
+    state_shardings: TokenizerState
+    init: Callable[[], TokenizerState]  # jitted onto the mesh
+    train_step: Callable  # jitted: (state, lpips_state, batch) -> (state, metrics); donates state
+    lpips_graph: nnx.GraphDef
+    lpips_state: nnx.State  # replicated on the mesh
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+    """Optimizers, abstract state and shardings, jitted init and train step, for `config` on `mesh`."""
+    total_steps, global_batch = config.train.num_steps, config.train.global_batch
+    tx = state_lib.make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
+    disc_tx = state_lib.make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
+    lr_schedule = schedules.learning_rate_schedule(config.optim, total_steps=total_steps, global_batch=global_batch)
+    graphs, abstract_state, state_shardings, init = state_lib.create_state(config, mesh, tx, disc_tx)
+    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=state_lib.COMPUTE_DTYPES[config.precision]))
+    replicated = sharding.replicated(mesh)
+    batch_sharding = sharding.data_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(graphs, lpips_graph, config, tx, disc_tx, lr_schedule),
+        in_shardings=(state_shardings, replicated, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,))
+    return Trainer(graphs, abstract_state, state_shardings, init, train_step, lpips_graph,
+                   jax.device_put(lpips_state, replicated), batch_sharding)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (or resume) the tokenizer in `workdir`; returns the final evaluation metrics."""
     # ------------------------------------------------------------------ setup
@@ -96,43 +132,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ------------------------------------------------------------------ mesh
     mesh = sharding.make_mesh(config.mesh)
-    batch_sharding = sharding.data_sharding(mesh)
     logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # ------------------------------------------------------------------ input
     train_iter = data_pipeline.train_iterator(config.data, global_batch=global_batch, seed=config.seed)
 
-    # ------------------------------------------------------------------ model
-    tx = state_lib.make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
-    disc_tx = state_lib.make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
-    lr_schedule = schedules.learning_rate_schedule(config.optim, total_steps=total_steps, global_batch=global_batch)
-    graphs, abstract_state, state_shardings, init = state_lib.create_state(config, mesh, tx, disc_tx)
-    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=state_lib.COMPUTE_DTYPES[config.precision]))
-    lpips_state = jax.device_put(lpips_state, sharding.replicated(mesh))
+    # ------------------------------------------------------------------ model and update
+    trainer = build_trainer(config, mesh)
 
     # ------------------------------------------------------------------ checkpoint
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every)
     saved_config = dict(json.loads(config.to_json_best_effort()), run=checkpointing.run_facts(global_batch))
     if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(None, abstract_state, data_iterator=train_iter)
+        state = checkpointer.restore(None, trainer.abstract_state, data_iterator=train_iter)
         logging.info("Resuming from step %d", int(state.step))
     else:
-        state = init()
+        state = trainer.init()
         logging.info("Initialised a new model: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
     start_step = int(state.step)
 
-    # ------------------------------------------------------------------ update
-    replicated = sharding.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(graphs, lpips_graph, config, tx, disc_tx, lr_schedule),
-        in_shardings=(state_shardings, replicated, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,))
-
     # ------------------------------------------------------------------ evals
-    evaluator = tokenizer_eval.TokenizerEvaluator(config, graphs.generator, mesh, lpips_graph=lpips_graph,
-                                                  lpips_state=lpips_state)
+    evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, mesh,
+                                                  lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
 
     # ------------------------------------------------------------------ loop
     preemption = _Preemption()
@@ -159,8 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("Already trained %d steps; evaluating only", start_step)
         step = start_step
         while step < total_steps:
-            batch = data_pipeline.to_global_batch(next(train_iter), batch_sharding)
-            state, metrics = train_step(state, lpips_state, batch)
+            batch = data_pipeline.to_global_batch(next(train_iter), trainer.batch_sharding)
+            state, metrics = trainer.train_step(state, trainer.lpips_state, batch)
             if pending is not None:
                 check(pending)
             step += 1
