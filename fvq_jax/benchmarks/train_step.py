@@ -1,0 +1,120 @@
+"""The full tokenizer train step (generator + discriminator update): images/s, memory, FLOP utilisation.
+
+  python -m fvq_jax.benchmarks.train_step                          # paper recipe: VQ-16, K 16384, L/4, 256x256
+  python -m fvq_jax.benchmarks.train_step --batch=32               # per-device batch
+  python -m fvq_jax.benchmarks.train_step --config_arg=paper,codebook=262144,bridge=L/8 --batch=8
+  python -m fvq_jax.benchmarks.train_step --config_arg=local --batch=8 --steps=5     # CPU-sized
+
+Each run times our step in the requested precision and, as the baseline in the same run, the
+same step in float32 (`--baseline=fp32`; `none` skips it), and prints the ratio. On an H100 it
+also compares with the PyTorch reference measured on the same card (anchors below) and prints
+model FLOP utilisation: the reference step costs ~1.37 TFLOP per image (torch FlopCounterMode,
+VQ-16, K 16384, L/4, 256x256), so img/s x 1.37e12 / peak is comparable across implementations;
+XLA's own FLOP count of our step is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+
+from fvq_jax import sharding
+from fvq_jax.benchmarks.common import compiled_flops, compiled_memory_gib, describe_device, device_peak_gib, emit, time_fn
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# PyTorch reference on one H100 80GB (torch 2.11, CUDA 13, bf16 autocast, TF32): images/s, peak GiB.
+REFERENCE_H100 = {
+    (16384, "L/4", 8, False): (59.4, 17.78),
+    (16384, "L/4", 32, False): (70.8, 67.22),
+    (16384, "L/4", 32, True): (120.6, 27.22),  # torch.compile
+    (262144, "L/8", 8, False): (42.3, 22.83),
+}
+REFERENCE_TFLOP_PER_IMAGE = 1.37
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # measured bf16 matmul peak on the card (anchors)
+
+
+def load_config(arg: str):
+    spec = importlib.util.spec_from_file_location("tokenizer_config", ROOT / "configs" / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def measure(config, batch_per_device: int, steps: int) -> dict:
+    """Time `steps` train steps of `config` on all devices at `batch_per_device` (after a compile)."""
+    from fvq_jax.train.tokenizer import build_trainer
+
+    config.train.global_batch = batch_per_device * jax.device_count()
+    config.optim.warmup_steps = 0
+    config.loss.disc_start = 0  # the discriminator path is part of what is timed
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = build_trainer(config, mesh)
+    state = trainer.init()
+    size = config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (config.train.global_batch, size, size, 3), dtype=np.uint8),
+             "label": np.zeros((config.train.global_batch,), np.int32)}
+    batch = jax.device_put(batch, trainer.batch_sharding)
+    memory = compiled_memory_gib(trainer.train_step, state, trainer.lpips_state, batch)
+    flops = compiled_flops(trainer.train_step, state, trainer.lpips_state, batch)
+
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = trainer.train_step(holder["state"], trainer.lpips_state, batch)
+        return metrics["loss"]
+
+    timing = time_fn(step, warmup=2, iters=steps)
+    images_per_sec = config.train.global_batch / (timing["median_ms"] / 1e3)
+    return dict(timing, images_per_sec=images_per_sec, memory_GiB=memory, device_peak_GiB=device_peak_gib(),
+                xla_tflop_per_image=None if flops is None else flops / config.train.global_batch / 1e12)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_arg", default="paper", help="argument of configs/tokenizer.py:get_config")
+    parser.add_argument("--batch", type=int, default=8, help="images per device")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", default=None, help="fp32 | bf16 (default: the config's)")
+    parser.add_argument("--baseline", default="fp32", choices=["fp32", "none"])
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    device = describe_device()
+    print(f"# device: {device}")
+    config = load_config(args.config_arg)
+    if args.precision:
+        config.precision = args.precision
+    q = config.quantizer
+    ours = measure(config, args.batch, args.steps)
+    record = dict(what="train_step", K=q.codebook_size, bridge=q.projector, batch_per_device=args.batch,
+                  res=config.data.image_size, precision=config.precision, device=device, **ours)
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    if peak:
+        record["mfu_reference_flops"] = ours["images_per_sec"] * REFERENCE_TFLOP_PER_IMAGE / peak
+        if ours["xla_tflop_per_image"]:
+            record["mfu_xla_flops"] = ours["images_per_sec"] * ours["xla_tflop_per_image"] / peak
+    if "H100" in kind:
+        for compiled in (False, True):
+            ref = REFERENCE_H100.get((q.codebook_size, q.projector, args.batch, compiled))
+            if ref:
+                record[f"speedup_vs_reference{'_compiled' if compiled else ''}"] = ours["images_per_sec"] / ref[0]
+    emit(record, args.out)
+    if args.baseline != "none" and config.precision != args.baseline:
+        base_config = load_config(args.config_arg)
+        base_config.precision = args.baseline
+        base = measure(base_config, args.batch, args.steps)
+        emit(dict(what="train_step_baseline", precision=args.baseline, device=device, **base), args.out)
+        emit(dict(what="train_step_ratio", ours=config.precision, baseline=args.baseline,
+                  speedup=ours["images_per_sec"] / base["images_per_sec"],
+                  memory_ratio=ours["memory_GiB"] / base["memory_GiB"]), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""End-to-end tokenizer training on the built-in photos: learning, exact resume, preemption, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fvq_jax import checkpointing
+from fvq_jax.train import tokenizer
+from fvq_jax.train.restore import restore_tokenizer
+from tests.conftest import ROOT, subprocess_env
+from tests.train.tiny import tiny_config
+
+STEPS = 30
+
+
+def read_metrics(workdir):
+    """step -> the logged record (a resumed run re-logs steps after its checkpoint: keep all)."""
+    records = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            records.setdefault(r["step"], []).append(r)
+    return records
+
+
+def host_params(workdir):
+    state = restore_tokenizer(workdir).state
+    return jax.tree.map(np.asarray, (state.params, state.disc_params, state.model_state, state.opt_state))
+
+
+def assert_same_run(metrics, reference):
+    keys = ("loss", "pixel_loss", "perceptual_loss", "quantizer_loss", "disc_loss", "usage", "grad_norm")
+    for step in range(1, STEPS + 1):
+        for record in metrics[step]:  # steps logged twice must agree with each other too
+            for k in keys:
+                assert record[k] == reference[step][0][k], (step, k)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    results = tokenizer.train_and_evaluate(tiny_config(num_steps=STEPS, checkpoint_every=10), workdir)
+    return workdir, results
+
+
+def test_loss_falls_and_usage_is_reported(uninterrupted):
+    workdir, results = uninterrupted
+    metrics = read_metrics(workdir)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    for term, ratio in (("pixel_loss", 0.85), ("loss", 0.95)):  # LPIPS moves slowly on 16-pixel images
+        values = [metrics[s][0][term] for s in range(1, STEPS + 1)]
+        assert np.mean(values[-5:]) < ratio * np.mean(values[:5]), term
+    usage = [metrics[s][0]["usage"] for s in range(1, STEPS + 1)]
+    assert 0 < usage[0] < usage[-1] <= 1
+    assert metrics[STEPS][0]["images_per_sec"] > 0 and metrics[STEPS][0]["data_skipped"] == 0
+    assert 5 < results["psnr"] < 60 and 0 < results["usage"] <= 1
+    assert results["used_codes"] + results["dead_codes"] == 64
+    grid = Image.open(os.path.join(workdir, "eval", "final", "reconstructions.png"))
+    assert grid.size[1] == 2 * 16 + 3 * 2  # inputs over reconstructions, 16-pixel images
+    saved = json.load(open(os.path.join(workdir, "eval", "final", "metrics.json")))
+    assert saved["psnr"] == pytest.approx(results["psnr"])
+    config = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_config()
+    assert config["run"]["global_batch"] == 4 and config["quantizer"]["codebook_size"] == 64
+
+
+def _start_training(workdir):
+    code = (f"from tests.train.tiny import tiny_config; from fvq_jax.train import tokenizer; "
+            f"tokenizer.train_and_evaluate(tiny_config(num_steps={STEPS}, checkpoint_every=10), {workdir!r})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(process, workdir, step, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early:\n{process.stdout.read()[-3000:]}")
+        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path)):
+            return
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("training did not reach the step in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "preempted"])
+def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, sig):
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path)
+    process = _start_training(workdir)
+    _wait_for_step(process, workdir, 13)  # past the checkpoint of step 10
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).all_steps()
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0, output[-3000:]
+        # Preemption saved the step it stopped at, off the every-10-steps schedule.
+        stopped = max(read_metrics(workdir))
+        assert max(steps) == stopped and 13 <= stopped < STEPS
+    else:
+        assert process.returncode == -signal.SIGKILL
+        assert max(steps) < STEPS
+    tokenizer.train_and_evaluate(tiny_config(num_steps=STEPS, checkpoint_every=10), workdir)
+    assert_same_run(read_metrics(workdir), read_metrics(reference_dir))
+    resumed, reference = host_params(workdir), host_params(reference_dir)
+    jax.tree.map(np.testing.assert_array_equal, resumed, reference)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_steps=6, checkpoint_every=1)
+    config.optim.base_lr = 1e30  # the first update sends the weights to ~1e27: step 2 overflows
+    with pytest.raises(tokenizer.NonFiniteLoss, match=r"step 2: non-finite .*pixel_loss") as info:
+        tokenizer.train_and_evaluate(config, str(tmp_path))
+    assert "last checkpoint: 1" in str(info.value)
+    restored = restore_tokenizer(str(tmp_path))
+    assert restored.step == 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.state.params))
