@@ -8,6 +8,10 @@ A checkpoint step holds three items:
           number can be traced to the settings that produced it.
 Saves are atomic (Orbax writes to a temporary directory and renames), so a run killed
 mid-save leaves the previous checkpoint intact.
+
+An export (`save_export` / `load_export`) is one standalone checkpoint directory for inference:
+  arrays  a pytree of plain nested dicts of arrays (readable without Flax);
+  config  JSON: what is needed to rebuild the module the arrays belong to.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ class Checkpointer:
     def __init__(self, directory, *, max_to_keep: int = 3, keep_period: int | None = None,
                  async_save: bool = True, read_only: bool = False):
         self.directory = epath.Path(directory)
+        # Read-only: nothing to keep or save (Orbax warns when told otherwise).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
+            max_to_keep=None if read_only else max_to_keep, keep_period=keep_period or None,
+            save_interval_steps=0 if read_only else 1, create=not read_only,
             enable_async_checkpointing=async_save, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -49,14 +55,23 @@ class Checkpointer:
             logging.info("Checkpoint of step %d -> %s", step, self.directory)
         return saved
 
+    def saved_step(self, step: int | None = None) -> int:
+        """`step` if it was saved (default: the latest step); FileNotFoundError naming the saved steps if not."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; saved steps: {sorted(steps)}")
+        return step
+
     def restore(self, step: int | None, abstract_state, *, data_iterator=None):
         """The state at `step` (default: latest), laid out as `abstract_state`'s shardings.
 
         `data_iterator`, when given, is set to the saved position in place.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self.saved_step(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -66,7 +81,7 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict:
         """The JSON config saved with `step` (default: latest)."""
-        step = self.latest_step() if step is None else step
+        step = self.saved_step(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return restored["config"]
 
@@ -76,6 +91,37 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def save_export(directory, arrays, config: dict) -> None:
+    """Write `arrays` (a pytree of jax.Arrays) and the JSON `config` as one checkpoint in `directory`,
+    which must not exist yet (blocks until written)."""
+    directory = epath.Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; choose a new directory")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                             config=ocp.args.JsonSave(config)))
+    logging.info("Exported to %s", directory)
+
+
+def _export_item(directory, **item):
+    directory = epath.Path(directory).absolute()
+    if not (directory / "config").exists():
+        raise FileNotFoundError(f"no exported checkpoint in {directory}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(directory, args=ocp.args.Composite(**item))
+
+
+def load_export_config(directory) -> dict:
+    """The JSON config of the export in `directory`."""
+    return _export_item(directory, config=ocp.args.JsonRestore())["config"]
+
+
+def load_export(directory, abstract_arrays):
+    """The arrays of the export in `directory`, laid out as `abstract_arrays`' shardings (whose tree
+    must match the saved one)."""
+    return _export_item(directory, arrays=ocp.args.StandardRestore(abstract_arrays))["arrays"]
 
 
 def run_facts(global_batch: int) -> dict:

@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from fvq_jax import sharding
+from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.transforms import to_model_range
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
@@ -35,6 +35,22 @@ from fvq_jax.quantizers import ops
 from fvq_jax.quantizers.usage import UsageCounter
 
 METRICS = ("psnr", "ssim", "lpips", "usage", "rfid")
+
+
+def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first bad field of the `eval` block."""
+    metrics = eval_cfg.metrics
+    config_lib.require(isinstance(metrics, (tuple, list)) and all(isinstance(m, str) for m in metrics),
+                       "eval.metrics", f"must be a tuple of metric names from {METRICS}, got {metrics!r}")
+    unknown = sorted(set(metrics) - set(METRICS))
+    config_lib.require(not unknown, "eval.metrics", f"unknown {unknown}; choose from {METRICS}")
+    config_lib.require_number(eval_cfg.batch_size, "eval.batch_size", integer=True)
+    config_lib.require_number(eval_cfg.num_images, "eval.num_images", strict=False, integer=True)
+
+
+def dataset_name(data_cfg: ml_collections.ConfigDict) -> str:
+    """What the eval images are, for reports: the TFDS name, the image folder, or 'photos'."""
+    return {"tfds": data_cfg.tfds_name, "folder": data_cfg.folder}.get(data_cfg.source, data_cfg.source)
 
 
 def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
@@ -56,11 +72,9 @@ class TokenizerEvaluator:
 
     def __init__(self, config: ml_collections.ConfigDict, generator_graph: nnx.GraphDef, mesh: jax.sharding.Mesh,
                  *, lpips_graph: nnx.GraphDef | None = None, lpips_state: nnx.State | None = None):
+        check_eval_config(config.eval)
         self.config = config
         self.metrics = tuple(config.eval.metrics)
-        unknown = set(self.metrics) - set(METRICS)
-        if unknown:
-            raise ValueError(f"config field eval.metrics: unknown {sorted(unknown)}; choose from {METRICS}")
         if "lpips" in self.metrics and lpips_graph is None:
             raise ValueError("the lpips metric needs the LPIPS module")
         self.mesh = mesh
@@ -164,10 +178,10 @@ class TokenizerEvaluator:
                             for k, v in codebook_health.usage_summary(counter).items()})
             codes = self._codebook(params, state.model_state)
             results.update(codebook_health.codebook_health(codes))
-        protocol = {"dataset": self.config.data.source, "split": self.config.data.eval_split,
+        protocol = {"dataset": dataset_name(self.config.data), "split": self.config.data.eval_split,
                     "image_size": self.config.data.image_size, "num_images": int(n),
                     "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",
-                    "weights": "ema" if params is state.ema_params else "raw"}
+                    "weights": "ema" if params is state.ema_params else "raw", "step": step}
         if fid_recon is not None:
             stats_path = self._reference_stats_path()
             if fid_real is not None:
@@ -191,21 +205,44 @@ class TokenizerEvaluator:
         return results
 
 
+def eval_run_config(run_config: ml_collections.ConfigDict,
+                    eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's training config with the eval config's `data` and `eval` fields that are not None."""
+    config = ml_collections.ConfigDict(run_config.to_dict())
+    for block in ("data", "eval"):
+        overrides = {k: v for k, v in eval_config[block].to_dict().items() if v is not None}
+        config[block] = ml_collections.ConfigDict({**run_config[block].to_dict(), **overrides})
+    return config
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """The eval entry: restore the run in `workdir`, evaluate it with `config`'s data and eval blocks."""
+    """The eval entry (configs/eval_tokenizer.py): restore the run in `workdir` at `config.eval.step`
+    (0 = latest) and evaluate it on its own data and eval settings, overridden by `config`'s.
+
+    Writes workdir/eval/step_N/{metrics.json, reconstructions.png, code_usage.png}. Config errors
+    (and a missing checkpoint or step) are raised before any array is restored.
+    """
     from fvq_jax.models.lpips import LPIPS
-    from fvq_jax.train.restore import restore_tokenizer
+    from fvq_jax.train.restore import restore_tokenizer, saved_config
     from fvq_jax.train.state import COMPUTE_DTYPES
 
-    restored = restore_tokenizer(workdir, step=config.eval.step or None, mesh_cfg=config.mesh)
-    run_config = restored.config
-    run_config.data = config.data
-    run_config.eval = config.eval
-    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=COMPUTE_DTYPES[run_config.precision]))
+    config_lib.require_number(config.eval.step, "eval.step", strict=False, integer=True)
+    config_lib.require(isinstance(config.eval.use_ema, bool), "eval.use_ema",
+                       f"must be true or false, got {config.eval.use_ema!r}")
+    step = config.eval.step or None
+    run_config = eval_run_config(saved_config(workdir, step), config)
+    check_eval_config(run_config.eval)
+    data_pipeline.check_data_config(run_config.data)
+    restored = restore_tokenizer(workdir, step=step, mesh_cfg=config.mesh)
+    run_config.mesh = restored.config.mesh
+    lpips_graph = lpips_state = None
+    if "lpips" in run_config.eval.metrics:
+        lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=COMPUTE_DTYPES[run_config.precision]))
+        lpips_state = jax.device_put(lpips_state, sharding.replicated(restored.mesh))
     evaluator = TokenizerEvaluator(run_config, restored.graphs.generator, restored.mesh,
-                                   lpips_graph=lpips_graph, lpips_state=jax.device_put(
-                                       lpips_state, sharding.replicated(restored.mesh)))
+                                   lpips_graph=lpips_graph, lpips_state=lpips_state)
     results = evaluator.evaluate(restored.state, workdir=workdir, step=restored.step, use_ema=config.eval.use_ema)
-    print(f"evaluation of step {restored.step}: " + "  ".join(
+    print(f"evaluation of step {restored.step} ({len(evaluator.data)} batches): " + "  ".join(
         f"{k} {v:.4g}" for k, v in sorted(results.items())), flush=True)
+    print(f"reports: {epath.Path(workdir) / 'eval' / f'step_{restored.step}'}", flush=True)
     return results

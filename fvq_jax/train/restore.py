@@ -18,6 +18,10 @@ from fvq_jax import checkpointing, sharding
 from fvq_jax.train import state as state_lib
 
 
+# Data parallelism over whatever devices are present (a saved mesh may not fit them).
+DEFAULT_MESH = dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18)
+
+
 @dataclasses.dataclass
 class RestoredTokenizer:
     config: ml_collections.ConfigDict  # the training config saved with the checkpoint
@@ -39,25 +43,31 @@ def checkpoint_dir(workdir) -> epath.Path:
     return epath.Path(workdir) / "checkpoints"
 
 
+def _checkpointer(workdir) -> checkpointing.Checkpointer:
+    directory = checkpoint_dir(workdir)
+    if not directory.exists():
+        raise FileNotFoundError(f"no checkpoint under {directory}: train first, or check --workdir")
+    return checkpointing.Checkpointer(directory, read_only=True, async_save=False)
+
+
 def saved_config(workdir, step: int | None = None) -> ml_collections.ConfigDict:
     """The training config recorded in the checkpoint (the `run` facts stay under `.run`)."""
-    checkpointer = checkpointing.Checkpointer(checkpoint_dir(workdir), read_only=True, async_save=False)
-    if checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}: train first, or check --workdir")
-    return ml_collections.ConfigDict(checkpointer.restore_config(step))
+    return ml_collections.ConfigDict(_checkpointer(workdir).restore_config(step))
 
 
 def restore_tokenizer(workdir, *, step: int | None = None, mesh_cfg=None) -> RestoredTokenizer:
     """The tokenizer train state saved in `workdir` (latest step unless `step`), laid out on the
-    mesh `mesh_cfg` describes (default: data parallel over all devices present)."""
-    config = saved_config(workdir, step)
-    # The saved mesh may not fit the devices present now: default to data parallelism over them.
-    config.mesh = mesh_cfg or ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18))
+    mesh `mesh_cfg` describes (default: data parallel over all devices present).
+
+    FileNotFoundError when `workdir` has no checkpoint, or none of `step` (naming the saved steps).
+    """
+    checkpointer = _checkpointer(workdir)
+    step = checkpointer.saved_step(step)
+    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    config.mesh = mesh_cfg or ml_collections.ConfigDict(DEFAULT_MESH)
     mesh = sharding.make_mesh(config.mesh)
     total, batch = config.train.num_steps, config.train.global_batch
     tx = state_lib.make_optimizer(config.optim, total_steps=total, global_batch=batch)
     graphs, abstract, _, _ = state_lib.create_state(config, mesh, tx, tx)
-    checkpointer = checkpointing.Checkpointer(checkpoint_dir(workdir), read_only=True, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
     state = checkpointer.restore(step, abstract)
     return RestoredTokenizer(config=config, step=step, state=state, graphs=graphs, mesh=mesh)

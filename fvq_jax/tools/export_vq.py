@@ -1,0 +1,129 @@
+"""Export a trained FVQ tokenizer as a plain VQ tokenizer: no codebook projector at inference.
+
+  python -m fvq_jax.tools.export_vq --workdir=RUN_DIR --out=OUT_DIR [--step N] [--no-ema]
+
+Restores the run in RUN_DIR (latest step unless --step; its EMA weights when it kept them, unless
+--no-ema), bakes the projector's output into the raw codebook (`fvq_jax.quantizers.export.bake`,
+for every quantizer type: vq, residual, multiscale, ema) and writes OUT_DIR, one checkpoint of
+  arrays  {"params": ..., "state": ...}: the baked VQGAN's parameters and its non-parameter state
+          (usage window, EMA-codebook statistics) as plain nested dicts;
+  config  the run's training config with quantizer.projector = "none" (so the module rebuilt from
+          it has no projector), plus an `export` record: source run, step, weights, the projector
+          that was baked in.
+The discriminator and the optimizer state are left behind. `load_exported(OUT_DIR)` rebuilds the
+VQGAN from the config and restores the arrays on the current devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from fvq_jax import checkpointing, sharding
+from fvq_jax.models.factory import build_tokenizer
+from fvq_jax.models.vqgan import VQGAN, count_params
+from fvq_jax.quantizers.export import bake
+from fvq_jax.train.restore import DEFAULT_MESH, restore_tokenizer
+from fvq_jax.train.state import COMPUTE_DTYPES
+
+
+def _arrays(model: VQGAN) -> dict:
+    """{"params": ..., "state": ...} of `model` as plain nested dicts."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)}
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def export_tokenizer(model: VQGAN, config: ml_collections.ConfigDict, out_dir, *, source: dict) -> dict:
+    """Bake `model` (built from `config`) and write it to `out_dir`; returns what was written.
+
+    source: where the weights came from (run directory, step, weights), recorded in the config.
+    """
+    baked = bake(model)
+    exported = ml_collections.ConfigDict(config.to_dict())
+    projector = config.quantizer.projector
+    exported.quantizer.projector = "none"
+    exported.export = dict(source, baked_projector=projector)
+    arrays = _arrays(baked)
+    checkpointing.save_export(out_dir, arrays, exported.to_dict())
+    return {
+        "out": str(epath.Path(out_dir).absolute()),
+        "type": config.quantizer.type,
+        "codebook_size": int(baked.quantizer.embedding.shape[0]),
+        "code_dim": int(baked.quantizer.embedding.shape[1]),
+        "baked_projector": projector,
+        "projector_params": count_params(model.quantizer.projector),
+        "params": count_params(baked),
+        "params_bytes": _nbytes(arrays["params"]),
+        "state_bytes": _nbytes(arrays["state"]),
+    }
+
+
+def export_run(workdir, out_dir, *, step: int | None = None, use_ema: bool = True) -> dict:
+    """`export_tokenizer` of the run in `workdir` at `step` (default: latest)."""
+    restored = restore_tokenizer(workdir, step=step)
+    model = restored.generator(use_ema)
+    weights = "ema" if use_ema and restored.state.ema_params is not None else "raw"
+    source = dict(workdir=str(epath.Path(workdir).absolute()), step=restored.step, weights=weights)
+    return dict(export_tokenizer(model, restored.config, out_dir, source=source), **source)
+
+
+def exported_config(out_dir) -> ml_collections.ConfigDict:
+    """The config saved with the export in `out_dir` (quantizer.projector is 'none')."""
+    return ml_collections.ConfigDict(checkpointing.load_export_config(out_dir))
+
+
+def load_exported(out_dir, *, mesh_cfg: ml_collections.ConfigDict | None = None) -> VQGAN:
+    """The exported VQGAN in `out_dir`, rebuilt from its config, arrays laid out on the mesh
+    `mesh_cfg` describes (default: replicated over all devices present)."""
+    config = exported_config(out_dir)
+    mesh_cfg = mesh_cfg or ml_collections.ConfigDict(DEFAULT_MESH)
+    mesh = sharding.make_mesh(mesh_cfg)
+    abstract = nnx.eval_shape(lambda: build_tokenizer(config, dtype=COMPUTE_DTYPES[config.precision],
+                                                      rngs=nnx.Rngs(0)))
+    graph, params, rest = nnx.split(abstract, nnx.Param, ...)
+    target = {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)}
+    target = sharding.with_shardings(target, sharding.state_shardings(target, mesh, mesh_cfg.fsdp_min_size))
+    arrays = checkpointing.load_export(out_dir, target)
+    nnx.replace_by_pure_dict(params, arrays["params"])
+    nnx.replace_by_pure_dict(rest, arrays["state"])
+    return nnx.merge(graph, params, rest)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fvq_jax.tools.export_vq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the training run's directory (holds checkpoints/)")
+    parser.add_argument("--out", required=True, help="the export directory to create (must not exist)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                        help="export the raw weights even when the run kept an EMA")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out):
+        parser.error(f"--out {args.out} already exists; choose a new directory")
+    try:
+        written = export_run(args.workdir, args.out, step=args.step, use_ema=args.use_ema)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    print(f"exported step {written['step']} of {written['workdir']} ({written['weights']} weights) "
+          f"to {written['out']}\n"
+          f"quantizer {written['type']}: K={written['codebook_size']}, D={written['code_dim']}, projector "
+          f"{written['baked_projector']} ({written['projector_params']:,} params) baked into the codebook\n"
+          f"{written['params']:,} params ({_mib(written['params_bytes'])}), other state "
+          f"{_mib(written['state_bytes'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The eval entry (configs/eval_tokenizer.py -> evaluate_checkpoint) on a tiny trained photo run:
+metrics.json against the trainer's in-process evaluation and against scikit-image / numpy on
+the same reconstructions, the protocol record, the PNG reports, overrides and errors."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fvq_jax.config_lib import ConfigError
+from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.transforms import to_model_range
+from fvq_jax.evaluation import tokenizer_eval
+from fvq_jax.train.restore import restore_tokenizer
+from tests.test_configs import load_config_module
+
+eval_config = load_config_module("eval_tokenizer").get_config
+
+
+@nnx.jit
+def reconstruct(model, images_u8):
+    recon, aux = model(to_model_range(images_u8))
+    return recon, aux["indices"]
+
+
+@pytest.fixture(scope="module")
+def latest_eval(tiny_run):
+    """`python -m fvq_jax.main --config=configs/eval_tokenizer.py --workdir=RUN`, in process."""
+    workdir, final = tiny_run
+    return workdir, final, tokenizer_eval.evaluate_checkpoint(eval_config(), workdir)
+
+
+def test_metrics_json_equals_the_in_process_evaluation(latest_eval):
+    workdir, final, results = latest_eval
+    saved = json.loads((pathlib.Path(workdir) / "eval" / "step_2" / "metrics.json").read_text())
+    # The trainer's final evaluation ran on the same state (step 2, EMA weights) and split.
+    for key in ("psnr", "ssim", "lpips", "mse", "usage", "used_codes", "eval_perplexity", "num_images"):
+        assert saved[key] == results[key]
+        assert saved[key] == pytest.approx(final[key], rel=1e-6, abs=1e-9), key
+    assert saved["protocol"] == {"dataset": "photos", "split": "validation", "image_size": 16, "num_images": 16,
+                                 "crop": "held-out fixed crops", "weights": "ema", "step": 2}
+
+
+def test_metrics_match_references_on_the_same_reconstructions(latest_eval):
+    workdir, _, results = latest_eval
+    restored = restore_tokenizer(workdir)
+    model = restored.generator(use_ema=True)
+    images, recons, indices = [], [], []
+    for batch in data_pipeline.eval_batches(restored.config.data, batch_size=8, num_images=16):
+        assert batch["mask"].all()
+        recon, idx = reconstruct(model, batch["image"])
+        images.append(batch["image"])
+        recons.append(np.asarray(recon))
+        indices.append(np.asarray(idx))
+    images, recons, indices = np.concatenate(images), np.concatenate(recons), np.concatenate(indices)
+    rounded = np.round((np.clip(recons.astype(np.float64), -1, 1) + 1) * 127.5).astype(np.uint8)
+    psnr = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(images, rounded)])
+    ssim = np.mean([structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=255,
+                                          channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False) for a, b in zip(images, rounded)])
+    counts = np.bincount(indices.ravel(), minlength=64)
+    p = counts[counts > 0] / counts.sum()
+    assert len(images) == results["num_images"] == 16
+    assert results["psnr"] == pytest.approx(psnr, rel=1e-5)
+    assert results["ssim"] == pytest.approx(ssim, rel=1e-4, abs=1e-5)
+    assert results["used_codes"] == np.count_nonzero(counts) and results["usage"] == np.count_nonzero(counts) / 64
+    assert results["eval_perplexity"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-9)
+
+    out = pathlib.Path(workdir) / "eval" / "step_2"
+    grid = np.asarray(Image.open(out / "reconstructions.png"))
+    assert grid.shape == (2 * 16 + 3 * 2, 8 * 16 + 9 * 2, 3)  # 8 pairs of 16 x 16, 2-pixel padding
+    np.testing.assert_array_equal(grid[2:18, 2:18], images[0])  # first input, top left
+    assert np.abs(grid[20:36, 2:18].astype(int) - rounded[0]).max() <= 1  # its reconstruction below
+    assert Image.open(out / "code_usage.png").size == (600, 350)
+
+
+def test_step_weights_and_image_count_overrides(tiny_run):
+    workdir, _ = tiny_run
+    config = eval_config("step=1,ema=false,images=8")
+    config.eval.metrics = ("psnr", "usage")
+    results = tokenizer_eval.evaluate_checkpoint(config, workdir)
+    saved = json.loads((pathlib.Path(workdir) / "eval" / "step_1" / "metrics.json").read_text())
+    assert saved["protocol"] == {"dataset": "photos", "split": "validation", "image_size": 16, "num_images": 8,
+                                 "crop": "held-out fixed crops", "weights": "raw", "step": 1}
+    assert saved["num_images"] == 8 and saved["psnr"] == results["psnr"] and "lpips" not in saved
+    # Raw step-1 weights on the first 8 images: the reference is the restored raw generator.
+    restored = restore_tokenizer(workdir, step=1)
+    batch = next(iter(data_pipeline.eval_batches(restored.config.data, batch_size=8, num_images=8)))
+    recon, _ = reconstruct(restored.generator(use_ema=False), batch["image"])
+    rounded = np.round((np.clip(np.asarray(recon, np.float64), -1, 1) + 1) * 127.5).astype(np.uint8)
+    psnr = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(batch["image"], rounded)])
+    assert results["psnr"] == pytest.approx(psnr, rel=1e-5)
+
+
+def test_errors_are_clear_and_early(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    with pytest.raises(FileNotFoundError, match="no checkpoint under .*: train first, or check --workdir"):
+        tokenizer_eval.evaluate_checkpoint(eval_config(), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 in .*; saved steps: \[1, 2\]"):
+        tokenizer_eval.evaluate_checkpoint(eval_config("step=3"), workdir)
+    config = eval_config()
+    config.eval.metrics = ("psnr", "fid")
+    with pytest.raises(ConfigError, match=r"eval.metrics: unknown \['fid'\]") as info:
+        tokenizer_eval.evaluate_checkpoint(config, workdir)
+    assert info.value.field == "eval.metrics"
+    with pytest.raises(ConfigError, match="data.source") as info:
+        tokenizer_eval.evaluate_checkpoint(eval_config("data=imagenet"), workdir)
+    assert info.value.field == "data.source"
