@@ -159,8 +159,9 @@ class TokenizerEvaluator:
                                                    batch["image"], batch["mask"])
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             counts = batch_counts if counts is None else counts + batch_counts
-            if grid_pair is None:
-                grid_pair = (to_model_range(batch["image"]), recon)
+            if grid_pair is None and workdir is not None:
+                # Gathered here, on every process: an all-gather that only process 0 ran would hang.
+                grid_pair = (to_host(to_model_range(batch["image"])), to_host(recon))
             if fid_recon is not None:
                 fid_recon.update(recon, mask=batch["mask"])
                 if fid_real is not None:
