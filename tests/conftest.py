@@ -10,11 +10,24 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# One persistent compilation cache for this process and every subprocess a test starts: the tiny
+# training config compiles the same train step in many tests and processes. Set
+# FVQ_TEST_JIT_CACHE='' to compile everything afresh.
+JIT_CACHE = os.environ.get("FVQ_TEST_JIT_CACHE", os.path.join(tempfile.gettempdir(), "fvq_jax_test_jit_cache"))
+JIT_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"} if JIT_CACHE else {}
+if JIT_CACHE:
+    jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def subprocess_env(num_devices: int = 1, **extra) -> dict:
@@ -25,6 +38,7 @@ def subprocess_env(num_devices: int = 1, **extra) -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(JIT_CACHE_ENV)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -91,7 +91,7 @@ def test_no_readable_image_is_an_error(tmp_path):
     (tmp_path / "validation" / "a" / "y.png").write_bytes(b"\x89PNG broken")
     cfg = local_data_config(source="folder", folder=str(tmp_path), image_size=8, read_threads=0)
     iterator = pipeline.train_iterator(cfg, global_batch=2, seed=0, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="no readable image in the training shard 0 of 1"):
+    with pytest.raises(ValueError, match="no readable image in the training data of process 0 of 1"):
         next(iterator)
     with pytest.raises(ValueError, match="no readable image in the eval shard 0 of 1"):
         list(pipeline.eval_batches(cfg, batch_size=2, process_index=0, process_count=1))
