@@ -72,9 +72,10 @@ def paper_config() -> ml_collections.ConfigDict:
         entropy_temperature=0.01,
         l2_norm=False,
         search_precision="fp32",  # fp32 | tf32 | bf16 products
-        search_tile=0,  # codes per tile of the memory-bounded search; 0 = whole codebook at once
+        search_tile=8192,  # codes per tile of the memory-bounded search; 0 = whole codebook at once
         search_token_chunk=0,
         usage_window=0,  # 0 = FVQ's window (65,536 below K = 65,536, else K + 1)
+        bridge_head_init_std=0.0,  # 0 = the method's zero-initialised bridge head; > 0 for the ablation study
         residual_depth=4,  # type=residual: quantization depths sharing one codebook
         scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale
         ema_decay=0.99,  # type=ema: codebook EMA decay
@@ -156,6 +157,7 @@ def local_config() -> ml_collections.ConfigDict:
     config.quantizer.codebook_size = 1024
     config.quantizer.code_dim = 32
     config.quantizer.projector = "S/4"
+    config.quantizer.search_tile = 0  # 1,024 codes: one [tokens, K] matrix is small
     # A 6-minute run has no room for a long GAN phase: a late, gentle one (see README).
     config.loss.disc_start = 300
     config.loss.disc_weight = 0.1

@@ -45,6 +45,9 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     config_lib.require_choice(cfg.search_precision, f("search_precision"), ops.PRECISIONS)
     for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
         config_lib.require_number(cfg[name], f(name), strict=False, integer=True)
+    config_lib.require_number(cfg.bridge_head_init_std, f("bridge_head_init_std"), strict=False)
+    config_lib.require(not cfg.bridge_head_init_std or (cfg.type == "vq" and cfg.projector in vqbridge.BRIDGE_PRESETS),
+                       f("bridge_head_init_std"), "applies to type=vq with a VQBridge projector only")
 
     if cfg.type in ("residual", "multiscale"):
         config_lib.require(not cfg.l2_norm, f("l2_norm"),
@@ -81,4 +84,5 @@ def build_quantizer(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: 
         return MultiScaleQuantizer(k, d, scales=tuple(cfg.scales), projector=cfg.projector, **common)
     if cfg.type == "ema":
         return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
-    return VectorQuantizer(k, d, projector=cfg.projector, l2_norm=cfg.l2_norm, **common)
+    return VectorQuantizer(k, d, projector=cfg.projector, l2_norm=cfg.l2_norm,
+                           bridge_head_init_std=cfg.bridge_head_init_std, **common)

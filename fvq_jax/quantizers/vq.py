@@ -63,6 +63,7 @@ class VectorQuantizer(nnx.Module):
         l2_norm: bool = False,
         search: SearchOptions = SearchOptions(),
         usage_window: int | None = None,
+        bridge_head_init_std: float = 0.0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -74,7 +75,8 @@ class VectorQuantizer(nnx.Module):
         self.l2_norm = l2_norm
         self.search = search
         self.projector_name = projector
-        self.projector = make_projector(projector, codebook_size, code_dim, dtype=dtype, rngs=rngs)
+        self.projector = make_projector(projector, codebook_size, code_dim, bridge_head_init_std=bridge_head_init_std,
+                                        dtype=dtype, rngs=rngs)
         self.embedding = nnx.Param(uniform_codebook_init(codebook_size)(rngs.params(), (codebook_size, code_dim)))
         buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
         self.usage_buffer = usage.CodeUsage(buffer)

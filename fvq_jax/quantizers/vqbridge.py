@@ -118,10 +118,15 @@ class VQBridge(nnx.Module):
     """Compress (patch embed) - process (ViT blocks) - recover (LN + zero-init Linear, unpatchify).
 
     There is no skip from E to the output: at step 0 every output code is exactly zero.
+
+    head_init_std > 0 replaces the zero-initialised head kernel with N(0, std^2) (bias still
+    zero): an investigation knob, not the method. With the zero head, the p*p in-patch positions
+    share one zero code until one of them is selected, and only a selected position's head rows
+    ever get a gradient (see the README's small-scale reproduction).
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, preset: BridgePreset, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, codebook_size: int, code_dim: int, preset: BridgePreset, *, head_init_std: float = 0.0,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         self.side = grid_side(codebook_size, preset.patch)
         self.code_dim = code_dim
         self.patch = preset.patch
@@ -134,7 +139,8 @@ class VQBridge(nnx.Module):
         self.blocks = nnx.List([
             BridgeBlock(width, preset.num_heads, preset.mlp_ratio, dtype=dtype, rngs=rngs)
             for _ in range(preset.depth)])
-        self.head = nnx.Linear(width, p * p * code_dim, kernel_init=zeros, bias_init=zeros, dtype=dtype, rngs=rngs)
+        head_init = nnx.initializers.normal(head_init_std) if head_init_std else zeros
+        self.head = nnx.Linear(width, p * p * code_dim, kernel_init=head_init, bias_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         """embedding: [K, D] raw codebook -> [K, D] bridged codebook (same row-major order)."""
@@ -172,12 +178,13 @@ class LinearProjector(nnx.Module):
         return x
 
 
-def make_projector(name: str, codebook_size: int, code_dim: int, *, dtype=jnp.float32,
-                   rngs: nnx.Rngs) -> nnx.Module:
+def make_projector(name: str, codebook_size: int, code_dim: int, *, bridge_head_init_std: float = 0.0,
+                   dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
     """The projector called `name` (see module docstring) for a [K, D] codebook."""
     check_projector(name, codebook_size)
     if name == "none":
         return Identity()
     if name in ("lin/1", "lin/5"):
         return LinearProjector(code_dim, int(name[-1]), dtype=dtype, rngs=rngs)
-    return VQBridge(codebook_size, code_dim, BRIDGE_PRESETS[name], dtype=dtype, rngs=rngs)
+    return VQBridge(codebook_size, code_dim, BRIDGE_PRESETS[name], head_init_std=bridge_head_init_std, dtype=dtype,
+                    rngs=rngs)

@@ -1,0 +1,78 @@
+"""FVQ's claim at small scale: VQBridge + learning annealing keeps the codebook alive, plain VQ does not.
+
+Methods: plain VQ (projector none), EMA VQ (EMA-updated codebook), lin/1 (one Linear projector,
+SimVQ-like) and VQBridge (L/4), each with a constant LR and with learning annealing ('lin'), at
+K in {1024, 4096, 16384}: 24 runs. Three more runs probe why VQBridge stops short of 100% here:
+the same VQBridge with a small random (instead of zero) head init, with annealing.
+
+Everything else is the local config at 32x32 (8x8 tokens of D = 32), batch 8, and no GAN
+phase (the adversarial loss does not touch the codebook; the comparison is about the quantizer).
+
+  python launch/sweep.py --sweep=configs/sweeps/ablation_small.py --workdir_root=/tmp/fvq_ablation
+  python -m fvq_jax.tools.sweep_report --sweep_root=/tmp/fvq_ablation \\
+      --out=configs/sweeps/results/ablation_small.md
+
+ABLATION_SCALE=gpu selects the larger setting for an accelerator: 64x64 images (16x16 tokens),
+D = 256, batch 64, 5,000 steps.
+"""
+
+import os
+
+CODEBOOK_SIZES = (1024, 4096, 16384)
+SCHEDULES = ("const", "lin")
+METHODS = {  # name -> quantizer overrides
+    "vq": {"config.quantizer.type": "vq", "config.quantizer.projector": "none"},
+    "ema": {"config.quantizer.type": "ema", "config.quantizer.projector": "none"},
+    "lin1": {"config.quantizer.type": "vq", "config.quantizer.projector": "lin/1"},
+    "fvq": {"config.quantizer.type": "vq", "config.quantizer.projector": "L/4"},
+}
+PROBES = {  # extra runs, learning annealing only
+    "fvq-randhead": {"config.quantizer.type": "vq", "config.quantizer.projector": "L/4",
+                     "config.quantizer.bridge_head_init_std": 0.02},
+}
+
+SCALES = {
+    "cpu": {"config": "configs/tokenizer.py:local,res=32,batch=8,steps=300",
+            "config.optim.warmup_steps": 15, "config.train.log_every": 10},
+    "gpu": {"config": "configs/tokenizer.py:local,res=64,batch=64,steps=5000,dim=256",
+            "config.optim.warmup_steps": 250, "config.train.log_every": 50, "config.model.ch": 64},
+}
+
+
+def _base():
+    scale = os.environ.get("ABLATION_SCALE", "cpu")
+    if scale not in SCALES:
+        raise ValueError(f"ABLATION_SCALE must be one of {sorted(SCALES)}, got {scale!r}")
+    return dict(SCALES[scale], **{
+        "config.loss.disc_start": 10 ** 9,  # no GAN phase
+        "config.train.checkpoint_every": 10 ** 9,  # only the final checkpoint
+        "config.train.image_every": 0,
+        "config.seed": 0,
+    })
+
+
+def get_sweep():
+    runs = []
+    for k in CODEBOOK_SIZES:
+        for schedule in SCHEDULES:
+            for method, overrides in METHODS.items():
+                runs.append(dict(_base(), **overrides, **{"config.quantizer.codebook_size": k,
+                                                          "config.optim.schedule": schedule}))
+        for method, overrides in PROBES.items():
+            runs.append(dict(_base(), **overrides, **{"config.quantizer.codebook_size": k,
+                                                      "config.optim.schedule": "lin"}))
+    return runs
+
+
+def method_of(params) -> str:
+    """The method name of a run's parameters (METHODS / PROBES keys)."""
+    for method, overrides in {**METHODS, **PROBES}.items():
+        if all(params.get(key) == value for key, value in overrides.items()) and (
+                method in PROBES or "config.quantizer.bridge_head_init_std" not in params):
+            return method
+    raise ValueError(f"no method matches {params}")
+
+
+def name(params):
+    """e.g. fvq_lin_k4096."""
+    return f"{method_of(params)}_{params['config.optim.schedule']}_k{params['config.quantizer.codebook_size']}"
