@@ -8,7 +8,8 @@ the same VQBridge with a small random (instead of zero) head init, with annealin
 Everything else is the local config at 32x32 (8x8 tokens of D = 32), batch 8, and no GAN
 phase (the adversarial loss does not touch the codebook; the comparison is about the quantizer).
 
-  python launch/sweep.py --sweep=configs/sweeps/ablation_small.py --workdir_root=/tmp/fvq_ablation
+  JAX_COMPILATION_CACHE_DIR=/tmp/fvq_jit_cache \
+      python launch/sweep.py --sweep=configs/sweeps/ablation_small.py --workdir_root=/tmp/fvq_ablation
   python -m fvq_jax.tools.sweep_report --sweep_root=/tmp/fvq_ablation \\
       --out=configs/sweeps/results/ablation_small.md
 
@@ -32,8 +33,8 @@ PROBES = {  # extra runs, learning annealing only
 }
 
 SCALES = {
-    "cpu": {"config": "configs/tokenizer.py:local,res=32,batch=8,steps=300",
-            "config.optim.warmup_steps": 15, "config.train.log_every": 10},
+    "cpu": {"config": "configs/tokenizer.py:local,res=32,batch=8,steps=200",
+            "config.optim.warmup_steps": 10, "config.train.log_every": 10},
     "gpu": {"config": "configs/tokenizer.py:local,res=64,batch=64,steps=5000,dim=256",
             "config.optim.warmup_steps": 250, "config.train.log_every": 50, "config.model.ch": 64},
 }

