@@ -114,7 +114,7 @@ def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, config: ml_collec
 
         metrics.update(
             disc_loss=disc_loss, logits_real=logits_real, logits_fake=logits_fake, disc_factor=disc_factor,
-            grad_norm=optax.global_norm(grads), disc_grad_norm=optax.global_norm(disc_grads),
+            grad_norm=losses.global_norm(grads), disc_grad_norm=losses.global_norm(disc_grads),
             lr=lr_schedule(state.step))
         finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in LOSS_TERMS]))
         metrics["finite"] = finite.astype(jnp.float32)

@@ -59,6 +59,18 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(image_folder):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(12))
 
 
+def test_global_batches_do_not_depend_on_the_process_count(image_folder):
+    """Process p decodes columns [p L, (p + 1) L) of every global batch: side by side, the processes'
+    batches are the single-process batches, crops and flips included."""
+    cfg = local_data_config(source="folder", folder=str(image_folder), image_size=16)
+    whole = take(pipeline.train_iterator(cfg, global_batch=6, seed=3, process_index=0, process_count=1), 4)
+    parts = [take(pipeline.train_iterator(cfg, global_batch=6, seed=3, process_index=i, process_count=3), 4)
+             for i in range(3)]
+    for step, batch in enumerate(whole):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), batch[key])
+
+
 def test_both_presets_have_valid_data_blocks():
     pipeline.check_data_config(tokenizer_config().data)
     pipeline.check_data_config(tokenizer_config("paper").data)

@@ -103,3 +103,26 @@ def test_attention_block_matches_numpy():
 def test_group_norm_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="12 channels are not divisible by norm_groups=8"):
         layers.group_norm(12, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+def test_bf16_compute_keeps_the_quantizer_in_float32():
+    model = VQGAN(TINY, VectorQuantizer(64, 8, projector="XS/2", rngs=nnx.Rngs(1)), dtype=jnp.bfloat16,
+                  rngs=nnx.Rngs(0))
+    head = model.quantizer.projector.head
+    head.kernel[...] = jax.random.normal(jax.random.key(2), head.kernel.shape) * 0.02
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
+
+    def run(m, x):
+        z = m.quant_conv(m.encoder(x.astype(jnp.bfloat16)))
+        z_q, indices, aux = m.encode(x)
+        return z, z_q, indices, aux["loss"], m.decode(z_q)
+
+    z, z_q, indices, loss, recon = nnx.jit(run)(model, x)
+    assert z.dtype == jnp.bfloat16  # convolutions in bf16
+    assert z_q.dtype == jnp.float32 and loss.dtype == jnp.float32 and recon.dtype == jnp.float32
+    # The search ran in float32 on the bf16 features: the same indices as searching them directly.
+    codebook = model.quantizer.codebook()
+    want = jnp.argmin(jnp.sum((z.astype(jnp.float32)[..., None, :] - codebook) ** 2, -1), -1)
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want))
+    assert len(np.unique(np.asarray(indices))) > 1
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
