@@ -296,7 +296,19 @@ def _start(run: Run, workdir: str, main, extra, slot: int, gpus_per_run: int):
     return process, log, time.time()
 
 
+def _previous_summary(root: str) -> dict[str, dict]:
+    """The runs of an earlier sweep.json under `root`, by name ({} when there is none)."""
+    path = os.path.join(root, "sweep.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {entry["name"]: entry for entry in json.load(f).get("runs", [])}
+
+
 def _write_summary(runs, outcomes, *, sweep_path, root, main, extra) -> None:
+    # A resumed sweep keeps what earlier invocations recorded (a run skipped as finished keeps its
+    # wall time; a run resumed after an interruption adds the new attempt's time to the old).
+    previous = _previous_summary(root)
     entries = []
     for run in runs:
         workdir = os.path.join(root, run.name)
@@ -305,8 +317,12 @@ def _write_summary(runs, outcomes, *, sweep_path, root, main, extra) -> None:
                   outcome.status if outcome else "not started")
         entry = dict(name=run.name, status=status, params=run.params, workdir=workdir,
                      command=run.command(main, workdir, extra))
+        before = previous.get(run.name, {})
         if outcome and outcome.returncode is not None:
-            entry.update(returncode=outcome.returncode, seconds=outcome.seconds)
+            earlier = (before.get("seconds") or 0.0) if before.get("status") != "finished" else 0.0
+            entry.update(returncode=outcome.returncode, seconds=round(earlier + outcome.seconds, 1))
+        elif "seconds" in before:
+            entry.update(returncode=before.get("returncode"), seconds=before["seconds"])
         entries.append(entry)
     summary = dict(sweep=sweep_path, workdir_root=root,
                    updated=datetime.datetime.now().isoformat(timespec="seconds"), runs=entries)

@@ -2,8 +2,9 @@
 
 Methods: plain VQ (projector none), EMA VQ (EMA-updated codebook), lin/1 (one Linear projector,
 SimVQ-like) and VQBridge (L/4), each with a constant LR and with learning annealing ('lin'), at
-K in {1024, 4096, 16384}: 24 runs. Three more runs probe why VQBridge stops short of 100% here:
-the same VQBridge with a small random (instead of zero) head init, with annealing.
+K in {1024, 4096, 16384}: 24 runs. Four more runs probe why VQBridge stops short of 100% here:
+the same VQBridge with a small random (instead of zero) head init, with annealing, at each K; and
+VQBridge with annealing at K = 1024 trained 5x longer (1,000 steps).
 
 Everything else is the local config at 32x32 (8x8 tokens of D = 32), batch 8, and no GAN
 phase (the adversarial loss does not touch the codebook; the comparison is about the quantizer).
@@ -27,9 +28,11 @@ METHODS = {  # name -> quantizer overrides
     "lin1": {"config.quantizer.type": "vq", "config.quantizer.projector": "lin/1"},
     "fvq": {"config.quantizer.type": "vq", "config.quantizer.projector": "L/4"},
 }
-PROBES = {  # extra runs, learning annealing only
-    "fvq-randhead": {"config.quantizer.type": "vq", "config.quantizer.projector": "L/4",
-                     "config.quantizer.bridge_head_init_std": 0.02},
+PROBES = {  # extra runs with learning annealing: name -> (overrides, codebook sizes)
+    "fvq-randhead": ({"config.quantizer.type": "vq", "config.quantizer.projector": "L/4",
+                      "config.quantizer.bridge_head_init_std": 0.02}, CODEBOOK_SIZES),
+    "fvq-long": ({"config.quantizer.type": "vq", "config.quantizer.projector": "L/4",
+                  "config.train.num_steps": 1000}, (1024,)),
 }
 
 SCALES = {
@@ -59,17 +62,18 @@ def get_sweep():
             for method, overrides in METHODS.items():
                 runs.append(dict(_base(), **overrides, **{"config.quantizer.codebook_size": k,
                                                           "config.optim.schedule": schedule}))
-        for method, overrides in PROBES.items():
-            runs.append(dict(_base(), **overrides, **{"config.quantizer.codebook_size": k,
-                                                      "config.optim.schedule": "lin"}))
+        for method, (overrides, sizes) in PROBES.items():
+            if k in sizes:
+                runs.append(dict(_base(), **overrides, **{"config.quantizer.codebook_size": k,
+                                                          "config.optim.schedule": "lin"}))
     return runs
 
 
 def method_of(params) -> str:
-    """The method name of a run's parameters (METHODS / PROBES keys)."""
-    for method, overrides in {**METHODS, **PROBES}.items():
-        if all(params.get(key) == value for key, value in overrides.items()) and (
-                method in PROBES or "config.quantizer.bridge_head_init_std" not in params):
+    """The method name of a run's parameters (PROBES / METHODS keys): the first whose overrides
+    the run carries, probes (which extend a method's overrides) before methods."""
+    for method, overrides in [(m, o) for m, (o, _) in PROBES.items()] + list(METHODS.items()):
+        if all(params.get(key) == value for key, value in overrides.items()):
             return method
     raise ValueError(f"no method matches {params}")
 

@@ -7,7 +7,10 @@
   (squared singular values). A codebook that collapsed onto a few directions shows it here
   whatever its usage;
 - near-duplicate codes: codes whose nearest other code lies closer than `relative` (default 1%)
-  of the median nearest-neighbour distance, or than an absolute distance.
+  of the median nearest-neighbour distance, or than an absolute distance;
+- for VQBridge, usage by in-patch position: the bridge maps each p x p patch of the codebook grid
+  with one head, so the codes at one position (row % p, col % p) share one row-group of the head's
+  weights. Usage that stops short of 100% usually shows here as whole positions left unused.
 The nearest-neighbour search is tiled (queries in chunks, codes in tiles; memory O(chunk x tile)),
 so K = 262,144 never builds a K x K matrix. It ranks candidates by ||a||^2 + ||b||^2 - 2 a.b (a
 matmul), then measures the distance to the winner directly as ||a - b||, so exact duplicates
@@ -122,6 +125,26 @@ def codebook_health(codes: jax.Array, *, relative: float = 0.01, absolute: float
         "nn_distance_min": float(nn.min()),
         "nn_distance_median": float(np.median(nn)),
     }
+
+
+def bridge_position_usage(counts, patch: int) -> np.ndarray:
+    """counts: [K] uses per code of a VQBridge codebook with patch p -> [p, p] fraction of the codes
+    at each in-patch position (row % p, col % p) of the sqrt(K) x sqrt(K) grid that were used."""
+    counts = np.asarray(counts)
+    side = math.isqrt(counts.size)
+    if side * side != counts.size or side % patch:
+        raise ValueError(f"{counts.size} codes do not form a square grid of {patch} x {patch} patches")
+    used = (counts > 0).reshape(side // patch, patch, side // patch, patch)
+    return used.mean(axis=(0, 2))
+
+
+def bridge_position_summary(counts, patch: int) -> dict[str, float]:
+    """How many of the p^2 in-patch positions have any code in use, and the least / most used."""
+    per_position = bridge_position_usage(counts, patch)
+    return {"bridge_positions_used": int(np.sum(per_position > 0)),
+            "bridge_positions": int(per_position.size),
+            "bridge_position_usage_min": float(per_position.min()),
+            "bridge_position_usage_max": float(per_position.max())}
 
 
 def usage_summary(counter: UsageCounter) -> dict[str, float]:

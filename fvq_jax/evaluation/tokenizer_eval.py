@@ -32,6 +32,7 @@ from fvq_jax.data.transforms import to_model_range
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
 from fvq_jax.quantizers import ops
+from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
 from fvq_jax.quantizers.usage import UsageCounter
 
 METRICS = ("psnr", "ssim", "lpips", "usage", "rfid")
@@ -179,6 +180,10 @@ class TokenizerEvaluator:
                             for k, v in codebook_health.usage_summary(counter).items()})
             codes = self._codebook(params, state.model_state)
             results.update(codebook_health.codebook_health(codes))
+            projector = self.config.quantizer.projector
+            if projector in BRIDGE_PRESETS:
+                results.update(codebook_health.bridge_position_summary(counter.counts,
+                                                                       BRIDGE_PRESETS[projector].patch))
         protocol = {"dataset": dataset_name(self.config.data), "split": self.config.data.eval_split,
                     "image_size": self.config.data.image_size, "num_images": int(n),
                     "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",

@@ -28,11 +28,12 @@ from matplotlib.figure import Figure
 from fvq_jax.checkpointing import Checkpointer
 
 COLUMNS = (  # (header, key in the row, format)
-    ("K", "K", "{}"), ("method", "method", "{}"), ("LR schedule", "schedule", "{}"),
+    ("K", "K", "{}"), ("method", "method", "{}"), ("LR schedule", "schedule", "{}"), ("steps", "num_steps", "{}"),
     ("usage, window (final)", "window_usage", "{:.1%}"), ("usage, window (min of last 30%)", "window_usage_late_min",
                                                           "{:.1%}"),
     ("usage, held-out (exact)", "usage", "{:.1%}"), ("dead codes", "dead_codes", "{:d}"),
     ("effective rank", "effective_rank", "{:.2f}"), ("near-duplicate codes", "near_duplicates", "{:d}"),
+    ("bridge positions in use", "bridge_positions_in_use", "{}"),
     ("PSNR", "psnr", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}"), ("rFID", "rfid", "{:.1f}"),
     ("wall time", "seconds", "{:.0f} s"),
 )
@@ -72,9 +73,12 @@ def load_run(entry: dict, method_of) -> dict[str, Any] | None:
         "K": config["quantizer"]["codebook_size"], "schedule": config["optim"]["schedule"],
         "method": method_of(entry["params"]) if method_of else entry["name"],
         "window_usage": float(usage[-1]), "window_usage_late_min": float(late.min()),
-        "seconds": entry.get("seconds", float("nan")),
-        **{k: final[k] for k in ("usage", "dead_codes", "effective_rank", "near_duplicates", "psnr", "lpips", "rfid")
+        **({"seconds": entry["seconds"]} if entry.get("seconds") is not None else {}),
+        "total_steps": int(config["train"]["num_steps"]),
+        **{k: final[k] for k in ("usage", "assignments", "dead_codes", "effective_rank", "near_duplicates", "psnr", "lpips", "rfid")
            if k in final},
+        **({"bridge_positions_in_use": f"{final['bridge_positions_used']}/{final['bridge_positions']}"}
+           if "bridge_positions" in final else {}),
     }
 
 
@@ -112,23 +116,44 @@ def usage_plot(rows: list[dict], path: str) -> None:
     figure.savefig(path)
 
 
+def _steps_text(rows: list[dict]) -> str:
+    steps = sorted({r["total_steps"] for r in rows})
+    return f"{steps[0]} steps" if len(steps) == 1 else f"{' / '.join(map(str, steps))} steps (see the table)"
+
+
+def held_out_note(rows: list[dict]) -> str:
+    """What exact held-out usage can reach: T tokens hit at most T codes, and uniform use of all K
+    codes would hit 1 - (1 - 1/K)^T of them in expectation."""
+    if not all("assignments" in r for r in rows):
+        return ""
+    tokens = {r["K"]: int(r["assignments"]) for r in rows}
+    ceilings = ", ".join(f"K = {k:,}: {1 - (1 - 1 / k) ** t:.1%}" for k, t in sorted(tokens.items()))
+    return (f"Held-out exact usage counts the codes that the held-out images' tokens "
+            f"({', '.join(f'{t:,}' for t in sorted(set(tokens.values())))}) hit. Even if every code were "
+            f"equally likely that many draws would hit only {ceilings} of the codebook, so compare the "
+            f"held-out column across methods, and read the windowed column (the training-time window of "
+            f"recent assignments) for usage itself.")
+
+
 def what_ran(rows: list[dict], summary: dict) -> str:
     config, run = rows[0]["config"], rows[0]["config"].get("run", {})
     model = config["model"]
     seeds = sorted({r["config"]["seed"] for r in rows})
-    total = sum(r["seconds"] for r in rows if np.isfinite(r["seconds"]))
+    timed = [r["seconds"] for r in rows if "seconds" in r]
+    wall = (f"{sum(timed) / 60:.1f} min for {'all' if len(timed) == len(rows) else len(timed)} runs, "
+            "start-up and evaluation included" if timed else "not recorded")
     return "\n".join([
         f"- runs: {len(rows)} from `{summary.get('sweep')}`, finished {summary.get('updated')}",
         f"- data: `{config['data']['source']}` (train crops `{config['data']['train_crop']}`, held-out eval split), "
         f"{config['data']['image_size']}x{config['data']['image_size']} pixels",
         f"- model: ch {model['ch']}, ch_mult {tuple(model['ch_mult'])}, code dim D = {config['quantizer']['code_dim']}, "
         f"token grid {config['data']['image_size'] // 2 ** (len(model['ch_mult']) - 1)}^2",
-        f"- training: {config['train']['num_steps']} steps at global batch {config['train']['global_batch']}, "
+        f"- training: {_steps_text(rows)} at global batch {config['train']['global_batch']}, "
         f"base LR {config['optim']['base_lr']} (x batch / {config['optim']['lr_ref_batch']}), "
         f"warmup {config['optim']['warmup_steps']} steps, seeds {seeds}",
         f"- machine: {run.get('num_devices', '?')} x {run.get('device_kind', '?')}, jax {run.get('jax_version', '?')}, "
         f"{os.cpu_count()} CPU cores seen by the report ({platform.machine()})",
-        f"- wall time: {total / 60:.1f} min for all runs, start-up and evaluation included",
+        f"- wall time: {wall}",
     ])
 
 
@@ -139,6 +164,9 @@ def write_report(sweep_root: str, out: str, title: str | None = None) -> str:
     if not rows:
         raise FileNotFoundError(f"no finished run under {sweep_root}")
     rows.sort(key=lambda r: (r["K"], r["method"], r["schedule"]))
+    if len({r["total_steps"] for r in rows}) > 1:
+        for r in rows:
+            r["num_steps"] = r["total_steps"]
     missing = [e["name"] for e in summary["runs"] if e["name"] not in {r["name"] for r in rows}]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     plot = os.path.splitext(out)[0] + "_usage.png"
@@ -146,7 +174,7 @@ def write_report(sweep_root: str, out: str, title: str | None = None) -> str:
     text = [f"# {title or os.path.basename(os.path.splitext(out)[0])}", "",
             f"Generated by `python -m fvq_jax.tools.sweep_report --sweep_root={sweep_root} --out={out}` "
             f"on {datetime.date.today().isoformat()}.", "", "## What ran", "", what_ran(rows, summary), "",
-            "## Results", "", markdown_table(rows), "",
+            "## Results", "", markdown_table(rows), "", held_out_note(rows), "",
             f"![windowed usage over training]({os.path.basename(plot)})", ""]
     if missing:
         text += [f"Not finished (left out): {', '.join(missing)}", ""]

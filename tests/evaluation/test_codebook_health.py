@@ -85,3 +85,29 @@ def test_usage_summary():
     summary = health.usage_summary(counter)
     assert summary["usage"] == 3 / 8 and summary["used_codes"] == 3 and summary["dead_codes"] == 5
     assert summary["assignments"] == 6 and summary["perplexity"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_bridge_position_usage_against_a_loop_over_the_grid(patch):
+    side, rng = 16, np.random.default_rng(patch)
+    counts = rng.integers(0, 3, size=side * side) * (rng.random(side * side) < 0.3)
+    used, total = np.zeros((patch, patch)), np.zeros((patch, patch))
+    for n, c in enumerate(counts):  # code n is grid cell (n // side, n % side)
+        position = ((n // side) % patch, (n % side) % patch)
+        total[position] += 1
+        used[position] += c > 0
+    np.testing.assert_array_equal(health.bridge_position_usage(counts, patch), used / total)
+    summary = health.bridge_position_summary(counts, patch)
+    assert summary["bridge_positions"] == patch * patch
+    assert summary["bridge_positions_used"] == np.count_nonzero(used)
+    assert summary["bridge_position_usage_min"] == (used / total).min()
+
+
+def test_bridge_position_usage_sees_a_single_position_in_use():
+    side, patch = 8, 4
+    counts = np.zeros(side * side, int)
+    counts[[0, 4, 32, 36]] = 5  # all at in-patch position (0, 0)
+    summary = health.bridge_position_summary(counts, patch)
+    assert summary["bridge_positions_used"] == 1 and summary["bridge_position_usage_max"] == 1.0
+    with pytest.raises(ValueError, match="3 x 3 patches"):
+        health.bridge_position_usage(counts, 3)

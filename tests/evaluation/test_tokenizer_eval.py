@@ -69,6 +69,9 @@ def test_metrics_match_references_on_the_same_reconstructions(latest_eval):
     assert results["ssim"] == pytest.approx(ssim, rel=1e-4, abs=1e-5)
     assert results["used_codes"] == np.count_nonzero(counts) and results["usage"] == np.count_nonzero(counts) / 64
     assert results["eval_perplexity"] == pytest.approx(np.exp(-np.sum(p * np.log(p))), rel=1e-9)
+    # XS/2 over the 8 x 8 code grid: code n sits at in-patch position ((n // 8) % 2, (n % 8) % 2).
+    positions = {((n // 8) % 2, (n % 8) % 2) for n in np.flatnonzero(counts)}
+    assert results["bridge_positions"] == 4 and results["bridge_positions_used"] == len(positions)
 
     out = pathlib.Path(workdir) / "eval" / "step_2"
     grid = np.asarray(Image.open(out / "reconstructions.png"))

@@ -160,11 +160,19 @@ def test_runs_unfinished_runs_logs_them_and_skips_them_once_finished(tmp_path):
     first_two = [calls(tmp_path / name)[0]["cuda"] for name in ("k1024_S4", "k4096_none")]
     assert first_two == ["0", "1"] and calls(tmp_path / "k4096_S4")[0]["cuda"] in ("0", "1")
 
+    first_seconds = {run["name"]: run.get("seconds") for run in summary["runs"]}
+    assert first_seconds["k1024_none"] is None and all(first_seconds[name] > 0 for name in EXAMPLE_NAMES[1:])
+
     again = cli(f"--sweep={EXAMPLE}", f"--workdir_root={tmp_path}")
     assert again.returncode == 0, again.stderr
     assert [len(calls(tmp_path / name)) for name in EXAMPLE_NAMES] == [0, 1, 2, 1]  # only the failed one reran
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert [run["status"] for run in summary["runs"]] == ["finished"] * 4
+    # Wall times survive the second invocation; the rerun run's time adds both attempts.
+    seconds = {run["name"]: run.get("seconds") for run in summary["runs"]}
+    assert seconds["k1024_none"] is None
+    assert seconds["k1024_S4"] == first_seconds["k1024_S4"] and seconds["k4096_S4"] == first_seconds["k4096_S4"]
+    assert seconds["k4096_none"] > first_seconds["k4096_none"]
 
 
 def test_only_runs_the_matching_runs_and_rejects_a_pattern_matching_none(tmp_path):

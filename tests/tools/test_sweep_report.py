@@ -34,6 +34,7 @@ def test_report_tables_the_runs_and_plots_usage(tiny_run, tmp_path):
     assert f"{final['psnr']:.2f}" in cells and f"{final['usage']:.1%}" in cells
     assert f"{curve[-1]['usage']:.1%}" == cells[3]  # windowed usage at the last step
     assert "12 s" in cells[-1]
+    assert f"{final['bridge_positions_used']}/4" in cells  # XS/2: 2 x 2 in-patch positions
     assert "Not finished (left out): missing_run" in text
     assert "16x16 pixels" in text and "2 steps at global batch 4" in text
     plot = tmp_path / "report" / "ablation_usage.png"
