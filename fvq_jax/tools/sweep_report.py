@@ -92,27 +92,34 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def usage_plot(rows: list[dict], path: str) -> None:
-    sizes = sorted({r["K"] for r in rows})
+    """One panel per (codebook size, run length), so that a longer probe does not squeeze the rest."""
+    panels = sorted({(r["K"], r["total_steps"]) for r in rows})
+    several_lengths = len({steps for _, steps in panels}) > 1
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    figure = Figure(figsize=(5 * len(sizes), 4), dpi=100)
+    figure = Figure(figsize=(max(5 * len(panels), 8), 4.5), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(sizes), squeeze=False)[0]
-    for ax, k in zip(axes, sizes):
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (k, total_steps) in zip(axes, panels):
         lr_axis = ax.twinx()
         drawn = set()
-        for r in (r for r in rows if r["K"] == k):
+        for r in (r for r in rows if (r["K"], r["total_steps"]) == (k, total_steps)):
             style = "-" if r["schedule"] != "const" else "--"
             ax.plot(r["steps"], 100 * r["usage_curve"], style, color=colors[r["method"]],
                     label=f"{r['method']} ({r['schedule']})")
             if r["schedule"] not in drawn:
                 drawn.add(r["schedule"])
                 lr_axis.plot(r["steps"], r["lr_curve"] / r["lr_curve"].max(), style, color="0.6", linewidth=1)
-        ax.set(title=f"K = {k:,}", xlabel="step", ylabel="windowed usage (%)", ylim=(0, 102))
+        title = f"K = {k:,}" + (f", {total_steps:,} steps" if several_lengths else "")
+        ax.set(title=title, xlabel="step", ylabel="windowed usage (%)", ylim=(0, 102))
         lr_axis.set(ylabel="LR / max LR (grey)", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    labels = {}  # one legend for all panels, under them
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    figure.legend(list(labels.values()), list(labels), loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 * ((len(labels) + 5) // 6), 1, 1))
     figure.savefig(path)
 
 

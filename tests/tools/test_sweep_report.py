@@ -38,7 +38,7 @@ def test_report_tables_the_runs_and_plots_usage(tiny_run, tmp_path):
     assert "Not finished (left out): missing_run" in text
     assert "16x16 pixels" in text and "2 steps at global batch 4" in text
     plot = tmp_path / "report" / "ablation_usage.png"
-    assert Image.open(plot).size == (500, 400)  # one panel: a single codebook size
+    assert Image.open(plot).size == (800, 450)  # one panel (a single codebook size and length), legend below
 
 
 def test_report_without_finished_runs_is_an_error(tmp_path):
