@@ -23,12 +23,19 @@ from absl import logging
 from etils import epath
 
 
+def absolute(directory) -> epath.Path:
+    """Orbax rejects relative paths (the README's --workdir=workdir/run): local paths are made
+    absolute; URLs (gs://...) are left as they are."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else path.absolute()
+
+
 class Checkpointer:
     """Keeps the newest `max_to_keep` checkpoints plus every `keep_period`-th step for good."""
 
     def __init__(self, directory, *, max_to_keep: int = 3, keep_period: int | None = None,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         # Read-only: nothing to keep or save (Orbax warns when told otherwise).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep, keep_period=keep_period or None,
@@ -96,7 +103,7 @@ class Checkpointer:
 def save_export(directory, arrays, config: dict) -> None:
     """Write `arrays` (a pytree of jax.Arrays) and the JSON `config` as one checkpoint in `directory`,
     which must not exist yet (blocks until written)."""
-    directory = epath.Path(directory).absolute()
+    directory = absolute(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new directory")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -106,7 +113,7 @@ def save_export(directory, arrays, config: dict) -> None:
 
 
 def _export_item(directory, **item):
-    directory = epath.Path(directory).absolute()
+    directory = absolute(directory)
     if not (directory / "config").exists():
         raise FileNotFoundError(f"no exported checkpoint in {directory}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:

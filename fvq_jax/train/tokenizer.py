@@ -121,8 +121,14 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (or resume) the tokenizer in `workdir`; returns the final evaluation metrics."""
-    # ------------------------------------------------------------------ setup
     check_config(config)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):  # the mesh in context for everything below (raw PartitionSpecs resolve on it)
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict:
+    # ------------------------------------------------------------------ setup
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -131,7 +137,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     global_batch = config.train.global_batch
 
     # ------------------------------------------------------------------ mesh
-    mesh = sharding.make_mesh(config.mesh)
     logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # ------------------------------------------------------------------ input

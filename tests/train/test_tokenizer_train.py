@@ -98,12 +98,23 @@ def _wait_for_step(process, workdir, step, timeout=300):
     raise AssertionError("training did not reach the step in time")
 
 
+def _wait_for_path(process, path, timeout=120):
+    """Asynchronous saves land a step or more after they start: wait for the finalised directory."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "preempted"])
 def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, sig):
     reference_dir, _ = uninterrupted
     workdir = str(tmp_path)
     process = _start_training(workdir)
-    _wait_for_step(process, workdir, EVERY + 2)  # past the first checkpoint
+    _wait_for_step(process, workdir, EVERY + 2)
+    _wait_for_path(process, os.path.join(workdir, "checkpoints", str(EVERY)))  # the first checkpoint, finalised
     process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
     steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).all_steps()

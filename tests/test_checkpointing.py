@@ -1,0 +1,32 @@
+"""fvq_jax.checkpointing with a relative directory (the README's --workdir=workdir/...): Orbax
+needs absolute paths, the Checkpointer makes them so; arrays, config and steps round-trip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fvq_jax.checkpointing import Checkpointer
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(7, jnp.int32)}
+    checkpointer = Checkpointer("workdir/run/checkpoints", async_save=False)
+    assert checkpointer.directory.is_absolute()
+    assert checkpointer.save(7, state, config={"lr": 0.5}, force=True)
+    checkpointer.wait()
+    assert (tmp_path / "workdir" / "run" / "checkpoints" / "7").is_dir()
+
+    reader = Checkpointer("workdir/run/checkpoints", read_only=True)
+    restored = reader.restore(None, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert int(restored["step"]) == 7 and reader.restore_config() == {"lr": 0.5}
+    assert reader.all_steps() == [7]
+
+
+def test_absolute_leaves_urls_alone(tmp_path, monkeypatch):
+    from fvq_jax.checkpointing import absolute
+    monkeypatch.chdir(tmp_path)
+    assert str(absolute("runs/a")) == str(tmp_path / "runs" / "a")
+    assert str(absolute("gs://bucket/runs/a")) == "gs://bucket/runs/a"
+    assert str(absolute(tmp_path / "b")) == str(tmp_path / "b")
