@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -243,8 +244,15 @@ def run_sweep(runs: list[Run], selected: list[Run], *, sweep_path: str, root: st
         else:
             todo.append(run)
     outcomes = {run.name: _Outcome("pending") for run in todo}
+    # What an earlier invocation recorded: a run skipped as finished keeps its wall time; a run
+    # resumed after an interruption or failure adds the new attempt's time to the earlier ones.
+    previous = _previous_summary(root)
+    earlier = {name: (previous.get(name, {}).get("seconds") or 0.0)
+               if previous.get(name, {}).get("status") != "finished" else 0.0 for name in outcomes}
     os.makedirs(root, exist_ok=True)
-    _write_summary(runs, outcomes, sweep_path=sweep_path, root=root, main=main, extra=extra)
+    summary = functools.partial(_write_summary, runs, outcomes, previous, sweep_path=sweep_path, root=root,
+                                main=main, extra=extra)
+    summary()
     free_slots, running = list(range(parallel)), {}
     done = 0
     try:
@@ -264,10 +272,11 @@ def run_sweep(runs: list[Run], selected: list[Run], *, sweep_path: str, root: st
                 done += 1
                 finished = is_finished(workdir[run.name], run.num_steps)
                 status = "failed" if process.returncode else "finished" if finished else "incomplete"
-                outcomes[run.name] = _Outcome(status, process.returncode, round(time.time() - start, 1))
+                seconds = round(earlier[run.name] + time.time() - start, 1)
+                outcomes[run.name] = _Outcome(status, process.returncode, seconds)
                 print(f"[{done}/{len(outcomes)}] {run.name}: {status} (exit {process.returncode}, "
                       f"{datetime.timedelta(seconds=round(time.time() - start))})", flush=True)
-                _write_summary(runs, outcomes, sweep_path=sweep_path, root=root, main=main, extra=extra)
+                summary()
     except (KeyboardInterrupt, _Interrupted):
         print(f"interrupted: sending SIGTERM to {len(running)} running job(s) so that they checkpoint", flush=True)
         for run, process, _, _ in running.values():
@@ -275,8 +284,9 @@ def run_sweep(runs: list[Run], selected: list[Run], *, sweep_path: str, root: st
         for run, process, log, start in running.values():
             process.wait()
             log.close()
-            outcomes[run.name] = _Outcome("interrupted", process.returncode, round(time.time() - start, 1))
-        _write_summary(runs, outcomes, sweep_path=sweep_path, root=root, main=main, extra=extra)
+            seconds = round(earlier[run.name] + time.time() - start, 1)
+            outcomes[run.name] = _Outcome("interrupted", process.returncode, seconds)
+        summary()
         raise
     return all(outcome.status == "finished" for outcome in outcomes.values())
 
@@ -305,10 +315,7 @@ def _previous_summary(root: str) -> dict[str, dict]:
         return {entry["name"]: entry for entry in json.load(f).get("runs", [])}
 
 
-def _write_summary(runs, outcomes, *, sweep_path, root, main, extra) -> None:
-    # A resumed sweep keeps what earlier invocations recorded (a run skipped as finished keeps its
-    # wall time; a run resumed after an interruption adds the new attempt's time to the old).
-    previous = _previous_summary(root)
+def _write_summary(runs, outcomes, previous, *, sweep_path, root, main, extra) -> None:
     entries = []
     for run in runs:
         workdir = os.path.join(root, run.name)
@@ -319,8 +326,7 @@ def _write_summary(runs, outcomes, *, sweep_path, root, main, extra) -> None:
                      command=run.command(main, workdir, extra))
         before = previous.get(run.name, {})
         if outcome and outcome.returncode is not None:
-            earlier = (before.get("seconds") or 0.0) if before.get("status") != "finished" else 0.0
-            entry.update(returncode=outcome.returncode, seconds=round(earlier + outcome.seconds, 1))
+            entry.update(returncode=outcome.returncode, seconds=outcome.seconds)
         elif "seconds" in before:
             entry.update(returncode=before.get("returncode"), seconds=before["seconds"])
         entries.append(entry)

@@ -175,6 +175,18 @@ def test_runs_unfinished_runs_logs_them_and_skips_them_once_finished(tmp_path):
     assert seconds["k4096_none"] > first_seconds["k4096_none"]
 
 
+def test_a_rerun_adds_to_the_time_an_earlier_invocation_recorded(tmp_path):
+    # An earlier invocation spent 1,000 s on k1024_none before it failed; this one reruns it first
+    # and then three more runs, rewriting sweep.json after each: the 1,000 s must survive all of them.
+    (tmp_path / "sweep.json").write_text(json.dumps(dict(runs=[dict(name="k1024_none", status="failed",
+                                                                    returncode=3, seconds=1000.0)])))
+    result = cli(f"--sweep={EXAMPLE}", f"--workdir_root={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    seconds = {run["name"]: run["seconds"] for run in json.loads((tmp_path / "sweep.json").read_text())["runs"]}
+    assert 1000 < seconds["k1024_none"] < 1100
+    assert all(0 < seconds[name] < 100 for name in EXAMPLE_NAMES[1:])
+
+
 def test_only_runs_the_matching_runs_and_rejects_a_pattern_matching_none(tmp_path):
     result = cli(f"--sweep={EXAMPLE}", f"--workdir_root={tmp_path}", "--only=S4$")
     assert result.returncode == 0, result.stderr
