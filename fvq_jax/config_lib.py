@@ -8,7 +8,10 @@ anything is built, and a bad value raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
+import os
+import types
 from typing import Any, Mapping
 
 import ml_collections
@@ -20,6 +23,15 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"config field {field}: {message}")
         self.field = field
+
+
+def load_file(path, name: str | None = None) -> types.ModuleType:
+    """The Python file at `path` (a config or sweep file: they live outside the package) as a module."""
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_arg(arg: str | None, *, flags: tuple[str, ...], keys: Mapping[str, Any]) -> tuple[set[str], dict[str, Any]]:

@@ -1,6 +1,5 @@
 """configs/tokenizer.py: argument parsing, presets, and errors that name the bad field."""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -12,10 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config_module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.load_file(ROOT / "configs" / f"{name}.py")
 
 
 tokenizer = load_config_module("tokenizer")

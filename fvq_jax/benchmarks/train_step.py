@@ -16,13 +16,12 @@ XLA's own FLOP count of our step is printed beside it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 
 import jax
 import numpy as np
 
-from fvq_jax import sharding
+from fvq_jax import config_lib, sharding
 from fvq_jax.benchmarks.common import compiled_flops, compiled_memory_gib, describe_device, device_peak_gib, emit, time_fn
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -39,10 +38,7 @@ PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # measured bf16 matmul peak on the
 
 
 def load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("tokenizer_config", ROOT / "configs" / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config(arg)
 
 
 def measure(config, batch_per_device: int, steps: int) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fvq_jax import config_lib
 from fvq_jax.checkpointing import Checkpointer
 
 COLUMNS = (  # (header, key in the row, format)
@@ -46,10 +46,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def _method_fn(sweep_path: str | None):
     if sweep_path and os.path.exists(sweep_path):
-        spec = importlib.util.spec_from_file_location("sweep_definition", sweep_path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return getattr(module, "method_of", None)
+        return getattr(config_lib.load_file(sweep_path, "sweep_definition"), "method_of", None)
     return None
 
 

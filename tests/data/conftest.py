@@ -1,21 +1,19 @@
 """Shared helpers for the data tests: a small data config and image folders written on the fly."""
 
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fvq_jax import config_lib
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tokenizer_config(arg: str = ""):
     """configs/tokenizer.py's get_config(arg)."""
-    spec = importlib.util.spec_from_file_location("tokenizer_config", ROOT / "configs" / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config(arg)
 
 
 def local_data_config(**overrides):

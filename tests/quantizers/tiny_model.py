@@ -4,7 +4,6 @@ The jitted functions live at module level so that tests building the same model 
 reuse one compilation.
 """
 
-import importlib.util
 import pathlib
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fvq_jax import config_lib
 from fvq_jax.models.vqgan import VQGAN, VQGANArch
 from fvq_jax.quantizers.factory import build_quantizer
 
@@ -26,10 +26,7 @@ _CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 def tokenizer_config(arg: str = ""):
     """configs/tokenizer.py's get_config(arg)."""
-    spec = importlib.util.spec_from_file_location("tokenizer_config", _CONFIGS / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_file(_CONFIGS / "tokenizer.py").get_config(arg)
 
 
 def quantizer_config(**fields):

@@ -1,16 +1,14 @@
 """A CPU-sized tokenizer config for the training tests: 16 x 16 photos, 4 x 4 tokens."""
 
-import importlib.util
 import pathlib
+
+from fvq_jax import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _tokenizer_config_module():
-    spec = importlib.util.spec_from_file_location("tokenizer_config", ROOT / "configs" / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.load_file(ROOT / "configs" / "tokenizer.py")
 
 
 def tiny_config(**train):
