@@ -72,8 +72,8 @@ def load_run(entry: dict, method_of) -> dict[str, Any] | None:
         "window_usage": float(usage[-1]), "window_usage_late_min": float(late.min()),
         **({"seconds": entry["seconds"]} if entry.get("seconds") is not None else {}),
         "total_steps": int(config["train"]["num_steps"]),
-        **{k: final[k] for k in ("usage", "assignments", "dead_codes", "effective_rank", "near_duplicates", "psnr", "lpips", "rfid")
-           if k in final},
+        **{k: final[k] for k in ("usage", "assignments", "dead_codes", "effective_rank", "near_duplicates",
+                                 "psnr", "lpips", "rfid") if k in final},
         **({"bridge_positions_in_use": f"{final['bridge_positions_used']}/{final['bridge_positions']}"}
            if "bridge_positions" in final else {}),
     }
