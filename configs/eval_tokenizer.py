@@ -19,7 +19,7 @@ and `eval.use_ema` are the eval-only fields. Any field can also be set with --co
 import ml_collections
 from ml_collections import config_dict
 
-from fvq_jax import config_lib
+from fvq_jax import config_lib, sharding
 
 FLAGS = ("imagenet",)
 # Short argument keys -> (config field, a value of the field's type).
@@ -59,5 +59,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         block, field = KEYS[key][0].split(".")
         config[block][field] = value
     # The devices present now, whatever mesh the run trained on.
-    config.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18)
+    config.mesh = sharding.default_mesh_config()
     return config

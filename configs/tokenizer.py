@@ -10,7 +10,7 @@ The argument is a comma-separated list of words and key=value pairs (see KEYS); 
 also be set with --config.<field>=<value>.
 """
 
-from fvq_jax import config_lib
+from fvq_jax import config_lib, sharding
 from fvq_jax.models.factory import arch_fields
 
 import ml_collections
@@ -144,8 +144,9 @@ def paper_config() -> ml_collections.ConfigDict:
     )
 
     # Device mesh: -1 = all remaining devices. fsdp > 1 splits every array of at least
-    # fsdp_min_size elements (parameters, optimizer moments, EMA) over that axis.
-    config.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18)
+    # fsdp_min_size elements (parameters, optimizer moments, EMA) over that axis; `rules` maps the
+    # logical axis names that parameters carry to mesh axes (fvq_jax/sharding.py).
+    config.mesh = sharding.default_mesh_config()
     return config
 
 

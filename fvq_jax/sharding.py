@@ -1,27 +1,75 @@
-"""Device mesh from config, parameter/state sharding rules, and the data sharding.
+"""Device mesh from config, logical-axis sharding rules, and the data sharding.
 
-Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices also
-split the large parameters and their optimizer state). The batch is split over both axes.
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose devices also split the
+large parameters and their optimizer state) and `tensor` (model parallelism: attention heads, MLP
+hidden units, the vocabulary). The batch is split over `data` and `fsdp`.
 
-Rule for every array in the train state (parameters, optimizer moments, EMA, codebook):
-arrays with at least `fsdp_min_size` elements are split along their largest dimension that
-the fsdp axis divides; everything else (biases, norms, scalars, the usage window) is
-replicated. The same shape gives the same sharding, so Adam's moments follow their parameter.
+Parameters carry *logical* axis names as Variable metadata, e.g.
+    nnx.Linear(dim, hidden, kernel_metadata={"logical_axes": ("embed", "mlp")}, rngs=rngs)
+and a rules table (config.mesh.rules, MaxText's `logical_axis_rules`) maps each name to mesh axes:
+    ("embed", "fsdp"), ("mlp", "tensor"), ...
+A dimension stays whole where its mesh axes do not divide it (or have size 1). The names live in
+our own metadata key (`logical_axes`), not Flax's eager `out_sharding`, so modules build without a
+mesh and the rules apply only when a train state is laid out.
+
+Arrays without names (the tokenizer's convolutions, optimizer counters, the usage window) fall back
+to the size rule: arrays with at least `fsdp_min_size` elements are split along their largest
+dimension that the fsdp axis divides; everything else is replicated. The same shape and names give
+the same sharding, so Adam's moments (which keep their parameter's metadata) follow their parameter.
+
+Activations are pinned with `constrain(x, ("act_batch", "act_length", "act_embed"))` inside model
+code; it resolves names through the rules set by `axis_rules(...)` around the trace, and is a no-op
+outside one (single-device tests, eager code).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Any, Iterable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fvq_jax import config_lib
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+LOGICAL_AXES_KEY = "logical_axes"
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+# Logical name -> mesh axes. Parameter names first, then activation names (prefixed act_), so a
+# parameter's embed dimension can be FSDP-split while the activations' embed dimension stays whole.
+DEFAULT_RULES: Rules = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("classes", None),
+    ("norm", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def default_mesh_config(**overrides) -> dict:
+    """`config.mesh` as the configs write it: data parallel over every device, no tensor parallelism."""
+    return dict(dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 18, rules=DEFAULT_RULES), **overrides)
+
+
+# ----------------------------------------------------------------------------- mesh
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -47,8 +95,14 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def batch_shards(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+    """How many ways the batch is split (data x fsdp) on `num_devices` devices."""
+    sizes = dict(zip(MESH_AXES, mesh_shape(mesh_cfg, num_devices)))
+    return math.prod(sizes[a] for a in BATCH_AXES)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch dimension split over every device."""
+    """Batch dimension split over the data and fsdp axes (replicated over tensor)."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -56,8 +110,58 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# ----------------------------------------------------------------------------- rules
+
+
+def check_rules(rules: Any, field: str = "mesh.rules") -> Rules:
+    """The rules table as a tuple of (name, mesh axes) pairs; ConfigError(field) if malformed."""
+    config_lib.require(isinstance(rules, (tuple, list)), field, f"must be a tuple of (name, mesh axes) pairs, got {rules!r}")
+    out = []
+    for rule in rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        config_lib.require(ok, field, f"each rule is a (logical name, mesh axes) pair, got {rule!r}")
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
+        for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            config_lib.require(axis is None or axis in MESH_AXES, field,
+                               f"rule {name!r} maps to {axis!r}, which is not a mesh axis {MESH_AXES}")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def rules_of(mesh_cfg) -> Rules:
+    """config.mesh.rules, or DEFAULT_RULES for configs written before the table existed."""
+    return check_rules(mesh_cfg.get("rules", DEFAULT_RULES) if mesh_cfg is not None else DEFAULT_RULES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh,
+                    rules: Rules) -> P:
+    """The PartitionSpec that `rules` give an array of `shape` whose dimensions are `names`.
+
+    A name without a rule, a mesh axis of size 1, an axis already used by an earlier dimension, or
+    axes whose size does not divide the dimension leave that dimension (or that axis) unsplit.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match an array of shape {tuple(shape)}")
+    table = dict(rules)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        kept = []
+        for axis in axes:
+            size = sizes.get(axis, 1)
+            if size > 1 and axis not in used and dim % (math.prod(sizes[a] for a in kept) * size) == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
 def array_spec(shape: tuple[int, ...], fsdp_size: int, fsdp_min_size: int) -> P:
-    """The PartitionSpec the rule gives an array of `shape` (see module docstring)."""
+    """The fallback rule for arrays without logical names (see module docstring)."""
     if fsdp_size <= 1 or math.prod(shape) < fsdp_min_size:
         return P()
     for dim in np.argsort(shape)[::-1]:
@@ -68,16 +172,67 @@ def array_spec(shape: tuple[int, ...], fsdp_size: int, fsdp_min_size: int) -> P:
     return P()
 
 
-def state_shardings(abstract_state, mesh: Mesh, fsdp_min_size: int = 2 ** 18):
-    """A pytree of NamedShardings matching `abstract_state` (arrays or ShapeDtypeStructs)."""
-    fsdp_size = mesh.shape["fsdp"]
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def logical_axes_of(x) -> tuple[str | None, ...] | None:
+    """The logical names a Variable carries (None for unnamed Variables and plain arrays)."""
+    if _is_variable(x):
+        names = x.get_metadata().get(LOGICAL_AXES_KEY)
+        return tuple(names) if names is not None else None
+    return None
+
+
+def state_shardings(abstract_state, mesh: Mesh, *, rules: Rules = DEFAULT_RULES, fsdp_min_size: int = 2 ** 18):
+    """A pytree of NamedShardings matching `abstract_state` (arrays or ShapeDtypeStructs, possibly inside
+    nnx Variables): named arrays through `rules`, the others through the size rule."""
+    fsdp_size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1)
+
+    def spec_of(x):
+        names = logical_axes_of(x)
+        shape = tuple(x.shape)
+        if names is not None:
+            return logical_to_spec(names, shape, mesh, rules)
+        return array_spec(shape, fsdp_size, fsdp_min_size)
 
     def rule(x):
-        return NamedSharding(mesh, array_spec(tuple(x.shape), fsdp_size, fsdp_min_size))
+        sharding = NamedSharding(mesh, spec_of(x))
+        return x.replace(sharding) if _is_variable(x) else sharding
 
-    return jax.tree.map(rule, abstract_state)
+    return jax.tree.map(rule, abstract_state, is_leaf=_is_variable)
+
+
+def config_shardings(abstract_state, mesh: Mesh, mesh_cfg):
+    """`state_shardings` with the rules and fsdp_min_size of `config.mesh`."""
+    return state_shardings(abstract_state, mesh, rules=rules_of(mesh_cfg),
+                           fsdp_min_size=mesh_cfg.get("fsdp_min_size", 2 ** 18))
 
 
 def with_shardings(abstract_state, shardings):
     """ShapeDtypeStructs carrying `shardings`: the target for a sharded restore or init."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+# ----------------------------------------------------------------------------- activations
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("fvq_axis_rules", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Iterable[tuple[str, MeshAxes]]):
+    """Resolve `constrain` names through `rules` while tracing inside this block."""
+    token = _RULES.set(check_rules(tuple(rules)))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """x with a sharding constraint from its logical `names`; a no-op without rules or a mesh in context."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))

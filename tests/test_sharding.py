@@ -14,9 +14,10 @@ def mesh_cfg(**kw):
 
 
 def test_mesh_shape_fills_minus_one():
-    assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1)
-    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=-1), 8) == (2, 4)
-    assert sharding.mesh_shape(mesh_cfg(data=4, fsdp=2), 8) == (4, 2)
+    assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1, 1)
+    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=-1), 8) == (2, 4, 1)
+    assert sharding.mesh_shape(mesh_cfg(data=4, fsdp=2), 8) == (4, 2, 1)
+    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
 
 
 @pytest.mark.parametrize("cfg,message", [
@@ -52,7 +53,51 @@ def test_state_shardings_on_8_devices(python_runner):
                           "batch": str(sharding.data_sharding(mesh).spec), "mesh": dict(mesh.shape)}))
     """, num_devices=8)
     got = json.loads(out.strip().splitlines()[-1])
-    assert got["mesh"] == {"data": 2, "fsdp": 4}
+    assert got["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert got["kernel"] == str(P(None, None, None, "fsdp")) and got["bias"] == str(P())
     assert got["shard"] == [3, 3, 64, 32]
     assert got["batch"] == str(P(("data", "fsdp")))
+
+
+def test_logical_rules_split_named_dimensions(python_runner):
+    out = python_runner("""
+        import json, jax, jax.numpy as jnp, ml_collections
+        from flax import nnx
+        from fvq_jax import sharding
+        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+        rules = sharding.DEFAULT_RULES
+
+        class Block(nnx.Module):
+            def __init__(self, rngs):
+                self.up = nnx.Linear(16, 64, kernel_metadata={"logical_axes": ("embed", "mlp")}, rngs=rngs)
+                self.odd = nnx.Linear(16, 5, kernel_metadata={"logical_axes": ("embed", "mlp")}, rngs=rngs)
+                self.conv = nnx.Conv(8, 64, (3, 3), rngs=rngs)  # unnamed: the size rule
+
+        state = nnx.state(nnx.eval_shape(lambda: Block(nnx.Rngs(0))))
+        s = sharding.state_shardings(state, mesh, rules=rules, fsdp_min_size=1000)
+        spec = lambda v: str(v.get_value().spec)
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
+            act = jax.jit(lambda x: sharding.constrain(x * 2, ("act_batch", "act_length", "act_mlp")))(
+                jnp.ones((8, 3, 64)))
+        print(json.dumps({"up": spec(s["up"]["kernel"]), "up_bias": spec(s["up"]["bias"]),
+                          "odd": spec(s["odd"]["kernel"]), "conv": spec(s["conv"]["kernel"]),
+                          "act": str(act.sharding.spec), "act_shard": list(act.addressable_shards[0].data.shape)}))
+    """, num_devices=8)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["up"] == str(P("fsdp", "tensor")) and got["up_bias"] == str(P())
+    assert got["odd"] == str(P("fsdp", None))  # 5 hidden units: tensor=2 does not divide them
+    assert got["conv"] == str(P(None, None, None, "fsdp"))  # 3*3*8*64 = 4608 >= 1000, largest dim
+    assert got["act"] == str(P(("data", "fsdp"), None, "tensor")) and got["act_shard"] == [2, 3, 32]
+
+
+def test_logical_to_spec_rules():
+    import jax
+    mesh = jax.sharding.AbstractMesh((2, 4, 2), ("data", "fsdp", "tensor"))
+    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("other", None))
+    assert sharding.logical_to_spec(("batch", "embed"), (16, 8), mesh, rules) == P(("data", "fsdp"), None)  # fsdp used
+    assert sharding.logical_to_spec(("batch", "mlp"), (6, 8), mesh, rules) == P("data", "tensor")  # 6 % 8 != 0
+    assert sharding.logical_to_spec(("other", None, "unknown"), (4, 4, 4), mesh, rules) == P(None, None, None)
+    with pytest.raises(ValueError, match="do not match"):
+        sharding.logical_to_spec(("embed",), (4, 4), mesh, rules)
+    with pytest.raises(config_lib.ConfigError, match="not a mesh axis"):
+        sharding.check_rules((("embed", "model"),))

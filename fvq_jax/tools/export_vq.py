@@ -91,7 +91,7 @@ def load_exported(out_dir, *, mesh_cfg: ml_collections.ConfigDict | None = None)
                                                       rngs=nnx.Rngs(0)))
     graph, params, rest = nnx.split(abstract, nnx.Param, ...)
     target = {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)}
-    target = sharding.with_shardings(target, sharding.state_shardings(target, mesh, mesh_cfg.fsdp_min_size))
+    target = sharding.with_shardings(target, sharding.config_shardings(target, mesh, mesh_cfg))
     arrays = checkpointing.load_export(out_dir, target)
     nnx.replace_by_pure_dict(params, arrays["params"])
     nnx.replace_by_pure_dict(rest, arrays["state"])

@@ -19,7 +19,7 @@ from fvq_jax.train import state as state_lib
 
 
 # Data parallelism over whatever devices are present (a saved mesh may not fit them).
-DEFAULT_MESH = dict(data=-1, fsdp=1, fsdp_min_size=2 ** 18)
+DEFAULT_MESH = sharding.default_mesh_config()
 
 
 @dataclasses.dataclass

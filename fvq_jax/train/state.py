@@ -96,6 +96,6 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tx,
     """(Graphs, abstract state with shardings, shardings, init function jitted onto the mesh)."""
     init = init_fn(config, tx, disc_tx)
     abstract = jax.eval_shape(init)
-    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    shardings = sharding.config_shardings(abstract, mesh, config.mesh)
     return graphs_of(config), sharding.with_shardings(abstract, shardings), shardings, jax.jit(
         init, out_shardings=shardings)
