@@ -91,7 +91,7 @@ class EvalExample(grain.transforms.Map):
             "image": center_crop(image, size) if valid else np.zeros((size, size, 3), np.uint8),
             "label": np.int32(record["label"] if valid else 0),
             "mask": np.bool_(valid),
-            "skipped": image.name if isinstance(image, Unreadable) else "",
+            "skipped": image.entry() if isinstance(image, Unreadable) else "",
         }
 
 

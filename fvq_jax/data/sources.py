@@ -39,12 +39,20 @@ EVAL_PHOTOS = ("chelsea", "coffee")  # held out: the eval crops come from these,
 EVAL_GRIDS = (1, 2, 3, 4)
 
 
+# PIL's modes for 16-bit greyscale (PNG, TIFF): 0..65535. convert("RGB") would clip them at 255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
 def load_image(record: Record) -> Image.Image:
-    """The record's image as RGB (CMYK, greyscale, palette and alpha converted; alpha dropped)."""
+    """The record's image as 8-bit RGB (CMYK, greyscale, palette and alpha converted; alpha dropped;
+    16-bit greyscale scaled to 8 bits)."""
     if "pixels" in record:
         return Image.fromarray(record["pixels"])
     image = Image.open(record["path"] if "path" in record else io.BytesIO(record["encoded"]))
     image.load()  # decode the whole file now, so that a truncated JPEG raises here and not in a crop
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((levels + 128) // 257).astype(np.uint8), "L")  # round(x * 255 / 65535)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -89,8 +97,13 @@ class TfdsSource(Sequence[Record]):
         import tensorflow_datasets as tfds  # heavy import, only for this source
 
         # download=False: a missing dataset is an error here, never a download at train time.
-        self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
-                                        decoders={"image": tfds.decode.SkipDecoding()})
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                            decoders={"image": tfds.decode.SkipDecoding()})
+        except tfds.core.registered.DatasetNotFoundError:
+            raise config_lib.ConfigError("data.tfds_name", f"TFDS has no dataset {name!r}") from None
+        except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as error:
+            raise _not_prepared(tfds.builder(name, data_dir=data_dir or None), name, data_dir) from error
         if len(self._source) == 0:
             raise config_lib.ConfigError("data.tfds_name", f"{name}/{split} has no examples")
         self._split = split
@@ -105,6 +118,17 @@ class TfdsSource(Sequence[Record]):
         name = name.decode() if isinstance(name, bytes) else name
         return dict(encoded=example["image"], label=int(example["label"]), index=index,
                     name=f"{self._split}[{index}] {name}".rstrip())
+
+
+def _not_prepared(builder, name: str, data_dir: str) -> config_lib.ConfigError:
+    """Why TFDS cannot serve `name` at random access: not prepared there, or not as array_record."""
+    build = f"tfds build {name} --data_dir=<dir> --file_format=array_record"
+    if not builder.is_prepared():
+        return config_lib.ConfigError("data.tfds_data_dir", f"{name} is not prepared under {builder.data_dir} "
+                                      f"(data dir {data_dir or 'TFDS default'!r}); prepare it once with `{build}` "
+                                      "(see fvq_jax/data/sources.py) and pass that dir")
+    return config_lib.ConfigError("data.tfds_data_dir", f"{name} under {builder.data_dir} is prepared as "
+                                  f"{builder.info.file_format}; random access needs array_record: `{build}`")
 
 
 class PhotoSource(Sequence[Record]):

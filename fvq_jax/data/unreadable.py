@@ -1,12 +1,15 @@
 """Unreadable images: skipped, counted and named, never a crash and never a silent substitute.
 
 How a skip travels (exact with any number of grain worker processes):
-  1. `read_image` returns an `Unreadable` marker instead of raising (in a worker or a thread);
+  1. `read_image` returns an `Unreadable` marker (name and reason) instead of raising, in a worker
+     or a thread, silently: read-ahead decodes records long before they are used, so a log there
+     would repeat one file dozens of times;
   2. `DropUnreadable`, right before batching and so inside each worker, drops markers and writes
-     the names of the files dropped since the last kept image into that image's 'skipped' string;
-  3. the batch carries those strings to the main process, where `SkipLog` counts and logs them
-     (the training iterator also keeps the count in its checkpointed state).
-A bad file is counted each time it is read: once per epoch in training.
+     "name<TAB>reason" of the files dropped since the last kept image into that image's 'skipped';
+  3. the batch carries those strings to the main process, where `SkipLog` counts every skip and
+     logs each file once, with its reason (the training iterator also keeps the count in its
+     checkpointed state).
+A bad file is counted each time it is used: once per epoch in training.
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ class Unreadable:
     """A record whose image could not be decoded."""
     name: str
     index: int  # position in the source
+    reason: str = ""
+
+    def entry(self) -> str:
+        """How the skip travels in a batch's 'skipped' string."""
+        return f"{self.name}\t{self.reason}" if self.reason else self.name
 
 
 def read_image(record: Record) -> Image.Image | Unreadable:
-    """load_image(record), or an Unreadable marker (logged with the reason) when decoding fails."""
+    """load_image(record), or an Unreadable marker naming the reason when decoding fails."""
     try:
         return load_image(record)
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        logging.warning("unreadable image %s: %s: %s", record["name"], type(error).__name__, error)
-        return Unreadable(name=record["name"], index=record["index"])
+        reason = f"{type(error).__name__}: {error}".replace("\n", " ").replace("\t", " ")
+        return Unreadable(name=record["name"], index=record["index"], reason=reason)
 
 
 class DropUnreadable(grain.IterDataset):
@@ -63,7 +71,7 @@ class _DropUnreadableIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         names = []
         while isinstance(example := next(self._parent), Unreadable):
-            names.append(example.name)
+            names.append(example.entry())
             self._failed.add(example.index)
             if len(self._failed) >= self._num_records:
                 raise ValueError(f"no readable image in {self._description}: all {self._num_records} failed to decode")
@@ -78,16 +86,22 @@ class _DropUnreadableIterator(grain.DatasetIterator):
 
 
 class SkipLog:
-    """Skipped files seen by the main process: a running count and the names of this session."""
+    """Skipped files seen by the main process: a running count, the names of this session, and one
+    log line per file (the first time it is skipped)."""
 
     def __init__(self, count: int = 0):
         self.count = count
         self.names: list[str] = []
+        self._logged: set[str] = set()
 
     def record(self, skipped: Iterable[str] | np.ndarray) -> None:
         """skipped: a batch's 'skipped' strings ([B], '' where nothing was skipped)."""
-        names = [name for entry in np.asarray(skipped).tolist() for name in entry.split("\n") if name]
-        if names:
-            self.count += len(names)
-            self.names += names
-            logging.warning("skipped %d unreadable image(s) (%d so far): %s", len(names), self.count, ", ".join(names))
+        entries = [entry for cell in np.asarray(skipped).tolist() for entry in cell.split("\n") if entry]
+        for entry in entries:
+            name, _, reason = entry.partition("\t")
+            self.count += 1
+            self.names.append(name)
+            if name not in self._logged:
+                self._logged.add(name)
+                logging.warning("skipped unreadable image %s (%s); %d skip(s) so far, later skips of this file "
+                                "are counted without a log line", name, reason or "unknown reason", self.count)

@@ -74,3 +74,26 @@ def test_tfds_source_under_mock_data():
             pixels = np.asarray(sources.load_image(record))
             assert pixels.shape == decoded[i]["image"].shape
             np.testing.assert_array_equal(pixels, image_feature.decode_example_np(record["encoded"]))
+
+
+def test_tfds_not_prepared_names_the_data_dir(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"data.tfds_data_dir: imagenet2012 is not prepared under "
+                       r".*imagenet2012.*tfds build imagenet2012 .*--file_format=array_record") as info:
+        sources.TfdsSource("imagenet2012", "train", str(tmp_path / "nowhere"))
+    assert "TFRECORD" not in str(info.value)
+    with pytest.raises(config_lib.ConfigError, match="data.tfds_name: TFDS has no dataset 'no_such_dataset'"):
+        sources.TfdsSource("no_such_dataset", "train", str(tmp_path))
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    levels = np.linspace(0, 65535, 64 * 48).round().astype(np.uint16).reshape(48, 64)
+    path = tmp_path / "deep.png"
+    Image.fromarray(levels).save(path)  # a 16-bit greyscale PNG
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(sources.load_image({"path": str(path), "name": "deep.png", "label": 0, "index": 0}))
+    assert pixels.shape == (48, 64, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
+    np.testing.assert_allclose(pixels[..., 0], levels * 255.0 / 65535.0, atol=0.5 + 1e-9)
+    assert (pixels == 255).mean() < 0.01  # clipping would saturate ~99% of these pixels

@@ -39,6 +39,22 @@ def test_skip_log_counts_names():
     assert log.count == 8 and log.names == ["x.jpg", "y.png", "z"]
 
 
+def test_each_unreadable_file_is_logged_once_with_its_reason(tmp_path, caplog):
+    bad = broken_folder(tmp_path)
+    cfg = local_data_config(source="folder", folder=str(tmp_path), image_size=16, train_crop="short_side",
+                            num_workers=0, read_threads=2)
+    iterator = pipeline.train_iterator(cfg, global_batch=4, seed=0, process_index=0, process_count=1)
+    with caplog.at_level("INFO"):
+        for _ in range(12):  # 8 epochs of the 6 good images: every bad file is skipped several times
+            next(iterator)
+    iterator.close()
+    assert iterator.num_skipped >= 2 * len(bad)
+    for name in bad:
+        lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(lines) == 1, lines  # read-ahead decodes it many more times: none of those logs
+        assert "Error" in lines[0] and "skipped unreadable image" in lines[0]
+
+
 def broken_folder(root):
     """train/: 6 good images, one per class 0..5, plus class 6 (a truncated JPEG) and 7 (a text file, no extension)."""
     write_jpegs(root / "train", [1] * 6)
