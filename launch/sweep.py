@@ -147,10 +147,17 @@ class _ConfigLoader:
         self._modules = {}
 
     def num_steps(self, params: dict[str, Any], where: str) -> int | None:
+        """The run's train.num_steps, after its overrides and the task's config checks passed."""
         config = self._config(params["config"], where)
         for key, value in params.items():
             if key != "config":
                 _override(config, key, value, where)
+        from fvq_jax import config_lib, tasks
+
+        try:
+            tasks.check_config(config)  # device counts are the job's business: not checked here
+        except config_lib.ConfigError as e:
+            raise SweepError(f"{where}: {e}") from e
         train = config.get("train")
         return train.get("num_steps") if train is not None else None
 

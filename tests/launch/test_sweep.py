@@ -233,6 +233,11 @@ def test_sigterm_reaches_the_running_job_and_is_recorded(tmp_path):
      "config.seed = None is not a str, int, float, bool"),
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py:local,codebok=1'}]", "unknown key 'codebok'"),
     ("def get_sweep(): return [{'config': 'configs/nope.py'}]", "config file configs/nope.py not found"),
+    # The task's own config checks (fvq_jax.tasks.check_config) run for every run, dry or not.
+    ("def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.data.image_size': 66}]",
+     "config field data.image_size: 66 is not divisible by the encoder's downsampling factor 4"),
+    ("def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.optim.warmup_steps': 400}]",
+     "config field optim.warmup_steps: 400 must be below train.num_steps=360"),
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.seed': s} for s in (1, 2)]\n"
      "def name(params): return 'same'", "run 1: the name 'same' is also run 0's"),
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py'}]\n"
@@ -253,3 +258,11 @@ def test_cli_reports_a_bad_sweep_without_running_anything(tmp_path):
     assert result.stderr.strip() == (f"error: {path}: run 0: unknown key 'seed'; a run has 'config' and "
                                      "'config.<field>' keys (--workdir is set per run)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_runs_the_config_checks(tmp_path):
+    path = write_sweep(tmp_path, "def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.seed': 1},"
+                                 " {'config': 'configs/tokenizer.py:res=66'}]")
+    result = cli(f"--sweep={path}", f"--workdir_root={tmp_path / 'runs'}", "--dry-run")
+    assert result.returncode == 2 and not result.stdout
+    assert "run 1: config field data.image_size: 66 is not divisible" in result.stderr

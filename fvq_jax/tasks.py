@@ -1,0 +1,35 @@
+"""The jobs `python -m fvq_jax.main` runs, chosen by `config.task`: checking a config, running it.
+
+`check_config` runs every check that needs no model, data or devices (launch/sweep.py calls it for
+each run before starting any); `run` is what main.py calls and returns the process exit status.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from fvq_jax import config_lib
+
+TASKS = ("tokenizer", "eval_tokenizer")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                 num_processes: int | None = None) -> None:
+    """ConfigError naming the field for a value the task cannot run with (device counts: None = unknown)."""
+    task = config.get("task")
+    config_lib.require_choice(task, "task", TASKS)
+    if task == "tokenizer":
+        from fvq_jax.train import tokenizer
+        tokenizer.check_config(config, num_devices, num_processes)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Run the task; returns the exit status (loop.PREEMPTED_EXIT_CODE when preemption stopped a run)."""
+    check_config(config)
+    if config.task == "tokenizer":
+        from fvq_jax.train import loop, tokenizer
+        results = tokenizer.train_and_evaluate(config, workdir)
+        return loop.PREEMPTED_EXIT_CODE if "preempted_at_step" in results else 0
+    from fvq_jax.evaluation import tokenizer_eval
+    tokenizer_eval.evaluate_checkpoint(config, workdir)
+    return 0
