@@ -5,6 +5,8 @@
   python -m fvq_jax.main --config=configs/tokenizer.py:paper --workdir=gs://.../fvq16k
       the reference recipe: VQ-16, K=16384, D=256, VQBridge L/4, ImageNet 256x256, batch 128;
   python -m fvq_jax.main --config=configs/tokenizer.py:paper,codebook=262144,bridge=L/8 ...
+  python -m fvq_jax.main --config=configs/tokenizer.py:tiny --workdir=/tmp/smoke
+      a tokenizer small enough for smoke tests (seconds per step on a CPU).
 
 The argument is a comma-separated list of words and key=value pairs (see KEYS); any field can
 also be set with --config.<field>=<value>.
@@ -15,7 +17,7 @@ from fvq_jax.models.factory import arch_fields
 
 import ml_collections
 
-FLAGS = ("paper", "local")
+FLAGS = ("paper", "local", "tiny")
 # Short argument keys -> (config field, default in the local variant).
 KEYS = {
     "codebook": ("quantizer.codebook_size", 1024),
@@ -39,7 +41,7 @@ LOCAL_ARCH = dict(preset="local", ch=32, ch_mult=(1, 2, 2), enc_blocks=1, dec_bl
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
-    config = paper_config() if "paper" in flags else local_config()
+    config = paper_config() if "paper" in flags else tiny_config() if "tiny" in flags else local_config()
     if "model" in values:
         config.model = ml_collections.ConfigDict(LOCAL_ARCH if values["model"] == "local" else arch_fields(values["model"]))
     for key, value in values.items():
@@ -134,6 +136,8 @@ def paper_config() -> ml_collections.ConfigDict:
         keep_every=50_000,
         image_every=5_000,
         eval_every=0,  # 0 = only at the end
+        restore_step=0,  # resume from this saved step instead of the newest (later ones are set aside); 0 = newest
+        allow_changes="",  # comma-separated config fields a resume may change, e.g. "train.num_steps"
     )
 
     config.eval = dict(
@@ -179,4 +183,18 @@ def local_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 16
     config.eval.num_images = 0
     config.eval.metrics = ("psnr", "ssim", "lpips", "usage")
+    return config
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """Seconds per step on a CPU, for smoke runs, tests and fault injection: 16x16 photos, 4x4 tokens, K = 64."""
+    config = local_config()
+    config.model.update(ch=16, ch_mult=(1, 2, 2), z_channels=16, norm_groups=4)
+    config.quantizer.update(codebook_size=64, code_dim=8, projector="XS/2")
+    config.discriminator.update(filters=8, num_layers=2)
+    config.optim.update(warmup_steps=2, lr_ref_batch=4)
+    config.loss.disc_start = 6
+    config.data.image_size = 16
+    config.train.update(global_batch=4, num_steps=12, log_every=1, checkpoint_every=4, image_every=0, eval_every=0)
+    config.eval.update(batch_size=8, num_images=16, metrics=("psnr", "ssim", "lpips", "usage"))
     return config

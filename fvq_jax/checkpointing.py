@@ -7,7 +7,10 @@ A checkpoint step holds three items:
   config  JSON: the resolved config plus run facts (global batch, devices, versions), so every
           number can be traced to the settings that produced it.
 Saves are atomic (Orbax writes to a temporary directory and renames), so a run killed
-mid-save leaves the previous checkpoint intact.
+mid-save leaves the previous checkpoint intact. A step that cannot be read anyway (an empty or
+partial step directory, a truncated array file) raises `CheckpointUnreadable` naming the step;
+`set_aside` moves such a step (or steps a run goes back behind) out of the managed directory into
+`<checkpoints>.aside/`: checkpoints are never deleted by anything but Orbax's keep-N policy.
 
 An export (`save_export` / `load_export`) is one standalone checkpoint directory for inference:
   arrays  a pytree of plain nested dicts of arrays (readable without Flax);
@@ -15,6 +18,8 @@ An export (`save_export` / `load_export`) is one standalone checkpoint directory
 """
 
 from __future__ import annotations
+
+import time
 
 import grain
 import jax
@@ -28,6 +33,15 @@ def absolute(directory) -> epath.Path:
     absolute; URLs (gs://...) are left as they are."""
     path = epath.Path(directory)
     return path if "://" in str(directory) else path.absolute()
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A saved step whose items cannot be read; the message names the step, the directory and the cause."""
+
+    def __init__(self, step: int, directory, cause: BaseException):
+        first_line = (str(cause).strip().splitlines() or [""])[0][:400]
+        super().__init__(f"checkpoint of step {step} in {directory} is unreadable: {type(cause).__name__}: {first_line}")
+        self.step = step
 
 
 class Checkpointer:
@@ -82,15 +96,42 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore(step, items)
         logging.info("Restored step %d from %s", step, self.directory)
         return restored["state"]
+
+    def restore_partial(self, step: int | None, abstract_subtree: dict) -> dict:
+        """Only the named fields of the saved state, e.g. {"params": abstract params}: the other arrays
+        (optimizer moments, discriminator) are never read. Laid out as the target's shardings."""
+        step = self.saved_step(step)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+        item = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
+        return self._restore(step, {"state": item})["state"]
 
     def restore_config(self, step: int | None = None) -> dict:
         """The JSON config saved with `step` (default: latest)."""
         step = self.saved_step(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return restored["config"]
+        return self._restore(step, {"config": ocp.args.JsonRestore()})["config"]
+
+    def _restore(self, step: int, items: dict):
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # Orbax, TensorStore and the OS raise many types for one broken file
+            raise CheckpointUnreadable(step, self.directory, error) from error
+
+    def set_aside(self, step: int, reason: str) -> epath.Path:
+        """Move step `step` out of the managed directory to `<directory>.aside/<step>-<reason>-<time>`
+        (call from one process). Returns the new location."""
+        aside = epath.Path(str(self.directory) + ".aside")
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / f"{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (self.directory / str(step)).rename(target)
+        logging.warning("checkpoint of step %d set aside (%s): %s", step, reason, target)
+        return target
+
+    def reload(self) -> None:
+        """Re-read the saved steps (after another process moved some)."""
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""

@@ -18,11 +18,16 @@ import ml_collections
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work; the message starts with the field's dotted name."""
+    """A config value that cannot work; the message starts with the field's dotted name.
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"config field {field}: {message}")
-        self.field = field
+    ConfigError(field, message) is how the code raises it. It can also be built from a finished
+    message alone, which is how ml_collections re-raises an error from `get_config(arg)`
+    (`type(e)(text)`), so a bad `:arg` reaches the user as this error with its text.
+    """
+
+    def __init__(self, field: str, message: str | None = None):
+        super().__init__(field if message is None else f"config field {field}: {message}")
+        self.field = None if message is None else field
 
 
 def load_file(path, name: str | None = None) -> types.ModuleType:
@@ -110,3 +115,38 @@ def require_number(value: Any, field: str, *, minimum: float = 0.0, strict: bool
         value > minimum if strict else value >= minimum)
     kind = "an int" if integer else "a number"
     require(ok, field, f"must be {kind} {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def flat_fields(config: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{dotted field: value} of a (nested) config or its JSON form; lists become tuples, so a config
+    and the JSON saved from it compare equal."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            out.update(flat_fields(value, name + "."))
+        else:
+            out[name] = _as_tuples(value)
+    return out
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _covered(field: str, prefixes) -> bool:
+    return any(field == p or field.startswith(p + ".") for p in prefixes)
+
+
+MISSING = "<absent>"
+
+
+def config_changes(saved, current, *, ignore=()) -> list[tuple[str, Any, Any]]:
+    """[(field, saved value, current value)] for every field that differs, fields under `ignore`
+    (dotted names or block prefixes) left out; a field only one side has shows MISSING on the other."""
+    old, new = flat_fields(saved), flat_fields(current)
+    return [(field, old.get(field, MISSING), new.get(field, MISSING))
+            for field in sorted(old.keys() | new.keys())
+            if not _covered(field, ignore) and old.get(field, MISSING) != new.get(field, MISSING)]

@@ -1,6 +1,8 @@
 """Entry point: `python -m fvq_jax.main --config=configs/tokenizer.py --workdir=DIR`.
 
-The config's `task` field picks the job (tokenizer | eval_tokenizer). Multi-host runs call
+The config's `task` field picks the job (tokenizer | eval_tokenizer). A training run stopped by
+SIGTERM (preemption) saves a checkpoint and exits with status 75 (EX_TEMPFAIL: start it again to
+resume); a finished run exits 0. Multi-host runs call
 `jax.distributed.initialize` before anything touches the backend: with --coordinator_address
 (plus --num_processes / --process_id) for explicit clusters, or --multihost for the
 auto-detected ones (Cloud TPU pods, SLURM, ...).
@@ -9,6 +11,7 @@ auto-detected ones (Cloud TPU pods, SLURM, ...).
 from __future__ import annotations
 
 import os
+import sys
 
 # Before anything imports TensorFlow (only TFDS and TensorBoard use it; it computes nothing here):
 # no INFO chatter, and no oneDNN banner.
@@ -18,15 +21,14 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fvq_jax import tasks  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, summaries and reports go here.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
-
-TASKS = ("tokenizer", "eval_tokenizer")
-
 
 def initialize_distributed() -> None:
     """Connect the processes of a multi-host run; a no-op for a single process."""
@@ -58,14 +60,9 @@ def main(argv):
 
     logging.info("JAX %s, process %d/%d, %d devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
-    if config.task == "tokenizer":
-        from fvq_jax.train import tokenizer
-        tokenizer.train_and_evaluate(config, _WORKDIR.value)
-    elif config.task == "eval_tokenizer":
-        from fvq_jax.evaluation import tokenizer_eval
-        tokenizer_eval.evaluate_checkpoint(config, _WORKDIR.value)
-    else:
-        raise app.UsageError(f"config.task={config.task!r} is not one of {TASKS}")
+    status = tasks.run(config, _WORKDIR.value)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.transforms import to_model_range
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
+from fvq_jax.models.factory import compute_dtype
+from fvq_jax.models.load import load_tokenizer, saved_config
+from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import ops
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
 from fvq_jax.quantizers.usage import UsageCounter
@@ -138,16 +141,17 @@ class TokenizerEvaluator:
 
     # ------------------------------------------------------------------ public
 
-    def reconstruction_grid(self, state, *, use_ema: bool = True) -> np.ndarray:
-        """uint8 grid: the first eval batch's inputs over their reconstructions."""
-        params = state.ema_params if use_ema and state.ema_params is not None else state.params
+    def reconstruction_grid(self, params: nnx.State, model_state: nnx.State) -> np.ndarray:
+        """uint8 grid: the first eval batch's inputs over their reconstructions by the tokenizer
+        (params, model_state) of the graph this evaluator was built with."""
         batch = next(self._batches())
-        _, _, recon = self._step(params, state.model_state, self._lpips_state, batch["image"], batch["mask"])
+        _, _, recon = self._step(params, model_state, self._lpips_state, batch["image"], batch["mask"])
         return reports.reconstruction_grid(to_model_range(batch["image"]), recon)
 
-    def evaluate(self, state, *, workdir=None, use_ema: bool = True, step: int | None = None) -> dict[str, float]:
-        """Metrics over the eval split; with `workdir`, also metrics.json and the PNG reports there."""
-        params = state.ema_params if use_ema and state.ema_params is not None else state.params
+    def evaluate(self, params: nnx.State, model_state: nnx.State, *, weights: str = "raw", workdir=None,
+                 step: int | None = None) -> dict[str, float]:
+        """Metrics of the tokenizer (params, model_state) over the eval split; with `workdir`, also
+        metrics.json and the PNG reports there. `weights` ("ema" | "raw") is recorded in the protocol."""
         totals, counts, grid_pair = None, None, None
         fid_recon = fid_real = None
         if "rfid" in self.metrics:
@@ -156,7 +160,7 @@ class TokenizerEvaluator:
             if stats_path.exists():
                 fid_real = None
         for batch in self._batches():
-            sums, batch_counts, recon = self._step(params, state.model_state, self._lpips_state,
+            sums, batch_counts, recon = self._step(params, model_state, self._lpips_state,
                                                    batch["image"], batch["mask"])
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             counts = batch_counts if counts is None else counts + batch_counts
@@ -178,7 +182,7 @@ class TokenizerEvaluator:
         if "usage" in self.metrics:
             results.update({f"eval_{k}" if k == "perplexity" else k: v
                             for k, v in codebook_health.usage_summary(counter).items()})
-            codes = self._codebook(params, state.model_state)
+            codes = self._codebook(params, model_state)
             results.update(codebook_health.codebook_health(codes))
             projector = self.config.quantizer.projector
             if projector in BRIDGE_PRESETS:
@@ -187,7 +191,7 @@ class TokenizerEvaluator:
         protocol = {"dataset": dataset_name(self.config.data), "split": self.config.data.eval_split,
                     "image_size": self.config.data.image_size, "num_images": int(n),
                     "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",
-                    "weights": "ema" if params is state.ema_params else "raw", "step": step}
+                    "weights": weights, "step": step}
         if fid_recon is not None:
             stats_path = self._reference_stats_path()
             if fid_real is not None:
@@ -222,16 +226,13 @@ def eval_run_config(run_config: ml_collections.ConfigDict,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """The eval entry (configs/eval_tokenizer.py): restore the run in `workdir` at `config.eval.step`
-    (0 = latest) and evaluate it on its own data and eval settings, overridden by `config`'s.
+    """The eval entry (configs/eval_tokenizer.py): load the tokenizer in `workdir` (a run at
+    `config.eval.step`, 0 = latest; or an export) and evaluate it on its own data and eval settings,
+    overridden by `config`'s.
 
     Writes workdir/eval/step_N/{metrics.json, reconstructions.png, code_usage.png}. Config errors
     (and a missing checkpoint or step) are raised before any array is restored.
     """
-    from fvq_jax.models.lpips import LPIPS
-    from fvq_jax.train.restore import restore_tokenizer, saved_config
-    from fvq_jax.train.state import COMPUTE_DTYPES
-
     config_lib.require_number(config.eval.step, "eval.step", strict=False, integer=True)
     config_lib.require(isinstance(config.eval.use_ema, bool), "eval.use_ema",
                        f"must be true or false, got {config.eval.use_ema!r}")
@@ -239,16 +240,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     run_config = eval_run_config(saved_config(workdir, step), config)
     check_eval_config(run_config.eval)
     data_pipeline.check_data_config(run_config.data)
-    restored = restore_tokenizer(workdir, step=step, mesh_cfg=config.mesh)
-    run_config.mesh = restored.config.mesh
+    loaded = load_tokenizer(workdir, step=step, use_ema=config.eval.use_ema, mesh_cfg=config.mesh)
+    run_config.mesh = config.mesh
     lpips_graph = lpips_state = None
     if "lpips" in run_config.eval.metrics:
-        lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=COMPUTE_DTYPES[run_config.precision]))
-        lpips_state = jax.device_put(lpips_state, sharding.replicated(restored.mesh))
-    evaluator = TokenizerEvaluator(run_config, restored.graphs.generator, restored.mesh,
-                                   lpips_graph=lpips_graph, lpips_state=lpips_state)
-    results = evaluator.evaluate(restored.state, workdir=workdir, step=restored.step, use_ema=config.eval.use_ema)
-    print(f"evaluation of step {restored.step} ({len(evaluator.data)} batches): " + "  ".join(
+        lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=compute_dtype(run_config.precision)))
+        lpips_state = jax.device_put(lpips_state, sharding.replicated(loaded.mesh))
+    graph, params, model_state = nnx.split(loaded.model, nnx.Param, ...)
+    evaluator = TokenizerEvaluator(run_config, graph, loaded.mesh, lpips_graph=lpips_graph, lpips_state=lpips_state)
+    results = evaluator.evaluate(params, model_state, weights=loaded.weights, workdir=workdir, step=loaded.step)
+    print(f"evaluation of step {loaded.step} ({len(evaluator.data)} batches): " + "  ".join(
         f"{k} {v:.4g}" for k, v in sorted(results.items())), flush=True)
-    print(f"reports: {epath.Path(workdir) / 'eval' / f'step_{restored.step}'}", flush=True)
+    print(f"reports: {epath.Path(workdir) / 'eval' / f'step_{loaded.step}'}", flush=True)
     return results

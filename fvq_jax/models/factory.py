@@ -13,6 +13,16 @@ from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.factory import build_quantizer, check_quantizer_config
 
 
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(precision: str):
+    """The modules' compute dtype for config.precision (parameters stay float32)."""
+    if precision not in COMPUTE_DTYPES:
+        raise config_lib.ConfigError("precision", f"{precision!r} is not one of {list(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[precision]
+
+
 def arch_from_config(cfg: ml_collections.ConfigDict, prefix: str = "model") -> VQGANArch:
     """A VQGANArch from `config.model` (explicit fields; `preset` only names where they came from)."""
     def f(name):
@@ -44,6 +54,9 @@ def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
     check_discriminator_config(config.discriminator)
     config_lib.require_number(config.data.image_size, "data.image_size", integer=True)
     size, layers = config.data.image_size, config.discriminator.num_layers
+    config_lib.require(size % arch.downsample_factor == 0, "data.image_size",
+                       f"{size} is not divisible by the encoder's downsampling factor {arch.downsample_factor} "
+                       f"(model.ch_mult={tuple(arch.ch_mult)}); use a multiple of {arch.downsample_factor}")
     config_lib.require(logits_size(size, layers) >= 1, "discriminator.num_layers",
                        f"{layers} stride-2 layers leave no logits for {size}x{size} images")
     check_quantizer_config(config.quantizer, token_grid=size // arch.downsample_factor)

@@ -19,25 +19,25 @@ import numpy as np
 
 from fvq_jax.evaluation.codebook_health import bridge_position_usage
 from fvq_jax.evaluation.host import to_host
+from fvq_jax.models.load import load_tokenizer
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
-from fvq_jax.train.restore import restore_tokenizer
 
 
 def position_report(workdir, *, step: int | None = None) -> dict:
     """The usage window of the run in `workdir` (latest step unless `step`), by in-patch position."""
-    restored = restore_tokenizer(workdir, step=step)
-    projector = restored.config.quantizer.projector
+    loaded = load_tokenizer(workdir, step=step)
+    projector = loaded.config.quantizer.projector
     if projector not in BRIDGE_PRESETS:
         raise ValueError(f"the run in {workdir} uses projector {projector!r}, not a VQBridge preset: "
                          "it has no in-patch positions")
     patch = BRIDGE_PRESETS[projector].patch
-    num_codes = restored.config.quantizer.codebook_size
-    window = to_host(restored.state.model_state["quantizer"]["usage_buffer"][...])
+    num_codes = loaded.model.quantizer.num_codes
+    window = to_host(loaded.model.quantizer.usage_buffer[...])
     window = window[window >= 0]  # -1: slots not yet written
     counts = np.bincount(window, minlength=num_codes)
     per_position = bridge_position_usage(counts, patch)
     live = per_position > 0
-    return {"step": restored.step, "projector": projector, "patch": patch, "window": int(window.size),
+    return {"step": loaded.step, "projector": projector, "patch": patch, "window": int(window.size),
             "usage": float(np.mean(counts > 0)), "per_position": per_position,
             "live_positions": int(live.sum()),
             "usage_within_live": float(per_position[live].mean()) if live.any() else 0.0}

@@ -10,8 +10,8 @@ for every quantizer type: vq, residual, multiscale, ema) and writes OUT_DIR, one
   config  the run's training config with quantizer.projector = "none" (so the module rebuilt from
           it has no projector), plus an `export` record: source run, step, weights, the projector
           that was baked in.
-The discriminator and the optimizer state are left behind. `load_exported(OUT_DIR)` rebuilds the
-VQGAN from the config and restores the arrays on the current devices.
+The discriminator and the optimizer state are never read. `fvq_jax.models.load.load_tokenizer(OUT_DIR)`
+rebuilds the VQGAN from the config and restores the arrays on the current devices.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from fvq_jax import checkpointing, sharding
-from fvq_jax.models.factory import build_tokenizer
+from fvq_jax import checkpointing
+from fvq_jax.models.load import load_tokenizer
 from fvq_jax.models.vqgan import VQGAN, count_params
 from fvq_jax.quantizers.export import bake
-from fvq_jax.train.restore import DEFAULT_MESH, restore_tokenizer
-from fvq_jax.train.state import COMPUTE_DTYPES
 
 
 def _arrays(model: VQGAN) -> dict:
@@ -69,33 +67,9 @@ def export_tokenizer(model: VQGAN, config: ml_collections.ConfigDict, out_dir, *
 
 def export_run(workdir, out_dir, *, step: int | None = None, use_ema: bool = True) -> dict:
     """`export_tokenizer` of the run in `workdir` at `step` (default: latest)."""
-    restored = restore_tokenizer(workdir, step=step)
-    model = restored.generator(use_ema)
-    weights = "ema" if use_ema and restored.state.ema_params is not None else "raw"
-    source = dict(workdir=str(epath.Path(workdir).absolute()), step=restored.step, weights=weights)
-    return dict(export_tokenizer(model, restored.config, out_dir, source=source), **source)
-
-
-def exported_config(out_dir) -> ml_collections.ConfigDict:
-    """The config saved with the export in `out_dir` (quantizer.projector is 'none')."""
-    return ml_collections.ConfigDict(checkpointing.load_export_config(out_dir))
-
-
-def load_exported(out_dir, *, mesh_cfg: ml_collections.ConfigDict | None = None) -> VQGAN:
-    """The exported VQGAN in `out_dir`, rebuilt from its config, arrays laid out on the mesh
-    `mesh_cfg` describes (default: replicated over all devices present)."""
-    config = exported_config(out_dir)
-    mesh_cfg = mesh_cfg or ml_collections.ConfigDict(DEFAULT_MESH)
-    mesh = sharding.make_mesh(mesh_cfg)
-    abstract = nnx.eval_shape(lambda: build_tokenizer(config, dtype=COMPUTE_DTYPES[config.precision],
-                                                      rngs=nnx.Rngs(0)))
-    graph, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)}
-    target = sharding.with_shardings(target, sharding.config_shardings(target, mesh, mesh_cfg))
-    arrays = checkpointing.load_export(out_dir, target)
-    nnx.replace_by_pure_dict(params, arrays["params"])
-    nnx.replace_by_pure_dict(rest, arrays["state"])
-    return nnx.merge(graph, params, rest)
+    loaded = load_tokenizer(workdir, step=step, use_ema=use_ema)
+    source = dict(workdir=str(epath.Path(workdir).absolute()), step=loaded.step, weights=loaded.weights)
+    return dict(export_tokenizer(loaded.model, loaded.config, out_dir, source=source), **source)
 
 
 def _mib(n: int) -> str:

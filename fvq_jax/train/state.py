@@ -1,15 +1,15 @@
-"""The tokenizer's train state: generator + discriminator, their optimizers, EMA; sharded init.
+"""The core train state every trainer uses (a trainer's own state extends it) and its sharded init.
 
-Modules are split once into a static graph (`Graphs`) and array state (`TokenizerState`, a
-pytree), so train steps are pure functions of arrays that jit, shard, donate and checkpoint.
-Init runs under `jax.eval_shape` first; the real init is jitted with the rule-derived
-out_shardings, so a model larger than one device never materialises on one.
+A model is split once into a static graph and array state, so train steps are pure functions of
+arrays that jit, shard, donate and checkpoint. `create_state` runs the init under `jax.eval_shape`
+first; the real init is jitted with the rule-derived out_shardings (fvq_jax/sharding.py), so a
+model larger than one device never materialises on one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -18,84 +18,63 @@ import optax
 from flax import nnx, struct
 
 from fvq_jax import sharding
-from fvq_jax.models.factory import build_discriminator, build_tokenizer
-from fvq_jax.train.schedules import learning_rate_schedule
-
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-
+from fvq_jax.models.load import choose_weights
 
 @struct.dataclass
-class TokenizerState:
+class TrainState:
+    """step, a model's parameters and other state, its optimizer state, and the EMA of its parameters."""
+
     step: jax.Array
-    params: nnx.State  # generator parameters (encoder, decoder, raw codebook, projector)
-    model_state: nnx.State  # generator non-parameter state (usage window, EMA codebook stats)
+    params: nnx.State  # the nnx.Params of the model
+    model_state: nnx.State  # its other variables (usage window, EMA-codebook statistics, ...)
     opt_state: Any
-    ema_params: nnx.State | None  # EMA of `params`, or None when config.optim.ema_decay == 0
-    disc_params: nnx.State
-    disc_state: nnx.State  # BatchNorm running statistics
-    disc_opt_state: Any
+    ema_params: nnx.State | None  # EMA of `params`, or None when the run keeps none
+
+    def inference_params(self, use_ema: bool = True) -> tuple[nnx.State, str]:
+        """The weights to evaluate, sample or export with, and which they are ("ema" | "raw"): the EMA
+        when the run kept one and `use_ema`, else the raw parameters (the rule: models.load.choose_weights)."""
+        weights = choose_weights(self.ema_params is not None, use_ema)
+        return (self.ema_params if weights == "ema" else self.params), weights
+
+
+def model_fields(model: nnx.Module, tx: optax.GradientTransformation, *, keep_ema: bool) -> tuple[nnx.GraphDef, dict]:
+    """(graph, the TrainState fields of a freshly built `model`) at step 0."""
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    return graph, dict(step=jnp.zeros((), jnp.int32), params=params, model_state=rest, opt_state=tx.init(params),
+                       ema_params=params if keep_ema else None)
+
+
+S = TypeVar("S", bound=TrainState)
 
 
 @dataclasses.dataclass(frozen=True)
-class Graphs:
-    """Static module structure: merge with arrays to get modules back."""
+class StateLayout(Generic[S]):
+    """A train state's static graphs, its abstract arrays (carrying their shardings) and the jitted init."""
 
-    generator: nnx.GraphDef
-    discriminator: nnx.GraphDef
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, global_batch: int):
-    """Clip by global norm, then Adam(W) with the learning-annealing schedule."""
-    lr = learning_rate_schedule(optim, total_steps=total_steps, global_batch=global_batch)
-    if optim.weight_decay:
-        # Decay only matrices and kernels, never biases, norms or the 1-D tables.
-        adam = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                           mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-    else:
-        adam = optax.adam(lr, b1=optim.b1, b2=optim.b2)
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam) if optim.grad_clip else adam
+    graphs: Any  # whatever the builder returned beside the state (GraphDefs)
+    abstract: S  # ShapeDtypeStructs with shardings: the target of a sharded restore
+    shardings: S
+    init: Callable[[], S]  # jitted onto the mesh
 
 
-def build_modules(config: ml_collections.ConfigDict):
-    """The generator (VQGAN) and the PatchGAN, freshly initialised from config.seed."""
-    dtype = COMPUTE_DTYPES[config.precision]
-    generator = build_tokenizer(config, dtype=dtype, rngs=nnx.Rngs(config.seed))
-    discriminator = build_discriminator(config.discriminator, dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
-    return generator, discriminator
+def create_state(build: Callable[[], tuple[Any, S]], mesh: jax.sharding.Mesh,
+                 mesh_cfg: ml_collections.ConfigDict) -> StateLayout[S]:
+    """Lay out the state `build()` returns (beside its static graphs) on `mesh` by `mesh_cfg`'s rules.
 
+    `build` constructs the modules and returns (graphs, state); it is traced, never run eagerly.
+    """
+    graphs = []
 
-def split_modules(generator, discriminator):
-    """(Graphs, gen params, gen other state, disc params, disc other state)."""
-    g_graph, g_params, g_rest = nnx.split(generator, nnx.Param, ...)
-    d_graph, d_params, d_rest = nnx.split(discriminator, nnx.Param, ...)
-    return Graphs(g_graph, d_graph), g_params, g_rest, d_params, d_rest
+    def init() -> S:
+        graph, state = build()
+        graphs.append(graph)
+        return state
 
-
-def init_fn(config: ml_collections.ConfigDict, tx, disc_tx) -> Callable[[], TokenizerState]:
-    def init() -> TokenizerState:
-        _, g_params, g_rest, d_params, d_rest = split_modules(*build_modules(config))
-        return TokenizerState(
-            step=jnp.zeros((), jnp.int32),
-            params=g_params,
-            model_state=g_rest,
-            opt_state=tx.init(g_params),
-            ema_params=g_params if config.optim.ema_decay else None,
-            disc_params=d_params,
-            disc_state=d_rest,
-            disc_opt_state=disc_tx.init(d_params),
-        )
-    return init
-
-
-def graphs_of(config: ml_collections.ConfigDict) -> Graphs:
-    """The static graphs, without allocating any parameter."""
-    return split_modules(*nnx.eval_shape(lambda: build_modules(config)))[0]
-
-
-def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tx, disc_tx):
-    """(Graphs, abstract state with shardings, shardings, init function jitted onto the mesh)."""
-    init = init_fn(config, tx, disc_tx)
     abstract = jax.eval_shape(init)
-    shardings = sharding.config_shardings(abstract, mesh, config.mesh)
-    return graphs_of(config), sharding.with_shardings(abstract, shardings), shardings, jax.jit(
-        init, out_shardings=shardings)
+    shardings = sharding.config_shardings(abstract, mesh, mesh_cfg)
+    return StateLayout(graphs=graphs[0], abstract=sharding.with_shardings(abstract, shardings), shardings=shardings,
+                       init=jax.jit(init, out_shardings=shardings))
+
+
+def num_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

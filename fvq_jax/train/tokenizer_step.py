@@ -5,8 +5,8 @@ generator loss = pixel_weight * pixel + perceptual_weight * LPIPS + codebook_wei
 discriminator loss = disc_factor * GAN discriminator loss on (real, sg(reconstruction))
 disc_factor is 0 before `disc_start` and 1 after, as in the reference.
 
-A step whose losses or gradients are not finite leaves the state unchanged and reports
-`finite = 0`; the loop then stops with a message naming the step and the term.
+A step whose losses, gradients, updates or new parameters are not finite (fvq_jax.train.update)
+leaves the state unchanged and reports `finite = 0`; the loop then stops naming the step and values.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from flax import nnx
 
 from fvq_jax import losses
 from fvq_jax.data.transforms import to_model_range
-from fvq_jax.train.state import Graphs, TokenizerState
+from fvq_jax.train.optimizer import ema_update
+from fvq_jax.train.tokenizer_state import Graphs, TokenizerState
+from fvq_jax.train.update import apply_gradients, keep_if_finite
 
-# Terms whose finiteness the loop checks, in the order it reports them.
-LOSS_TERMS = ("pixel_loss", "perceptual_loss", "quantizer_loss", "gen_gan_loss", "disc_loss", "grad_norm",
-              "disc_grad_norm")
+# Values the guard checks: the losses, then every norm of both updates.
+LOSS_TERMS = ("pixel_loss", "perceptual_loss", "quantizer_loss", "gen_gan_loss", "disc_loss")
+NORMS = ("grad_norm", "update_norm", "param_norm")
+CHECKED = LOSS_TERMS + NORMS + tuple("disc_" + n for n in NORMS)
 
 
 def last_layer_kernel_grad(features: jax.Array, kernel: jax.Array, out_grad: jax.Array) -> jax.Array:
@@ -93,8 +96,7 @@ def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, config: ml_collec
             return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)), recon)
 
         (_, (metrics, model_state, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, norms = apply_gradients(tx, grads, state.opt_state, state.params)
 
         def discriminator_loss(disc_params):
             disc = nnx.merge(graphs.discriminator, disc_params, state.disc_state, copy=True)
@@ -105,24 +107,16 @@ def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, config: ml_collec
 
         (disc_loss, (disc_state, logits_real, logits_fake)), disc_grads = jax.value_and_grad(
             discriminator_loss, has_aux=True)(state.disc_params)
-        disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
-        disc_params = optax.apply_updates(state.disc_params, disc_updates)
+        disc_params, disc_opt_state, disc_norms = apply_gradients(disc_tx, disc_grads, state.disc_opt_state,
+                                                                  state.disc_params, prefix="disc_")
+        ema_params = state.ema_params if state.ema_params is None else ema_update(state.ema_params, params, ema_decay)
 
-        ema_params = state.ema_params
-        if ema_params is not None:
-            ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
-
-        metrics.update(
-            disc_loss=disc_loss, logits_real=logits_real, logits_fake=logits_fake, disc_factor=disc_factor,
-            grad_norm=losses.global_norm(grads), disc_grad_norm=losses.global_norm(disc_grads),
-            lr=lr_schedule(state.step))
-        finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in LOSS_TERMS]))
-        metrics["finite"] = finite.astype(jnp.float32)
+        metrics.update(norms, **disc_norms, disc_loss=disc_loss, logits_real=logits_real, logits_fake=logits_fake,
+                       disc_factor=disc_factor, lr=lr_schedule(state.step))
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
             ema_params=ema_params, disc_params=disc_params, disc_state=disc_state, disc_opt_state=disc_opt_state)
-        # A non-finite step changes nothing (not even the step counter), so the state stays good.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state, metrics["finite"] = keep_if_finite(new_state, state, {k: metrics[k] for k in CHECKED})
         return new_state, metrics
 
     return train_step

@@ -15,7 +15,7 @@ from fvq_jax.config_lib import ConfigError
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.transforms import to_model_range
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.train.restore import restore_tokenizer
+from fvq_jax.models.load import load_tokenizer
 from tests.test_configs import load_config_module
 
 eval_config = load_config_module("eval_tokenizer").get_config
@@ -47,10 +47,10 @@ def test_metrics_json_equals_the_in_process_evaluation(latest_eval):
 
 def test_metrics_match_references_on_the_same_reconstructions(latest_eval):
     workdir, _, results = latest_eval
-    restored = restore_tokenizer(workdir)
-    model = restored.generator(use_ema=True)
+    loaded = load_tokenizer(workdir, use_ema=True)
+    model = loaded.model
     images, recons, indices = [], [], []
-    for batch in data_pipeline.eval_batches(restored.config.data, batch_size=8, num_images=16):
+    for batch in data_pipeline.eval_batches(loaded.config.data, batch_size=8, num_images=16):
         assert batch["mask"].all()
         recon, idx = reconstruct(model, batch["image"])
         images.append(batch["image"])
@@ -91,9 +91,10 @@ def test_step_weights_and_image_count_overrides(tiny_run):
                                  "crop": "held-out fixed crops", "weights": "raw", "step": 1}
     assert saved["num_images"] == 8 and saved["psnr"] == results["psnr"] and "lpips" not in saved
     # Raw step-1 weights on the first 8 images: the reference is the restored raw generator.
-    restored = restore_tokenizer(workdir, step=1)
-    batch = next(iter(data_pipeline.eval_batches(restored.config.data, batch_size=8, num_images=8)))
-    recon, _ = reconstruct(restored.generator(use_ema=False), batch["image"])
+    loaded = load_tokenizer(workdir, step=1, use_ema=False)
+    assert (loaded.step, loaded.weights) == (1, "raw")
+    batch = next(iter(data_pipeline.eval_batches(loaded.config.data, batch_size=8, num_images=8)))
+    recon, _ = reconstruct(loaded.model, batch["image"])
     rounded = np.round((np.clip(np.asarray(recon, np.float64), -1, 1) + 1) * 127.5).astype(np.uint8)
     psnr = np.mean([peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(batch["image"], rounded)])
     assert results["psnr"] == pytest.approx(psnr, rel=1e-5)

@@ -20,7 +20,7 @@ from fvq_jax.models.vqgan import count_params
 from fvq_jax.quantizers import vqbridge
 from fvq_jax.quantizers.export import bake
 from fvq_jax.tools import export_vq
-from fvq_jax.train.restore import restore_tokenizer, saved_config
+from fvq_jax.models.load import load_tokenizer, saved_config
 from tests.nearest_codes import assert_same_codes, assert_same_quantizer_codes
 from tests.train.tiny import tiny_config
 
@@ -29,6 +29,10 @@ from tests.train.tiny import tiny_config
 def reconstruct(model, images):
     recon, aux = model(images)
     return recon, aux["indices"], model.decode_codes(aux["indices"])
+
+
+def load_tokenizer_model(path):
+    return load_tokenizer(path).model
 
 
 encode_features = nnx.jit(lambda model, images: model.quant_conv(model.encoder(images)))
@@ -55,7 +59,7 @@ def exported(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bridged(tiny_run):
     """The run's latest EMA generator, with its VQBridge."""
-    return restore_tokenizer(tiny_run[0]).generator(use_ema=True)
+    return load_tokenizer(tiny_run[0], use_ema=True).model
 
 
 def eval_images(workdir):
@@ -66,7 +70,7 @@ def eval_images(workdir):
 
 def test_exported_tokenizer_equals_the_bridged_one(exported, bridged):
     workdir, out, _ = exported
-    loaded = export_vq.load_exported(out)
+    loaded = load_tokenizer_model(out)
     images = eval_images(workdir)
     recon, indices, _ = reconstruct(bridged, images)
     loaded_recon, loaded_indices, loaded_decoded = reconstruct(loaded, images)
@@ -86,7 +90,7 @@ def test_exported_tokenizer_equals_the_bridged_one(exported, bridged):
 
 def test_export_has_no_projector_and_says_so(exported, bridged):
     workdir, out, text = exported
-    loaded = export_vq.load_exported(out)
+    loaded = load_tokenizer_model(out)
     assert isinstance(loaded.quantizer.projector, vqbridge.Identity)
     assert not [path for path in flat_state(loaded) if "projector" in path]
     projector_params = count_params(bridged.quantizer.projector)
@@ -96,7 +100,7 @@ def test_export_has_no_projector_and_says_so(exported, bridged):
         np.testing.assert_array_equal(flat_state(loaded)[path], value, err_msg=path)
     config = json.loads((out / "config" / "metadata").read_text())
     assert config["quantizer"]["projector"] == "none"
-    assert export_vq.exported_config(out).quantizer.projector == "none"
+    assert saved_config(out).quantizer.projector == "none"
     assert config["export"] == {"workdir": str(pathlib.Path(workdir).absolute()), "step": 2, "weights": "ema",
                                 "baked_projector": "XS/2"}
     assert "quantizer vq: K=64, D=8, projector XS/2" in text and f"({projector_params:,} params)" in text
@@ -106,10 +110,9 @@ def test_export_has_no_projector_and_says_so(exported, bridged):
 def test_no_ema_exports_the_raw_weights(exported, tmp_path):
     workdir, _, _ = exported
     export_vq.main(["--workdir", workdir, "--out", str(tmp_path / "raw"), "--step", "1", "--no-ema"])
-    restored = restore_tokenizer(workdir, step=1)
-    raw, ema = restored.generator(use_ema=False), restored.generator(use_ema=True)
-    loaded = export_vq.load_exported(tmp_path / "raw")
-    record = export_vq.exported_config(tmp_path / "raw").export
+    raw, ema = load_tokenizer(workdir, step=1, use_ema=False).model, load_tokenizer(workdir, step=1).model
+    loaded = load_tokenizer_model(tmp_path / "raw")
+    record = saved_config(tmp_path / "raw").export
     assert (record.step, record.weights, record.baked_projector) == (1, "raw", "XS/2")
     kernel = np.asarray(loaded.encoder.conv_in.kernel[...])
     np.testing.assert_array_equal(kernel, np.asarray(raw.encoder.conv_in.kernel[...]))
@@ -139,7 +142,7 @@ def test_every_quantizer_type_round_trips(name, tmp_path):
     model = random_tokenizer(config)
     written = export_vq.export_tokenizer(model, config, tmp_path / "out", source={})
     assert (written["type"], written["codebook_size"], written["code_dim"]) == (config.quantizer.type, 64, 8)
-    loaded = export_vq.load_exported(tmp_path / "out")
+    loaded = load_tokenizer_model(tmp_path / "out")
     assert type(loaded.quantizer) is type(model.quantizer)
     assert type(loaded.quantizer.embedding) is type(model.quantizer.embedding)  # Param, or EMA state
     expected = flat_state(bake(model))

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -47,7 +49,7 @@ def kernel_layout(state):
 moved = {}
 for saved, target in (("sharded", "single"), ("single", "sharded")):
     restored = checkpointing.Checkpointer(f"{sys.argv[1]}/{saved}", read_only=True).restore(
-        3, trainers[target].abstract_state)
+        3, trainers[target].layout.abstract)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), restored, runs[saved]["state"])
     moved[f"{saved}->{target}"] = {"identical": all(jax.tree.leaves(same)), **kernel_layout(restored)}
 single, sharded = runs["single"], runs["sharded"]
@@ -120,3 +122,26 @@ def test_two_processes_match_one(tmp_path):
     expected = json.load(open(os.path.join(single_dir, "eval", "final", "metrics.json")))
     np.testing.assert_allclose(final["psnr"], expected["psnr"], rtol=1e-5)
     assert final["num_images"] == expected["num_images"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """JAX's preemption service (jax.distributed) picks one sync step: both processes save it and exit 75."""
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text("from tests.train.tiny import tiny_config\n\n\ndef get_config():\n"
+                           "    return tiny_config(num_steps=300, global_batch=8, checkpoint_every=1000)\n")
+    port, workdir = _free_port(), tmp_path / "run"
+    processes = [subprocess.Popen([sys.executable, "-m", "fvq_jax.main", f"--config={config_file}",
+                                   f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                                   "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=subprocess_env(1),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    deadline = time.time() + 600
+    while not (os.path.exists(workdir / "metrics.jsonl") and _losses(workdir) and max(_losses(workdir)) >= 2):
+        assert all(p.poll() is None for p in processes) and time.time() < deadline, \
+            [p.stdout.read()[-3000:] for p in processes if p.poll() is not None]
+        time.sleep(0.1)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [75, 75], [o[-3000:] for o in outputs]
+    saved = [int(s) for s in os.listdir(workdir / "checkpoints")]
+    assert len(saved) == 1 and 2 <= saved[0] < 300 and max(_losses(workdir)) == saved[0]
+    assert not (workdir / "LOCK").exists()

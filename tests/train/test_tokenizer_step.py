@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from fvq_jax import sharding
-from fvq_jax.models.lpips import LPIPS
-from fvq_jax.train import schedules, state as state_lib
-from fvq_jax.train.tokenizer_step import make_train_step, last_layer_kernel_grad
+from fvq_jax.train import schedules
+from fvq_jax.train.optimizer import make_optimizer
+from fvq_jax.train.tokenizer import build_trainer
+from fvq_jax.train.tokenizer_step import last_layer_kernel_grad, make_train_step
 from tests.train.tiny import tiny_config
 
 
@@ -40,13 +41,13 @@ def step_setup():
     config = tiny_config()
     config.loss.adaptive_weight = True
     config.loss.disc_start = 0
-    mesh = sharding.make_mesh(config.mesh)
+    trainer = build_trainer(config, sharding.make_mesh(config.mesh))
     total, batch = config.train.num_steps, config.train.global_batch
-    tx = state_lib.make_optimizer(config.optim, total_steps=total, global_batch=batch)
-    graphs, _, _, init = state_lib.create_state(config, mesh, tx, tx)
-    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained())
+    tx = make_optimizer(config.optim, total_steps=total, global_batch=batch)
     lr = schedules.learning_rate_schedule(config.optim, total_steps=total, global_batch=batch)
-    step = jax.jit(make_train_step(graphs, lpips_graph, config, tx, tx, lr))
+    # Jitted without donation: the tests compare the states before and after a step.
+    step = jax.jit(make_train_step(trainer.graphs, trainer.lpips_graph, config, tx, tx, lr))
+    init, lpips_state = trainer.init, trainer.lpips_state
     images = np.random.default_rng(0).integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8)
     return config, init, step, lpips_state, {"image": images, "label": np.zeros(batch, np.int32)}
 

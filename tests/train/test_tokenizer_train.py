@@ -14,7 +14,7 @@ from PIL import Image
 
 from fvq_jax import checkpointing, sharding
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.train import tokenizer
+from fvq_jax.train import loop, tokenizer
 from fvq_jax.train.restore import restore_tokenizer
 from tests.conftest import ROOT, subprocess_env
 from tests.train.tiny import tiny_config
@@ -62,7 +62,8 @@ def test_loss_falls_and_usage_is_reported(uninterrupted):
     trainer = tokenizer.build_trainer(config, sharding.make_mesh(config.mesh))
     evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, sharding.make_mesh(config.mesh),
                                                   lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
-    untrained = evaluator.evaluate(trainer.init())
+    untrained_state = trainer.init()
+    untrained = evaluator.evaluate(untrained_state.params, untrained_state.model_state)
     assert results["mse"] < 0.7 * untrained["mse"] and results["lpips"] < untrained["lpips"]
     assert results["psnr"] > untrained["psnr"] + 1.5
     usage = [metrics[s][0]["usage"] for s in range(1, STEPS + 1)]
@@ -132,12 +133,10 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, sig):
     jax.tree.map(np.testing.assert_array_equal, resumed, reference)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_an_overflowing_first_update_stops_the_run_before_anything_is_saved(tmp_path):
     config = tiny_config(num_steps=6, checkpoint_every=1)
-    config.optim.base_lr = 1e30  # the first update sends the weights to ~1e27: step 2 overflows
-    with pytest.raises(tokenizer.NonFiniteLoss, match=r"step 2: non-finite .*pixel_loss") as info:
+    config.optim.base_lr = 1e30  # the first update would send the weights to ~1e27 with a finite loss
+    with pytest.raises(loop.NonFiniteStep, match=r"step 1: non-finite .*update_norm=inf") as info:
         tokenizer.train_and_evaluate(config, str(tmp_path))
-    assert "last checkpoint: 1" in str(info.value)
-    restored = restore_tokenizer(str(tmp_path))
-    assert restored.step == 1
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.state.params))
+    assert "state left at step 0 (last checkpoint: None)" in str(info.value)
+    assert not os.listdir(tmp_path / "checkpoints") and not (tmp_path / "LOCK").exists()

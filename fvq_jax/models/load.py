@@ -1,0 +1,137 @@
+"""Load a trained model for inference, on whatever devices are present now.
+
+`load_tokenizer(path)` serves evaluation, export, code extraction and sampling alike. `path` is
+  a training run (holds checkpoints/): the newest step (or `step`), its EMA weights when the run
+      kept them and `use_ema`, else the raw ones, plus the model's other state (usage window, EMA
+      codebook statistics); nothing else is read: no discriminator, no optimizer moments;
+  an export (`python -m fvq_jax.tools.export_vq`, `python -m fvq_jax.tools.import_torch`): its arrays.
+The module is rebuilt from the config saved beside the arrays, which are restored against an abstract
+target carrying the current mesh's shardings (a run saved on 8 devices loads on 1 CPU, and back).
+A newest checkpoint that cannot be read is reported and the previous one loaded (when no step was asked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from fvq_jax import checkpointing, sharding
+from fvq_jax.models.factory import build_tokenizer, compute_dtype
+
+
+def choose_weights(has_ema: bool, use_ema: bool) -> str:
+    """Which weights inference uses: "ema" when the run kept an EMA and it is wanted, else "raw"."""
+    return "ema" if use_ema and has_ema else "raw"
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: nnx.Module
+    config: ml_collections.ConfigDict  # the config saved with the arrays (a run's training config)
+    step: int | None  # the checkpoint step (an export: the step it was exported from, if known)
+    weights: str  # "ema" | "raw"
+    source: str  # the run or export directory
+    mesh: jax.sharding.Mesh
+
+
+def is_run(path) -> bool:
+    return (epath.Path(path) / "checkpoints").exists()
+
+
+def _check_exists(path) -> None:
+    path = epath.Path(path)
+    if not is_run(path) and not (path / "config").exists():
+        raise FileNotFoundError(f"no checkpoint under {path}: train first, or check --workdir (a training run holds "
+                                "checkpoints/, an export config/ and arrays/)")
+
+
+def run_checkpointer(path) -> checkpointing.Checkpointer:
+    """A read-only view of the run's checkpoints; FileNotFoundError when there is none."""
+    _check_exists(path)
+    return checkpointing.Checkpointer(epath.Path(path) / "checkpoints", read_only=True, async_save=False)
+
+
+def saved_config(path, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config saved in a run's checkpoint (`step`, or the newest readable one) or with an export."""
+    _check_exists(path)
+    if not is_run(path):
+        return ml_collections.ConfigDict(checkpointing.load_export_config(path))
+    checkpointer = run_checkpointer(path)
+    candidates = [checkpointer.saved_step(step)] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
+    for candidate in candidates:
+        try:
+            return ml_collections.ConfigDict(checkpointer.restore_config(candidate))
+        except checkpointing.CheckpointUnreadable as error:
+            if candidate == candidates[-1] or step is not None:
+                raise
+            logging.warning("%s; reading the previous checkpoint's config", error)
+    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+
+
+def _abstract(build: Callable[[ml_collections.ConfigDict], nnx.Module], config, mesh, mesh_cfg):
+    graph, params, rest = nnx.split(nnx.eval_shape(lambda: build(config)), nnx.Param, ...)
+    shard = lambda tree: sharding.with_shardings(tree, sharding.config_shardings(tree, mesh, mesh_cfg))  # noqa: E731
+    return graph, shard(params), shard(rest)
+
+
+def load_model(path, build: Callable[[ml_collections.ConfigDict], nnx.Module], *, task: str, step: int | None = None,
+               use_ema: bool = True, mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
+    """The model of task `task` saved in `path` (see module docstring), built by `build(config)`."""
+    _check_exists(path)
+    mesh_cfg = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
+    mesh = sharding.make_mesh(mesh_cfg)
+    if not is_run(path):
+        config = saved_config(path)
+        _check_task(config, task, path)
+        graph, params, rest = _abstract(build, config, mesh, mesh_cfg)
+        arrays = checkpointing.load_export(path, {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)})
+        nnx.replace_by_pure_dict(params, arrays["params"])
+        nnx.replace_by_pure_dict(rest, arrays["state"])
+        record = config.get("export", {})
+        return Loaded(nnx.merge(graph, params, rest), config, record.get("step"), record.get("weights", "raw"),
+                      str(path), mesh)
+
+    checkpointer = run_checkpointer(path)
+    candidates = [checkpointer.saved_step(step)] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    for candidate in candidates:
+        try:
+            config = ml_collections.ConfigDict(checkpointer.restore_config(candidate))
+            _check_task(config, task, path)
+            weights = choose_weights(bool(config.optim.get("ema_decay", 0.0)), use_ema)
+            graph, params, rest = _abstract(build, config, mesh, mesh_cfg)
+            field = "ema_params" if weights == "ema" else "params"
+            restored = checkpointer.restore_partial(candidate, {field: params, "model_state": rest})
+        except checkpointing.CheckpointUnreadable as error:
+            if step is not None or candidate == candidates[-1]:
+                raise
+            logging.warning("%s; loading the previous checkpoint", error)
+            continue
+        return Loaded(nnx.merge(graph, restored[field], restored["model_state"]), config, candidate, weights,
+                      str(path), mesh)
+    raise AssertionError("unreachable")
+
+
+def _check_task(config, task: str, path) -> None:
+    saved = config.get("task", "tokenizer")
+    if saved != task:
+        raise ValueError(f"{path} holds a {saved!r} model, not a {task!r} one")
+
+
+def build_tokenizer_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The VQGAN `config` describes, in its compute precision (weights are overwritten on load)."""
+    return build_tokenizer(config, dtype=compute_dtype(config.precision), rngs=nnx.Rngs(0))
+
+
+def load_tokenizer(path, *, step: int | None = None, use_ema: bool = True,
+                   mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
+    """The tokenizer (VQGAN) of a training run or an export; see the module docstring."""
+    return load_model(path, build_tokenizer_for_inference, task="tokenizer", step=step, use_ema=use_ema,
+                      mesh_cfg=mesh_cfg)
