@@ -87,8 +87,8 @@ class GPTSize:
     n_head: int
 
 
-# The paper's sizes, plus CPU-sized ones: GPT-tiny for tests (head_dim 16), GPT-S for the CPU default run
-# (~5M parameters without the embeddings, head_dim 32 like the fixture-checked layout at 8 rotary frequencies).
+# The paper's sizes, plus CPU-sized ones: GPT-tiny (the torch fixture's shape: head_dim 16) for tests, and
+# GPT-S for the CPU default run (5.1M parameters in the blocks, head_dim 32: 8 rotary frequencies per axis).
 GPT_PRESETS: dict[str, GPTSize] = {
     "GPT-tiny": GPTSize(dim=64, n_layer=2, n_head=4),
     "GPT-S": GPTSize(dim=256, n_layer=6, n_head=8),
@@ -256,6 +256,7 @@ class Block(nnx.Module):
 
 
 def _run_block(block: Block, h, cos, sin, dropout_key):
+    """A block call as a function of the block, which nnx.remat can wrap."""
     return block(h, cos, sin, dropout_key)
 
 

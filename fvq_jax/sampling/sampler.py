@@ -93,6 +93,8 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, t
     top-p keeps the smallest prefix of the tokens sorted by probability (ties: lower index first) whose
     probability reaches p, so always at least the most likely token.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 here, got {temperature} (temperature 0 is greedy: argmax)")
     logits = logits.astype(jnp.float32) / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]

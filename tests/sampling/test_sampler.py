@@ -97,6 +97,8 @@ def test_sampling_config_checks():
                 dict(cfg_interval=(0.8, 0.2))):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+    with pytest.raises(ValueError, match="greedy"):
+        sampler.filter_logits(jnp.zeros((1, 4)), temperature=0.0)
     assert SamplingConfig(temperature=0.0).greedy and SamplingConfig(top_k=1).greedy
     assert not SamplingConfig(top_k=2).greedy and not SamplingConfig().guided
 
