@@ -1,0 +1,341 @@
+"""The LlamaGen class-conditional GPT: RMSNorm, SwiGLU, 2-D rotary embedding, a class token. Flax NNX.
+
+A sequence is [class token, t_0 ... t_{N-2}] for N = grid * grid codes in row-major order; the logits
+at position p predict t_p, so the class position predicts t_0 and the targets are t_0 ... t_{N-1}.
+Parameter names and layouts map one to one onto the reference state dict (conversion/gpt.py).
+
+Numerics: parameters float32; matmuls in the compute dtype (`dtype`, float32 or bfloat16); RMSNorm,
+rotary, attention softmax statistics and logits in float32; the residual stream stays float32 (as in
+the reference under autocast, where the float32 embeddings promote every residual add).
+
+Sampling uses `init_cache` + `decode`: a fixed-shape KV cache [n_layer, B, N, H, hd] that a jitted
+loop carries, one position per call (position 0 consumes the class label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fvq_jax.sharding import constrain
+
+normal_002 = nnx.initializers.normal(0.02)
+zeros = nnx.initializers.zeros_init()
+
+BLD = ("act_batch", "act_length", "act_embed")
+BLHD = ("act_batch", "act_length", "act_heads", None)
+
+
+def find_multiple(n: int, k: int) -> int:
+    """The smallest multiple of k that is >= n."""
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shape and regularisation of a GPT. ffn_dim None -> find_multiple(int(8 * dim / 3), 256)."""
+
+    dim: int
+    n_layer: int
+    n_head: int
+    vocab_size: int  # the tokenizer's K
+    num_classes: int  # the null class (CFG) is row num_classes of the class table
+    grid: int  # token grid side: N = grid * grid codes per image
+    ffn_dim: int | None = None
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ValueError(f"GPT dim {self.dim} is not divisible by n_head {self.n_head}")
+        if (self.dim // self.n_head) % 4:
+            raise ValueError(f"GPT head_dim {self.dim // self.n_head} must be a multiple of 4: the 2-D rotary "
+                             "embedding gives a quarter of each head to row and a quarter to column frequencies")
+        for name in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"GPT {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", find_multiple(int(2 * 4 * self.dim / 3), 256))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def seq_len(self) -> int:
+        """N: positions per sequence (the class token plus N - 1 codes in, N logits out)."""
+        return self.grid * self.grid
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTSize:
+    dim: int
+    n_layer: int
+    n_head: int
+
+
+# The paper's sizes, plus CPU-sized ones: GPT-tiny (the torch fixture's shape: head_dim 16) for tests, and
+# GPT-S for the CPU default run (5.1M parameters in the blocks, head_dim 32: 8 rotary frequencies per axis).
+GPT_PRESETS: dict[str, GPTSize] = {
+    "GPT-tiny": GPTSize(dim=64, n_layer=2, n_head=4),
+    "GPT-S": GPTSize(dim=256, n_layer=6, n_head=8),
+    "GPT-B": GPTSize(dim=768, n_layer=12, n_head=12),
+    "GPT-L": GPTSize(dim=1024, n_layer=24, n_head=16),
+    "GPT-XL": GPTSize(dim=1280, n_layer=36, n_head=20),
+    "GPT-XXL": GPTSize(dim=1536, n_layer=48, n_head=24),
+    "GPT-3B": GPTSize(dim=3200, n_layer=24, n_head=32),
+}
+
+
+def gpt_config(preset: str, *, vocab_size: int, num_classes: int, grid: int, **overrides) -> GPTConfig:
+    """GPTConfig of a named size for a tokenizer (K codes on a grid x grid token grid)."""
+    if preset not in GPT_PRESETS:
+        raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
+    return GPTConfig(**dataclasses.asdict(GPT_PRESETS[preset]), vocab_size=vocab_size, num_classes=num_classes,
+                     grid=grid, **overrides)
+
+
+def num_params(config: GPTConfig) -> int:
+    """Parameter count: embeddings + output layer + n_layer blocks (4 dim^2 attention, 3 dim ffn SwiGLU, 2 norms)
+    + the final norm."""
+    d = config.dim
+    block = 4 * d * d + 3 * d * config.ffn_dim + 2 * d
+    return 2 * config.vocab_size * d + (config.num_classes + 1) * d + config.n_layer * block + d
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def rope_table(grid: int, head_dim: int, base: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each [grid * grid, head_dim / 2] float32: the 2-D rotary table for positions 0 ... N-1.
+
+    Position 0 is the class token: cos AND sin are zero there (the reference's table), which zeroes its
+    q and k. Position p >= 1 holds code p - 1 at (r, c) = divmod(p - 1, grid); its angles are
+    [r f_0 .. r f_{hd/4-1}, c f_0 .. c f_{hd/4-1}] with f_j = base^(-2j / (hd/2)).
+    """
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (np.arange(quarter, dtype=np.float64) * 2 / (head_dim // 2))
+    cells = np.arange(grid * grid - 1)
+    rows, cols = cells // grid, cells % grid
+    angles = np.concatenate([np.outer(rows, freqs), np.outer(cols, freqs)], axis=1)  # [N - 1, hd/2]
+    cos = np.concatenate([np.zeros((1, 2 * quarter)), np.cos(angles)]).astype(np.float32)
+    sin = np.concatenate([np.zeros((1, 2 * quarter)), np.sin(angles)]).astype(np.float32)
+    return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate adjacent channel pairs (2m, 2m+1) by the table's angles, in float32.
+
+    x: [B, T, H, hd]; cos, sin: [T, hd/2] -> [B, T, H, hd] in x's dtype.
+    """
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when key is None (evaluation) or rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale, in float32; the result in the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with the 2-D rotary embedding; no biases, no attention dropout."""
+
+    def __init__(self, dim: int, n_head: int, *, dtype, rngs: nnx.Rngs):
+        head_dim = dim // n_head
+        common = dict(use_bias=False, kernel_init=normal_002, dtype=dtype, rngs=rngs)
+        # [dim, 3, H, hd]: the reference's [3 dim, dim] weight (q, k, v stacked, heads contiguous), transposed.
+        self.wqkv = nnx.LinearGeneral(dim, (3, n_head, head_dim), **common,
+                                      kernel_metadata={"logical_axes": ("embed", "qkv", "heads", "head_dim")})
+        self.wo = nnx.LinearGeneral((n_head, head_dim), dim, axis=(-2, -1), **common,
+                                    kernel_metadata={"logical_axes": ("heads", "head_dim", "embed")})
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x: [B, T, dim] -> q, k, v [B, T, H, hd], q and k rotated."""
+        qkv = self.wqkv(x)
+        q, k, v = (constrain(qkv[:, :, i], BLHD) for i in range(3))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x: [B, T, dim]; cos, sin: [T, hd/2] -> [B, T, dim]."""
+        q, k, v = self._qkv(x, cos, sin)
+        return self.wo(constrain(jax.nn.dot_product_attention(q, k, v, is_causal=True), BLHD))
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+               layer: int, position: jax.Array):
+        """One position against the cache. x: [B, 1, dim]; cos, sin: [1, hd/2]; cache_k, cache_v: the whole
+        cache [n_layer, B, N, H, hd] -> (out [B, 1, dim], cache_k, cache_v with (layer, position) written).
+
+        The stacked cache is updated in place (dynamic_update_slice), never restacked, so a step costs
+        no copy of the cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        start = (layer, 0, position, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        visible = jnp.full((x.shape[0],), position + 1, jnp.int32)  # slots after `position` are not written yet
+        out = jax.nn.dot_product_attention(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
+                                           key_value_seq_lengths=visible)
+        return self.wo(out), cache_k, cache_v
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, ffn_dim: int, *, dtype, rngs: nnx.Rngs):
+        common = dict(use_bias=False, kernel_init=normal_002, dtype=dtype, rngs=rngs)
+        self.w1 = nnx.Linear(dim, ffn_dim, **common, kernel_metadata={"logical_axes": ("embed", "mlp")})
+        self.w3 = nnx.Linear(dim, ffn_dim, **common, kernel_metadata={"logical_axes": ("embed", "mlp")})
+        self.w2 = nnx.Linear(ffn_dim, dim, **common, kernel_metadata={"logical_axes": ("mlp", "embed")})
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, dim] -> [B, T, dim]."""
+        hidden = constrain(nnx.silu(self.w1(x)) * self.w3(x), ("act_batch", "act_length", "act_mlp"))
+        return self.w2(hidden)
+
+
+class Block(nnx.Module):
+    """h + drop(attention(norm(h))); h + drop(ffn(norm(h)))."""
+
+    def __init__(self, config: GPTConfig, *, dtype, rngs: nnx.Rngs):
+        self.resid_dropout = config.resid_dropout
+        self.ffn_dropout = config.ffn_dropout
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.attention = Attention(config.dim, config.n_head, dtype=dtype, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps, dtype=dtype)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """h: [B, T, dim] float32 -> [B, T, dim] float32; dropout_key None: deterministic."""
+        keys = (None, None) if dropout_key is None else (jax.random.fold_in(dropout_key, 0),
+                                                         jax.random.fold_in(dropout_key, 1))
+        h = h + dropout(self.attention(self.attention_norm(h), cos, sin), self.resid_dropout, keys[0])
+        h = h + dropout(self.feed_forward(self.ffn_norm(h)), self.ffn_dropout, keys[1])
+        return constrain(h, BLD)
+
+    def decode(self, h, cos, sin, cache_k, cache_v, layer: int, position):
+        """Block.__call__ for one position, without dropout (see Attention.decode)."""
+        out, cache_k, cache_v = self.attention.decode(self.attention_norm(h), cos, sin, cache_k, cache_v, layer,
+                                                      position)
+        h = h + out
+        return h + self.feed_forward(self.ffn_norm(h)), cache_k, cache_v
+
+
+def _run_block(block: Block, h, cos, sin, dropout_key):
+    """A block call as a function of the block, which nnx.remat can wrap."""
+    return block(h, cos, sin, dropout_key)
+
+
+class GPT(nnx.Module):
+    """Class-conditional autoregressive transformer over a grid x grid code sequence."""
+
+    def __init__(self, config: GPTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        d = config.dim
+        self.tok_embeddings = nnx.Embed(config.vocab_size, d, embedding_init=normal_002, rngs=rngs,
+                                        embedding_metadata={"logical_axes": ("vocab", "embed")})
+        self.cls_embedding = nnx.Embed(config.num_classes + 1, d, embedding_init=normal_002, rngs=rngs,
+                                       embedding_metadata={"logical_axes": ("classes", "embed")})
+        self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype)
+        self.output = nnx.Linear(d, config.vocab_size, use_bias=False, kernel_init=zeros, dtype=dtype,
+                                 preferred_element_type=jnp.float32, rngs=rngs,
+                                 kernel_metadata={"logical_axes": ("embed", "vocab")})
+
+    def _rope(self) -> tuple[jax.Array, jax.Array]:
+        c = self.config
+        return tuple(jnp.asarray(t) for t in rope_table(c.grid, c.head_dim, c.rope_base))
+
+    def hidden_states(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False,
+                      dropout_key: jax.Array | None = None) -> jax.Array:
+        """tokens: [B, T - 1] codes (T <= N), labels: [B] -> final-normed hidden states [B, T, dim].
+
+        train=True applies class, token, residual and FFN dropout, all drawn from `dropout_key`.
+        """
+        c = self.config
+        if tokens.shape[1] + 1 > c.seq_len:
+            raise ValueError(f"{tokens.shape[1]} tokens + the class token exceed the {c.seq_len} positions")
+        key = None
+        if train and max(c.class_dropout, c.token_dropout, c.resid_dropout, c.ffn_dropout) > 0:
+            if dropout_key is None:
+                raise ValueError("train=True with non-zero dropout needs a dropout_key")
+            key = dropout_key
+        if key is not None and c.class_dropout > 0:
+            drop = jax.random.bernoulli(jax.random.fold_in(key, 0), c.class_dropout, labels.shape)
+            labels = jnp.where(drop, c.null_class, labels)
+        h = jnp.concatenate([self.cls_embedding(labels)[:, None], self.tok_embeddings(tokens)], axis=1)
+        h = constrain(dropout(h, c.token_dropout, None if key is None else jax.random.fold_in(key, 1)), BLD)
+        t = h.shape[1]
+        cos, sin = (x[:t] for x in self._rope())
+        run = nnx.remat(_run_block) if c.remat else _run_block
+        for i, block in enumerate(self.layers):
+            block_key = None if key is None else jax.random.fold_in(jax.random.fold_in(key, 2), i)
+            h = run(block, h, cos, sin, block_key)
+        return self.norm(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [..., dim] -> float32 logits [..., K]."""
+        return self.output(hidden)
+
+    def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """tokens: [B, T - 1], labels: [B] -> logits [B, T, K] float32 (position 0 predicts t_0)."""
+        hidden = self.hidden_states(tokens, labels, train=train, dropout_key=dropout_key)
+        return constrain(self.logits(hidden), ("act_batch", "act_length", "act_vocab"))
+
+    # ------------------------------------------------------------------------- sampling
+
+    def init_cache(self, batch_size: int, dtype=None) -> dict[str, jax.Array]:
+        """An empty KV cache: {"k", "v"}: [n_layer, B, N, H, hd] in `dtype` (default: the compute dtype)."""
+        c = self.config
+        shape = (c.n_layer, batch_size, c.seq_len, c.n_head, c.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def decode(self, ids: jax.Array, position: jax.Array, cache: dict[str, jax.Array]):
+        """One causal step. ids: [B] class labels at position 0, else the code at sequence `position` (t_{p-1});
+        position: scalar int (may be traced) -> (logits [B, K] float32 for t_position, the updated cache)."""
+        first = position == 0
+        # Both lookups stay in range whichever table the ids belong to; the select keeps the right one.
+        h = jnp.where(first, self.cls_embedding(jnp.where(first, ids, 0)),
+                      self.tok_embeddings(jnp.where(first, 0, ids)))[:, None]
+        cos, sin = (jax.lax.dynamic_slice_in_dim(x, position, 1) for x in self._rope())
+        cache_k, cache_v = cache["k"], cache["v"]
+        for i, block in enumerate(self.layers):
+            h, cache_k, cache_v = block.decode(h, cos, sin, cache_k, cache_v, i, position)
+        return self.logits(self.norm(h))[:, 0], {"k": cache_k, "v": cache_v}

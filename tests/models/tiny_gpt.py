@@ -1,0 +1,63 @@
+"""Tiny GPTs for the model, loss and sampler tests, and the torch fixture (tests/fixtures/gpt_tiny.npz)."""
+
+import functools
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fvq_jax.conversion import gpt as conversion
+from fvq_jax.models.gpt import GPT, GPTConfig
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gpt_tiny.npz"
+
+# dim 32, 2 heads of 16 (4 rotary frequencies per axis), 2 layers, K = 64, a 4 x 4 grid, 5 classes.
+TINY = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=5, grid=4)
+
+
+def random_gpt(config: GPTConfig = TINY, seed: int = 0, **kwargs) -> GPT:
+    """A GPT whose every parameter is random (the output layer too, which init leaves at zero), scaled so
+    that the logits spread over a few units: N(0, 1) embeddings, 1 + N(0, 0.1) norm scales, N(0, 1/fan_in)
+    matrices with fan_in the width they contract."""
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), **kwargs))
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in conversion.param_shapes(config).items():
+        noise = rng.normal(size=shape).astype(np.float32)
+        if name.endswith("scale"):
+            params[name] = 1.0 + 0.1 * noise
+        elif name.endswith("embedding"):
+            params[name] = noise
+        else:
+            fan_in = config.ffn_dim if name.endswith("w2.kernel") else config.dim
+            params[name] = noise / np.sqrt(fan_in)
+    conversion.load_params(model, params)
+    return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _forward(graphdef, params, tokens, labels, dropout_key, train, method):
+    return getattr(nnx.merge(graphdef, params), method)(tokens, labels, train=train, dropout_key=dropout_key)
+
+
+def forward(model: GPT, tokens: jax.Array, labels: jax.Array, *, train: bool = False,
+            dropout_key: jax.Array | None = None, method: str = "__call__") -> jax.Array:
+    """model.method(tokens, labels, ...) jitted: one compilation per model structure, not one per eager op."""
+    graphdef, params = nnx.split(model)
+    return _forward(graphdef, params, tokens, labels, dropout_key, train, method)
+
+
+def fixture() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE) as data:
+        return {k: data[k] for k in data.files}
+
+
+def fixture_state_dict() -> dict[str, np.ndarray]:
+    """The reference GPT's state dict in the fixture (torch key -> numpy)."""
+    return {k[len("sd/"):]: v for k, v in fixture().items() if k.startswith("sd/")}
+
+
+def fixture_gpt(**kwargs) -> GPT:
+    """The fixture's reference weights in our GPT (dim 64, 2 layers, 4 heads, K 256, 4 x 4, 10 classes)."""
+    return conversion.gpt_from_torch(fixture_state_dict(), n_head=4, grid=4, **kwargs)
