@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from fvq_jax.conversion.table import conv_kernel, linear_kernel
 from fvq_jax.models.inception import SOURCE_KEY
 
 # Our conv layer -> TF-graph module path (below `layers.`).
@@ -88,16 +89,6 @@ LAYOUTS = (TF_GRAPH, TORCHVISION)
 
 
 # ----------------------------------------------------------------------------- hooks
-
-
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch OIHW -> flax HWIO."""
-    return np.transpose(weight, (2, 3, 1, 0))
-
-
-def linear_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch Linear [out, in] -> [in, out]."""
-    return np.transpose(weight)
 
 
 def fold_bn_scale(kernel: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,77 @@
+"""Reading and writing torch state dicts: both file types, nested checkpoints, metadata, damaged files."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from fvq_jax.conversion import torch_files
+
+torch = pytest.importorskip("torch")
+
+# A Fortran-ordered array among them: safetensors' own save_file would write it transposed.
+ARRAYS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b.bias": np.array([1.5, -2.0], np.float32),
+          "c.weight": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))}
+
+
+def tensors(arrays, scale=1.0):
+    return {k: torch.from_numpy(v * scale) for k, v in arrays.items()}
+
+
+def assert_reads(state, arrays):
+    assert state.shapes == {k: v.shape for k, v in arrays.items()}
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_written_files_read_back_with_their_metadata(tmp_path, suffix):
+    path = tmp_path / f"sd{suffix}"
+    torch_files.save_state_dict(path, iter(ARRAYS.items()), metadata={"format": "vqgan", "norm_groups": 32})
+    state = torch_files.open_state_dict(path)
+    assert_reads(state, ARRAYS)
+    assert state.metadata == {"format": "vqgan", "norm_groups": "32"}
+    assert state.entry == (None if suffix == ".safetensors" else "model")
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_nested_checkpoints_open_at_the_references_choice(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": tensors(ARRAYS), "ema": tensors(ARRAYS, 2.0), "steps": 7,
+                "args": argparse.Namespace(vq_model="VQ-16")}, path)  # LlamaGen's training checkpoints hold args
+    ema = torch_files.open_state_dict(path)
+    assert ema.entry == "ema"
+    assert_reads(ema, {k: 2 * v for k, v in ARRAYS.items()})
+    assert_reads(torch_files.open_state_dict(path, weights="model"), ARRAYS)
+    with pytest.raises(torch_files.UnreadableFile, match=r"no 'state_dict' state dict; its entries: \['args', 'ema'"):
+        torch_files.open_state_dict(path, weights="state_dict")
+    with pytest.raises(torch_files.UnreadableFile, match=r"the top level .* is not a flat state dict: \['args', 'ema'"):
+        torch_files.open_state_dict(path, weights="top")
+
+    flat = tmp_path / "flat.pt"
+    torch.save({**tensors(ARRAYS), "half": torch.tensor([1.0, 2.5], dtype=torch.bfloat16)}, flat)
+    state = torch_files.open_state_dict(flat)
+    assert state.entry is None
+    np.testing.assert_array_equal(state["half"], np.array([1.0, 2.5], np.float32))  # bfloat16 widened
+    lightning = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": tensors(ARRAYS), "epoch": 3}, lightning)
+    assert torch_files.open_state_dict(lightning).entry == "state_dict"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_damaged_files_fail_clearly(tmp_path, suffix):
+    path = tmp_path / f"sd{suffix}"
+    torch_files.save_state_dict(path, iter(ARRAYS.items()), metadata={})
+    data = path.read_bytes()
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(data[: len(data) - 40])
+    with pytest.raises(torch_files.UnreadableFile, match="is it complete?"):
+        torch_files.open_state_dict(truncated)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        torch_files.open_state_dict(tmp_path / f"absent{suffix}")
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], not_a_dict)
+    with pytest.raises(torch_files.UnreadableFile, match="holds a list, not a state dict"):
+        torch_files.open_state_dict(not_a_dict)
+    with pytest.raises(ValueError, match="write a .safetensors file or a torch checkpoint"):
+        torch_files.save_state_dict(tmp_path / "sd.npz", iter(ARRAYS.items()), metadata={})

@@ -1,0 +1,170 @@
+"""import_torch: reference files (.safetensors, .pt) become export directories that reproduce the reference's
+outputs, on one device or sharded over eight; bad sources stop with the problem named."""
+
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from fvq_jax.models.inception import file_sha256
+from fvq_jax.tools import import_torch
+from fvq_jax.tools.export_vq import exported_config, load_exported
+from tests import reference_tokenizers as ref
+from tests.reference_tokenizers import flat_state, write_safetensors
+
+torch = pytest.importorskip("torch")
+
+
+def write_pt(state_dict, path, entry="model"):
+    """torch.save of the state dict, nested under `entry` as LlamaGen's checkpoints are (None: top level)."""
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    torch.save(tensors if entry is None else {entry: tensors, "steps": 100}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ref.NAMES)
+def test_cli_import_reproduces_the_reference(name, tmp_path, capsys):
+    r = ref.load(name)
+    src = write_safetensors(r.state_dict, tmp_path / f"{name}.safetensors")
+    import_torch.main(["--src", str(src), "--kind", "tokenizer", "--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    bridge = "XS/2" if name == "fvq" else "none"
+    assert f"imported {src} to {tmp_path / 'out'}" in text and f"{name} format: ch=32" in text
+    assert f"projector={bridge}" in text
+
+    model = load_exported(tmp_path / "out")
+    ours = ref.forward(model, r.x)
+    errors = ref.relative_errors(ours, r.outputs)
+    print(f"{name} through import_torch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    assert max(errors.values()) < 1e-4, errors
+    np.testing.assert_array_equal(ours["indices"], r.outputs["indices"])
+
+    config = exported_config(tmp_path / "out")
+    assert config.quantizer.projector == bridge and config.model.preset == "imported"
+    assert config["import"].to_dict() == dict(source=str(src), sha256=file_sha256(src), kind="tokenizer",
+                                              format=name, weights="top", ignored=[])
+
+
+def test_safetensors_and_pt_import_identically(tmp_path):
+    sd = ref.load("fvq").state_dict
+    sources = {"safetensors": write_safetensors(sd, tmp_path / "fvq.safetensors"),
+               "pt": write_pt(sd, tmp_path / "fvq.pt"),
+               "bare pt": write_pt(sd, tmp_path / "bare.pt", entry=None)}
+    states = {}
+    for name, src in sources.items():
+        written = import_torch.import_tokenizer(src, tmp_path / name)
+        assert written["weights"] == ("model" if name == "pt" else "top")
+        states[name] = flat_state(load_exported(tmp_path / name))
+    first = states.pop("safetensors")
+    for name, state in states.items():
+        assert state.keys() == first.keys()
+        for path, value in first.items():
+            np.testing.assert_array_equal(state[path], value, err_msg=f"{name}: {path}")
+    np.testing.assert_array_equal(first["quantizer/embedding"], sd["quantize.embedding.weight"])
+
+
+def test_llamagen_checkpoint_takes_its_ema_weights_and_l2_norm(tmp_path, capsys):
+    sd = dict(ref.load("vqgan").state_dict, **{"quantize.codebook_used": np.zeros(65_536, np.float32)})
+    ema = {k: v + 1 for k, v in sd.items()}
+    src = tmp_path / "vq_ds16_c2i.pt"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
+                "ema": {k: torch.from_numpy(v) for k, v in ema.items()}}, src)
+    import_torch.main(["--src", str(src), "--kind", "tokenizer", "--format", "llamagen", "--out", str(tmp_path / "a")])
+    text = capsys.readouterr().out
+    assert f"imported {src}['ema']" in text and "l2_norm=True" in text
+    assert "not converted: quantize.codebook_used (usage statistics, no weights)" in text
+    model = load_exported(tmp_path / "a")
+    assert model.quantizer.l2_norm
+    np.testing.assert_array_equal(np.asarray(model.quantizer.embedding[...]), ema["quantize.embedding.weight"])
+    record = exported_config(tmp_path / "a")["import"]
+    assert (record.format, record.weights, list(record.ignored)) == ("llamagen", "ema", ["quantize.codebook_used"])
+
+    import_torch.main(["--src", str(src), "--kind", "tokenizer", "--format", "llamagen", "--weights", "model",
+                       "--l2-norm", "false", "--norm-groups", "16", "--out", str(tmp_path / "b")])
+    model = load_exported(tmp_path / "b")
+    assert not model.quantizer.l2_norm and model.arch.norm_groups == 16
+    np.testing.assert_array_equal(np.asarray(model.quantizer.embedding[...]), sd["quantize.embedding.weight"])
+
+
+def test_bad_sources_fail_clearly(tmp_path, capsys, monkeypatch):
+    sd = ref.load("fvq").state_dict
+    gpt = {"tok_embeddings.weight": np.zeros((256, 64), np.float32),
+           "layers.0.attention.wqkv.weight": np.zeros((192, 64), np.float32)}
+    good = write_pt(sd, tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100_000])
+    missing = {k: v for k, v in sd.items() if k not in ("encoder.mid.1.q.bias", "decoder.norm_out.weight")}
+    extra = dict(sd, **{"quantize.qbridge.norm.weight": np.ones(32, np.float32)})
+    misshaped = dict(sd, **{"encoder.conv_out.weight": np.zeros((32, 64, 1, 1), np.float32)})
+    wide = dict(sd, **{k: np.zeros((48,) + v.shape[1:], np.float32) for k, v in sd.items()
+                       if k.startswith("quantize.qbridge.x_embedder")})
+    cases = [
+        (write_safetensors(gpt, tmp_path / "gpt.safetensors"), [],
+         r"LlamaGen GPT state dict \(it has tok_embeddings.weight, layers.0.attention.wqkv.weight\), not a VQ "
+         r"tokenizer: convert it as kind 'gpt'"),
+        (truncated, [], r"truncated.pt: not a readable torch checkpoint \(.*\); is it complete\?"),
+        (write_safetensors(missing, tmp_path / "missing.safetensors"), [],
+         r"missing \(2\): encoder.mid.1.q.bias, decoder.norm_out.weight"),
+        (write_safetensors(extra, tmp_path / "extra.safetensors"), [],
+         r"unexpected \(1\): quantize.qbridge.norm.weight"),
+        (write_safetensors(misshaped, tmp_path / "misshaped.safetensors"), [],
+         r"wrong shape \(1\): encoder.conv_out.weight \[32, 64, 1, 1\] \(expected \[32, 64, 3, 3\]\)"),
+        (write_safetensors(wide, tmp_path / "wide.safetensors"), [],
+         r"VQBridge \(width 48, patch 2, depth 2\) is not a preset we build"),
+        (good, ["--format", "vqgan"], "format vqgan has a baked codebook, but the state dict has VQBridge keys"),
+        (good, ["--norm-groups", "5"], "config field model.norm_groups: 5 groups do not divide"),
+        (good, ["--weights", "ema"], r"has no 'ema' state dict; its entries: \['model', 'steps'\]"),
+        (tmp_path / "absent.pt", [], "no file"),
+    ]
+    for i, (src, flags, message) in enumerate(cases):
+        with pytest.raises(SystemExit) as info:
+            import_torch.main(["--src", str(src), "--kind", "tokenizer", "--out", str(tmp_path / f"out{i}"), *flags])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: python -m fvq_jax.tools.import_torch") and re.search(message, err), (message, err)
+        assert not (tmp_path / f"out{i}").exists()
+
+    with pytest.raises(SystemExit):
+        import_torch.main(["--src", str(good), "--kind", "gpt", "--out", str(tmp_path / "gpt_out")])
+    assert "--kind gpt is not available yet" in capsys.readouterr().err
+    with monkeypatch.context() as m:  # once the GPT table lands, the hook says it is not wired yet
+        m.setitem(sys.modules, "fvq_jax.conversion.gpt", types.ModuleType("fvq_jax.conversion.gpt"))
+        with pytest.raises(SystemExit):
+            import_torch.main(["--src", str(good), "--kind", "gpt", "--out", str(tmp_path / "gpt_out")])
+    assert "import_torch does not call it yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        import_torch.main(["--src", str(good), "--kind", "tokenizer", "--out", str(tmp_path)])
+    assert "already exists; choose a new directory" in capsys.readouterr().err
+
+
+def test_imported_checkpoint_restores_sharded_on_8_devices(tmp_path, python_runner):
+    src = write_safetensors(ref.load("fvq").state_dict, tmp_path / "fvq.safetensors")
+    import_torch.import_tokenizer(src, tmp_path / "out")
+    single = flat_state(load_exported(tmp_path / "out"))
+    np.savez(tmp_path / "single.npz", **{k.replace("/", "."): v for k, v in single.items()})
+    out = python_runner(f"""
+        import jax, ml_collections, numpy as np
+        from flax import nnx
+        from fvq_jax import sharding
+        from fvq_jax.conversion.table import flatten
+        from fvq_jax.tools.export_vq import load_exported
+
+        mesh_cfg = ml_collections.ConfigDict(sharding.default_mesh_config(data=2, fsdp=4, fsdp_min_size=1024))
+        model = load_exported({str(tmp_path / 'out')!r}, mesh_cfg=mesh_cfg)
+        kernel = model.decoder.mid.res1.conv1.kernel[...]
+        shard = kernel.addressable_shards[0].data.shape
+        print("devices", jax.device_count(), "spec", kernel.sharding.spec, "shard", shard)
+        single = np.load({str(tmp_path / 'single.npz')!r})
+        state = {{k.replace("/", "."): v for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}}
+        assert sorted(state) == sorted(single.files)
+        for k in single.files:
+            np.testing.assert_array_equal(np.asarray(state[k]), single[k], err_msg=k)
+        print("equal", len(single.files))
+    """, num_devices=8)
+    print(out)
+    assert "devices 8" in out and "'fsdp'" in out
+    assert re.search(r"shard \((\d+), (\d+), (\d+), (\d+)\)", out).group(0) in ("shard (3, 3, 16, 64)",
+                                                                               "shard (3, 3, 64, 16)")
+    assert f"equal {len(single)}" in out
