@@ -1,6 +1,7 @@
 """Load a trained model for inference, on whatever devices are present now.
 
-`load_tokenizer(path)` serves evaluation, export, code extraction and sampling alike. `path` is
+`load_tokenizer(path)` (evaluation, export, code extraction, sampling) and `load_gpt(path)` (sampling, fine-tuning)
+serve every reader alike. `path` is
   a training run (holds checkpoints/): the newest step (or `step`), its EMA weights when the run
       kept them and `use_ema`, else the raw ones, plus the model's other state (usage window, EMA
       codebook statistics); nothing else is read: no discriminator, no optimizer moments;
@@ -22,7 +23,7 @@ from etils import epath
 from flax import nnx
 
 from fvq_jax import checkpointing, sharding
-from fvq_jax.models.factory import build_tokenizer, compute_dtype
+from fvq_jax.models.factory import build_gpt, build_tokenizer, compute_dtype
 
 
 def choose_weights(has_ema: bool, use_ema: bool) -> str:
@@ -87,6 +88,9 @@ def load_model(path, build: Callable[[ml_collections.ConfigDict], nnx.Module], *
     mesh_cfg = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
     mesh = sharding.make_mesh(mesh_cfg)
     if not is_run(path):
+        if step is not None or not use_ema:
+            raise ValueError(f"{path} is an export (one set of weights): a step and the EMA choice apply to "
+                             "training runs")
         config = saved_config(path)
         _check_task(config, task, path)
         graph, params, rest = _abstract(build, config, mesh, mesh_cfg)
@@ -135,3 +139,28 @@ def load_tokenizer(path, *, step: int | None = None, use_ema: bool = True,
     """The tokenizer (VQGAN) of a training run or an export; see the module docstring."""
     return load_model(path, build_tokenizer_for_inference, task="tokenizer", step=step, use_ema=use_ema,
                       mesh_cfg=mesh_cfg)
+
+
+def build_gpt_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
+    """The GPT a GPT run's (or export's) config describes, in its compute precision."""
+    return build_gpt(config.model, dtype=compute_dtype(config.precision), rngs=nnx.Rngs(0))
+
+
+def load_gpt(path, *, step: int | None = None, use_ema: bool = True,
+             mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
+    """The GPT of a training run or an export; see the module docstring."""
+    return load_model(path, build_gpt_for_inference, task="gpt", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg)
+
+
+def load_recorded_tokenizer(record, *, mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
+    """The tokenizer a record {path, step, weights} names (code extraction writes one into its manifest and
+    the GPT run keeps it): the same step and weights of a run, or the export."""
+    if is_run(record["path"]):
+        return load_tokenizer(record["path"], step=record.get("step"), use_ema=record.get("weights") == "ema",
+                              mesh_cfg=mesh_cfg)
+    return load_tokenizer(record["path"], mesh_cfg=mesh_cfg)
+
+
+def tokenizer_record(loaded: Loaded) -> dict:
+    """What `load_recorded_tokenizer` needs to load `loaded` again."""
+    return dict(path=str(epath.Path(loaded.source).absolute()), step=loaded.step, weights=loaded.weights)

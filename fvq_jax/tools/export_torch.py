@@ -26,32 +26,18 @@ import pathlib
 from etils import epath
 
 from fvq_jax.conversion import tokenizer, torch_files
-from fvq_jax.models.vqgan import VQGAN
-from fvq_jax.tools.export_vq import load_exported
-from fvq_jax.train.restore import restore_tokenizer
+from fvq_jax.models.load import is_run, load_tokenizer
 
 SUFFIXES = torch_files.SAFETENSORS_SUFFIXES + torch_files.TORCH_SUFFIXES
 
 
-def load_tokenizer(workdir, *, step: int | None = None, use_ema: bool = True) -> tuple[VQGAN, dict]:
-    """(model, where it came from) for a training run or an export directory."""
-    path = epath.Path(workdir)
-    source = dict(workdir=str(path.absolute()))
-    if (path / "checkpoints").exists():
-        restored = restore_tokenizer(workdir, step=step)
-        weights = "ema" if use_ema and restored.state.ema_params is not None else "raw"
-        return restored.generator(use_ema), dict(source, step=restored.step, weights=weights)
-    if (path / "config").exists():
-        if step is not None or not use_ema:
-            raise ValueError(f"{workdir} is an export directory: --step and --no-ema apply to training runs")
-        return load_exported(workdir), source
-    raise FileNotFoundError(f"{workdir} is neither a training run (no checkpoints/) nor an export directory "
-                            f"(no config/)")
-
-
 def export(workdir, out, *, format: str | None = None, step: int | None = None, use_ema: bool = True) -> dict:
     """Write the tokenizer in `workdir` to the state-dict file `out`; returns what was written."""
-    model, source = load_tokenizer(workdir, step=step, use_ema=use_ema)
+    loaded = load_tokenizer(workdir, step=step, use_ema=use_ema)
+    model = loaded.model
+    source = dict(workdir=str(epath.Path(workdir).absolute()))
+    if is_run(workdir):
+        source.update(step=loaded.step, weights=loaded.weights)
     projector = model.quantizer.projector_name
     spec, items = tokenizer.to_state_dict(model, format)
     torch_files.save_state_dict(out, items, metadata=dict(spec.metadata(), projector=projector,

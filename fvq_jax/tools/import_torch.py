@@ -6,7 +6,7 @@
 Reads --src lazily (.safetensors memory-mapped; a torch pickle with torch.load(mmap=True, weights_only=True)),
 converts it one array at a time by the table in `fvq_jax.conversion.tokenizer`, and writes OUT_DIR as
 `fvq_jax.tools.export_vq` does: arrays {"params": ..., "state": ...} and a config that rebuilds the model, with
-an `import` record (source file and sha256, format, weights entry, keys left out). `load_exported(OUT_DIR)`
+an `import` record (source file and sha256, format, weights entry, keys left out). `fvq_jax.models.load.load_tokenizer(OUT_DIR)`
 returns the VQGAN. An FVQ-format source keeps its VQBridge (raw codebook + bridge, as in the file).
 
 The shapes give the architecture (K, D, ch, ch_mult, z_channels, blocks, bridge preset); what they cannot tell

@@ -10,8 +10,7 @@ from flax import nnx
 from fvq_jax.conversion import torch_files
 from fvq_jax.conversion.table import flatten
 from fvq_jax.tools import export_torch, import_torch
-from fvq_jax.tools.export_vq import load_exported
-from fvq_jax.train.restore import restore_tokenizer
+from fvq_jax.models.load import load_tokenizer
 from tests import reference_tokenizers as ref
 from tests.reference_tokenizers import flat_state, write_safetensors
 
@@ -58,7 +57,7 @@ def test_vqgan_export_is_the_references_baked_file(imported_fvq, tmp_path, capsy
     assert error < 1e-5
     # Its metadata brings the format back: the re-imported tokenizer has no bridge.
     import_torch.import_tokenizer(out, tmp_path / "again")
-    assert load_exported(tmp_path / "again").quantizer.projector_name == "none"
+    assert load_tokenizer(tmp_path / "again").model.quantizer.projector_name == "none"
 
 
 def test_training_run_exports_and_imports_unchanged(tiny_run, tmp_path, capsys):
@@ -70,8 +69,8 @@ def test_training_run_exports_and_imports_unchanged(tiny_run, tmp_path, capsys):
     # The local-size tokenizer is not what the reference's code builds: said, not hidden.
     assert "note: norm_groups=4" in text and "note: enc_blocks=1, dec_blocks=1" in text
     import_torch.import_tokenizer(out, tmp_path / "back")
-    loaded = load_exported(tmp_path / "back")
-    run = restore_tokenizer(workdir).generator(use_ema=True)
+    loaded = load_tokenizer(tmp_path / "back").model
+    run = load_tokenizer(workdir).model
     expected = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(run, nnx.Param))).items()}
     got = flat_state(loaded)
     for path, value in expected.items():
@@ -84,11 +83,11 @@ def test_cli_errors_are_clear(imported_fvq, tmp_path, capsys):
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "a.npz")],
          r"--out .*a.npz: write one of .safetensors"),
         (["--workdir", str(tmp_path), "--out", str(tmp_path / "b.pt")],
-         "is neither a training run .no checkpoints/. nor an export directory"),
+         "no checkpoint under .*: train first, or check --workdir"),
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "c.pt"), "--format", "llamagen"],
          "format llamagen means l2-normalised codes"),
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "d.pt"), "--step", "3"],
-         "is an export directory: --step and --no-ema apply to training runs"),
+         "is an export .one set of weights.: a step and the EMA choice apply to training runs"),
     ]
     (tmp_path / "exists.pt").write_bytes(b"")
     cases.append((["--workdir", str(imported_fvq), "--out", str(tmp_path / "exists.pt")], "already exists"))

@@ -2,15 +2,13 @@
 outputs, on one device or sharded over eight; bad sources stop with the problem named."""
 
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from fvq_jax.models.inception import file_sha256
 from fvq_jax.tools import import_torch
-from fvq_jax.tools.export_vq import exported_config, load_exported
+from fvq_jax.models.load import load_tokenizer, saved_config
 from tests import reference_tokenizers as ref
 from tests.reference_tokenizers import flat_state, write_safetensors
 
@@ -34,14 +32,14 @@ def test_cli_import_reproduces_the_reference(name, tmp_path, capsys):
     assert f"imported {src} to {tmp_path / 'out'}" in text and f"{name} format: ch=32" in text
     assert f"projector={bridge}" in text
 
-    model = load_exported(tmp_path / "out")
+    model = load_tokenizer(tmp_path / "out").model
     ours = ref.forward(model, r.x)
     errors = ref.relative_errors(ours, r.outputs)
     print(f"{name} through import_torch: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) < 1e-4, errors
     np.testing.assert_array_equal(ours["indices"], r.outputs["indices"])
 
-    config = exported_config(tmp_path / "out")
+    config = saved_config(tmp_path / "out")
     assert config.quantizer.projector == bridge and config.model.preset == "imported"
     assert config["import"].to_dict() == dict(source=str(src), sha256=file_sha256(src), kind="tokenizer",
                                               format=name, weights="top", ignored=[])
@@ -56,7 +54,7 @@ def test_safetensors_and_pt_import_identically(tmp_path):
     for name, src in sources.items():
         written = import_torch.import_tokenizer(src, tmp_path / name)
         assert written["weights"] == ("model" if name == "pt" else "top")
-        states[name] = flat_state(load_exported(tmp_path / name))
+        states[name] = flat_state(load_tokenizer(tmp_path / name).model)
     first = states.pop("safetensors")
     for name, state in states.items():
         assert state.keys() == first.keys()
@@ -75,15 +73,15 @@ def test_llamagen_checkpoint_takes_its_ema_weights_and_l2_norm(tmp_path, capsys)
     text = capsys.readouterr().out
     assert f"imported {src}['ema']" in text and "l2_norm=True" in text
     assert "not converted: quantize.codebook_used (usage statistics, no weights)" in text
-    model = load_exported(tmp_path / "a")
+    model = load_tokenizer(tmp_path / "a").model
     assert model.quantizer.l2_norm
     np.testing.assert_array_equal(np.asarray(model.quantizer.embedding[...]), ema["quantize.embedding.weight"])
-    record = exported_config(tmp_path / "a")["import"]
+    record = saved_config(tmp_path / "a")["import"]
     assert (record.format, record.weights, list(record.ignored)) == ("llamagen", "ema", ["quantize.codebook_used"])
 
     import_torch.main(["--src", str(src), "--kind", "tokenizer", "--format", "llamagen", "--weights", "model",
                        "--l2-norm", "false", "--norm-groups", "16", "--out", str(tmp_path / "b")])
-    model = load_exported(tmp_path / "b")
+    model = load_tokenizer(tmp_path / "b").model
     assert not model.quantizer.l2_norm and model.arch.norm_groups == 16
     np.testing.assert_array_equal(np.asarray(model.quantizer.embedding[...]), sd["quantize.embedding.weight"])
 
@@ -125,34 +123,26 @@ def test_bad_sources_fail_clearly(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.startswith("usage: python -m fvq_jax.tools.import_torch") and re.search(message, err), (message, err)
         assert not (tmp_path / f"out{i}").exists()
-
-    with pytest.raises(SystemExit):
-        import_torch.main(["--src", str(good), "--kind", "gpt", "--out", str(tmp_path / "gpt_out")])
-    assert "--kind gpt is not available yet" in capsys.readouterr().err
-    with monkeypatch.context() as m:  # once the GPT table lands, the hook says it is not wired yet
-        m.setitem(sys.modules, "fvq_jax.conversion.gpt", types.ModuleType("fvq_jax.conversion.gpt"))
-        with pytest.raises(SystemExit):
-            import_torch.main(["--src", str(good), "--kind", "gpt", "--out", str(tmp_path / "gpt_out")])
-    assert "import_torch does not call it yet" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         import_torch.main(["--src", str(good), "--kind", "tokenizer", "--out", str(tmp_path)])
     assert "already exists; choose a new directory" in capsys.readouterr().err
 
 
+
 def test_imported_checkpoint_restores_sharded_on_8_devices(tmp_path, python_runner):
     src = write_safetensors(ref.load("fvq").state_dict, tmp_path / "fvq.safetensors")
     import_torch.import_tokenizer(src, tmp_path / "out")
-    single = flat_state(load_exported(tmp_path / "out"))
+    single = flat_state(load_tokenizer(tmp_path / "out").model)
     np.savez(tmp_path / "single.npz", **{k.replace("/", "."): v for k, v in single.items()})
     out = python_runner(f"""
         import jax, ml_collections, numpy as np
         from flax import nnx
         from fvq_jax import sharding
         from fvq_jax.conversion.table import flatten
-        from fvq_jax.tools.export_vq import load_exported
+        from fvq_jax.models.load import load_tokenizer
 
         mesh_cfg = ml_collections.ConfigDict(sharding.default_mesh_config(data=2, fsdp=4, fsdp_min_size=1024))
-        model = load_exported({str(tmp_path / 'out')!r}, mesh_cfg=mesh_cfg)
+        model = load_tokenizer({str(tmp_path / 'out')!r}, mesh_cfg=mesh_cfg).model
         kernel = model.decoder.mid.res1.conv1.kernel[...]
         shard = kernel.addressable_shards[0].data.shape
         print("devices", jax.device_count(), "spec", kernel.sharding.spec, "shard", shard)
