@@ -26,6 +26,21 @@ def to_uint8(images, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarra
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def image_grid(images, *, columns: int, pad: int = 2, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """images [B, H, W, C] (uint8, or floats in data_range) -> uint8 grid of `columns` per row, row-major,
+    separated by `pad` white pixels: [r H + (r + 1) pad, columns W + (columns + 1) pad, C]."""
+    images = np.asarray(images) if np.asarray(images).dtype == np.uint8 else to_uint8(images, data_range)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, H, W, C], got {images.shape}")
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * h + (rows + 1) * pad, columns * w + (columns + 1) * pad, c), 255, np.uint8)
+    for i in range(n):
+        y, x = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
 def reconstruction_grid(inputs, reconstructions, *, data_range: tuple[float, float] = (-1.0, 1.0),
                         max_images: int = 8, pad: int = 2) -> np.ndarray:
     """inputs, reconstructions: [B, H, W, 3] -> uint8 grid, inputs on the top row, reconstructions below.
@@ -36,22 +51,20 @@ def reconstruction_grid(inputs, reconstructions, *, data_range: tuple[float, flo
     top, bottom = to_uint8(inputs, data_range)[:max_images], to_uint8(reconstructions, data_range)[:max_images]
     if top.shape != bottom.shape or top.ndim != 4:
         raise ValueError(f"inputs {top.shape} and reconstructions {bottom.shape} must be matching [B, H, W, C]")
-    n, h, w, c = top.shape
-    grid = np.full((2 * h + 3 * pad, n * w + (n + 1) * pad, c), 255, np.uint8)
-    for i in range(n):
-        x = pad + i * (w + pad)
-        grid[pad:pad + h, x:x + w] = top[i]
-        grid[2 * pad + h:2 * pad + 2 * h, x:x + w] = bottom[i]
-    return grid
+    return image_grid(np.concatenate([top, bottom]), columns=top.shape[0], pad=pad)
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+    return path
 
 
 def save_reconstruction_grid(inputs, reconstructions, path: str | os.PathLike, **grid_args) -> Path:
     """Write `reconstruction_grid(...)` as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = reconstruction_grid(inputs, reconstructions, **grid_args)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, format="PNG")
-    return path
+    return save_png(reconstruction_grid(inputs, reconstructions, **grid_args), path)
 
 
 def save_usage_histogram(counts, path: str | os.PathLike, *, title: str = "code usage",

@@ -101,11 +101,12 @@ GPT_PRESETS: dict[str, GPTSize] = {
 
 
 def gpt_config(preset: str, *, vocab_size: int, num_classes: int, grid: int, **overrides) -> GPTConfig:
-    """GPTConfig of a named size for a tokenizer (K codes on a grid x grid token grid)."""
+    """GPTConfig of a named size for a tokenizer (K codes on a grid x grid token grid); `overrides` may also
+    replace the preset's dim / n_layer / n_head."""
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
-    return GPTConfig(**dataclasses.asdict(GPT_PRESETS[preset]), vocab_size=vocab_size, num_classes=num_classes,
-                     grid=grid, **overrides)
+    fields = {**dataclasses.asdict(GPT_PRESETS[preset]), **overrides}
+    return GPTConfig(**fields, vocab_size=vocab_size, num_classes=num_classes, grid=grid)
 
 
 def num_params(config: GPTConfig) -> int:
