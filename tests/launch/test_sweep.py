@@ -266,3 +266,18 @@ def test_dry_run_runs_the_config_checks(tmp_path):
     result = cli(f"--sweep={path}", f"--workdir_root={tmp_path / 'runs'}", "--dry-run")
     assert result.returncode == 2 and not result.stdout
     assert "run 1: config field data.image_size: 66 is not divisible" in result.stderr
+
+
+@pytest.mark.parametrize("which,count", [("codebook", 3), ("width", 3), ("presets", 22), ("", 26)])
+def test_paper_scaling_sweeps_expand_and_pass_the_config_checks(monkeypatch, which, count):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("SWEEP", which)
+    monkeypatch.setenv("SWEEP_STEPS", "50000")
+    runs = sweep.load_sweep("configs/sweeps/paper_scaling.py")  # overrides and task checks for every run
+    names = [run.name for run in runs]
+    assert len(runs) == count == len(set(names))
+    assert all(run.num_steps == 50000 for run in runs)
+    if which == "codebook":
+        assert names == ["k16384_d256_L4", "k65536_d256_L8", "k262144_d256_L8"]
+    if which == "width":
+        assert names == ["k16384_d8_L4", "k16384_d32_L4", "k16384_d256_L4"]
