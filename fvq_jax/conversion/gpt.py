@@ -1,195 +1,207 @@
-"""LlamaGen GPT state dict <-> our GPT parameters: one table row per parameter, small transform hooks.
+"""Torch <-> Flax weights for LlamaGen's class-conditional GPT: the name table, its hooks, the model a state dict
+describes.
 
-Our names are the flat NNX parameter paths of models.gpt.GPT ('layers.3.attention.wqkv.kernel'); theirs
-are the reference's state-dict keys ('layers.3.attention.wqkv.weight'). Both directions are exact
-(transposes and reshapes only). Pure numpy: no torch import here; pass `{k: v.numpy()}` of a torch state
-dict. Any missing, unexpected or mis-shaped tensor is an error that lists all of them.
+Keys (the reference's c2i `Transformer`; torch Linear weights [out, in], no biases anywhere):
+  tok_embeddings.weight [K, dim]; cls_embedding.embedding_table.weight [num_classes + 1, dim] (the last row is
+  the null class); per layer `layers.{i}.`: attention_norm.weight, attention.wqkv.weight [3 dim, dim] (q, k, v
+  stacked, heads contiguous), attention.wo.weight [dim, dim], ffn_norm.weight, feed_forward.w1 / w3 [ffn_dim,
+  dim] (gate / up), feed_forward.w2 [dim, ffn_dim]; norm.weight; output.weight [K, dim].
+Our attention keeps the heads as an axis (tensor parallelism splits it): wqkv [dim, 3, H, hd], wo [H, hd, dim],
+so those two hooks are built for a head count. Every hook is a transpose or a reshape: both directions exact.
 
-The reference stores no head count and no grid size: give them (`infer_config(..., n_head=, grid=)`).
+The shapes give dim, n_layer, K, the classes and ffn_dim. The reference file stores neither the head count
+(taken from the preset of the same dim and depth, else an argument) nor the token grid of the tokenizer the GPT
+was trained on (an argument: 16 for 256px images with VQ-16, 24 for 384px). Files export_torch writes record
+both as metadata, which is read back unless an argument says otherwise.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Callable, Mapping
+from typing import Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
-from fvq_jax.models.gpt import GPT, GPTConfig
+from fvq_jax import sharding
+from fvq_jax.conversion.table import (LINEAR, Hook, Row, Shape, StateDict, check_covers, check_kind, check_source,
+                                      flatten, leaf_shapes, nest, setting, to_ours, to_torch)
+from fvq_jax.models.factory import gpt_config
+from fvq_jax.models.gpt import GPT, GPT_PRESETS, GPTConfig, find_multiple
 
-Hook = Callable[[np.ndarray, GPTConfig], np.ndarray]
+# What the reference's c2i models are built with (LlamaGen's ModelArgs defaults); none of it is in the file.
+REFERENCE_SETTINGS = dict(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1,
+                          rope_base=10000.0, norm_eps=1e-5)
 
 
 # ----------------------------------------------------------------------------- hooks
 
 
-def as_is(x: np.ndarray, config: GPTConfig) -> np.ndarray:
-    return x
+def wqkv_hook(n_head: int, head_dim: int) -> Hook:
+    """[3 dim, dim] (rows: q, k, v, each head-major) <-> [dim, 3, H, hd]."""
+    dim = n_head * head_dim
+    return Hook(f"wqkv [3 dim, dim] <-> [dim, 3, {n_head}, {head_dim}]",
+                lambda w: w.reshape(3, n_head, head_dim, dim).transpose(3, 0, 1, 2),
+                lambda k: k.transpose(1, 2, 3, 0).reshape(3 * dim, dim))
 
 
-def linear_kernel(weight: np.ndarray, config: GPTConfig) -> np.ndarray:
-    """torch Linear [out, in] -> [in, out] (and back: the transpose is its own inverse)."""
-    return weight.T
+def wo_hook(n_head: int, head_dim: int) -> Hook:
+    """[dim, dim] (input columns head-major) <-> [H, hd, dim]."""
+    dim = n_head * head_dim
+    return Hook(f"wo [dim, dim] <-> [{n_head}, {head_dim}, dim]",
+                lambda w: w.T.reshape(n_head, head_dim, dim),
+                lambda k: k.reshape(dim, dim).T)
 
 
-def wqkv_kernel(weight: np.ndarray, config: GPTConfig) -> np.ndarray:
-    """[3 dim, dim] (rows: q, k, v; within each, head-major) -> [dim, 3, H, hd]."""
-    return weight.reshape(3, config.n_head, config.head_dim, config.dim).transpose(3, 0, 1, 2)
+# ----------------------------------------------------------------------------- the table
 
 
-def wqkv_weight(kernel: np.ndarray, config: GPTConfig) -> np.ndarray:
-    """[dim, 3, H, hd] -> [3 dim, dim]."""
-    return kernel.transpose(1, 2, 3, 0).reshape(3 * config.dim, config.dim)
+def table(config: GPTConfig) -> tuple[Row, ...]:
+    """One row per parameter of the GPT `config` describes: (our path, torch key, hook)."""
+    wqkv, wo = wqkv_hook(config.n_head, config.head_dim), wo_hook(config.n_head, config.head_dim)
+    rows = [Row("tok_embeddings/embedding", "tok_embeddings.weight"),
+            Row("cls_embedding/embedding", "cls_embedding.embedding_table.weight")]
+    for i in range(config.n_layer):
+        ours, theirs = f"layers/{i}", f"layers.{i}"
+        rows += [Row(f"{ours}/attention_norm/scale", f"{theirs}.attention_norm.weight"),
+                 Row(f"{ours}/attention/wqkv/kernel", f"{theirs}.attention.wqkv.weight", wqkv),
+                 Row(f"{ours}/attention/wo/kernel", f"{theirs}.attention.wo.weight", wo),
+                 Row(f"{ours}/ffn_norm/scale", f"{theirs}.ffn_norm.weight")]
+        rows += [Row(f"{ours}/feed_forward/{w}/kernel", f"{theirs}.feed_forward.{w}.weight", LINEAR)
+                 for w in ("w1", "w3", "w2")]
+    return tuple(rows + [Row("norm/scale", "norm.weight"), Row("output/kernel", "output.weight", LINEAR)])
 
 
-def wo_kernel(weight: np.ndarray, config: GPTConfig) -> np.ndarray:
-    """[dim, dim] (input columns head-major) -> [H, hd, dim]."""
-    return weight.T.reshape(config.n_head, config.head_dim, config.dim)
+def describe(config: GPTConfig) -> str:
+    return (f"dim={config.dim} n_layer={config.n_layer} n_head={config.n_head} ffn_dim={config.ffn_dim} "
+            f"vocab_size={config.vocab_size} num_classes={config.num_classes} grid={config.grid}")
 
 
-def wo_weight(kernel: np.ndarray, config: GPTConfig) -> np.ndarray:
-    """[H, hd, dim] -> [dim, dim]."""
-    return kernel.reshape(config.dim, config.dim).T
+def preset_of(config: GPTConfig) -> str:
+    """The GPT_PRESETS name of config's (dim, n_layer, n_head), or "custom"."""
+    size = (config.dim, config.n_layer, config.n_head)
+    return next((name for name, p in GPT_PRESETS.items() if (p.dim, p.n_layer, p.n_head) == size), "custom")
 
 
-# ----------------------------------------------------------------------------- table
+def metadata(config: GPTConfig) -> dict[str, str]:
+    """What the shapes cannot tell, as the string metadata an exported file carries."""
+    return {"n_head": str(config.n_head), "grid": str(config.grid)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One parameter: our path, the reference key, the hooks each way, the reference shape."""
-
-    ours: str
-    theirs: str
-    to_ours: Hook
-    to_theirs: Hook
-    torch_shape: Callable[[GPTConfig], tuple[int, ...]]
+# ----------------------------------------------------------------------------- torch -> ours
 
 
-def _square(c: GPTConfig) -> tuple[int, ...]:
-    return (c.dim, c.dim)
+def _ffn_dim(shapes: Mapping[str, Shape], layers: list[int]) -> int:
+    for i in layers:
+        for name, axis in (("w1", 0), ("w3", 0), ("w2", 1)):
+            shape = shapes.get(f"layers.{i}.feed_forward.{name}.weight")
+            if shape is not None and len(shape) == 2:
+                return shape[axis]
+    raise ValueError("cannot tell ffn_dim: the state dict has no layers.*.feed_forward.w1 / w3 / w2.weight")
 
 
-def _vector(c: GPTConfig) -> tuple[int, ...]:
-    return (c.dim,)
-
-
-GLOBAL_ROWS = (
-    Row("tok_embeddings.embedding", "tok_embeddings.weight", as_is, as_is, lambda c: (c.vocab_size, c.dim)),
-    Row("cls_embedding.embedding", "cls_embedding.embedding_table.weight", as_is, as_is,
-        lambda c: (c.num_classes + 1, c.dim)),
-    Row("norm.scale", "norm.weight", as_is, as_is, _vector),
-    Row("output.kernel", "output.weight", linear_kernel, linear_kernel, lambda c: (c.vocab_size, c.dim)),
-)
-# Per layer; `{i}` is the layer index.
-LAYER_ROWS = (
-    Row("layers.{i}.attention_norm.scale", "layers.{i}.attention_norm.weight", as_is, as_is, _vector),
-    Row("layers.{i}.attention.wqkv.kernel", "layers.{i}.attention.wqkv.weight", wqkv_kernel, wqkv_weight,
-        lambda c: (3 * c.dim, c.dim)),
-    Row("layers.{i}.attention.wo.kernel", "layers.{i}.attention.wo.weight", wo_kernel, wo_weight, _square),
-    Row("layers.{i}.ffn_norm.scale", "layers.{i}.ffn_norm.weight", as_is, as_is, _vector),
-    Row("layers.{i}.feed_forward.w1.kernel", "layers.{i}.feed_forward.w1.weight", linear_kernel, linear_kernel,
-        lambda c: (c.ffn_dim, c.dim)),
-    Row("layers.{i}.feed_forward.w3.kernel", "layers.{i}.feed_forward.w3.weight", linear_kernel, linear_kernel,
-        lambda c: (c.ffn_dim, c.dim)),
-    Row("layers.{i}.feed_forward.w2.kernel", "layers.{i}.feed_forward.w2.weight", linear_kernel, linear_kernel,
-        lambda c: (c.dim, c.ffn_dim)),
-)
-
-
-def table(n_layer: int) -> tuple[Row, ...]:
-    """Every row for an n_layer model, layer rows expanded."""
-    layers = tuple(dataclasses.replace(row, ours=row.ours.format(i=i), theirs=row.theirs.format(i=i))
-                   for i in range(n_layer) for row in LAYER_ROWS)
-    return GLOBAL_ROWS + layers
-
-
-def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Our flat parameter names -> shapes, from the model itself (abstract: nothing is allocated)."""
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-    return {_name(path): tuple(v.shape) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def infer_config(torch_state: Mapping[str, np.ndarray], *, n_head: int, grid: int, **overrides) -> GPTConfig:
-    """GPTConfig from the reference state dict's shapes; n_head and grid are not stored there.
-
-    dim, vocab_size, num_classes (table rows - 1, the last row being the null class), n_layer and
-    ffn_dim come from the tensors; `overrides` set the remaining fields (dropouts, remat, ...).
-    """
-    for key in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "layers.0.feed_forward.w1.weight"):
-        if key not in torch_state:
-            raise ValueError(f"not a LlamaGen GPT state dict: no {key!r}")
-    vocab_size, dim = np.shape(torch_state["tok_embeddings.weight"])
-    if dim % n_head:
+def infer_config(state: Mapping[str, np.ndarray], *, grid: int | None = None, n_head: int | None = None,
+                 **overrides) -> GPTConfig:
+    """The GPT a LlamaGen state dict (a StateDict or {key: array}) holds. dim, vocab_size, num_classes (table rows
+    - 1: the last row is the null class), n_layer and ffn_dim come from the shapes; `n_head` and `grid` from the
+    arguments, else what a file we exported recorded, else (n_head only) the preset of the same dim and n_layer.
+    `overrides` replace REFERENCE_SETTINGS (dropouts, rope_base, norm_eps) or set remat."""
+    state = StateDict.of(state)
+    shapes, meta = state.shapes, state.metadata
+    check_kind(shapes, "gpt")
+    vocab_size, dim = shapes["tok_embeddings.weight"]
+    layers = sorted({int(m.group(1)) for key in shapes if (m := re.match(r"layers\.(\d+)\.", key))})
+    if not layers:
+        raise ValueError("cannot tell n_layer: the state dict has no layers.* keys")
+    n_layer = layers[-1] + 1
+    n_head = setting(n_head, meta, "n_head", None, int)
+    if n_head is None:
+        matches = [p.n_head for p in GPT_PRESETS.values() if (p.dim, p.n_layer) == (dim, n_layer)]
+        if not matches:
+            known = ", ".join(f"{name} ({p.dim}/{p.n_layer}/{p.n_head})" for name, p in GPT_PRESETS.items())
+            raise ValueError(f"n_head is not stored in a LlamaGen state dict, and its dim={dim}, n_layer={n_layer} "
+                             f"match no preset (dim/n_layer/n_head: {known}): give n_head (import_torch --n-head)")
+        n_head = matches[0]
+    if n_head < 1 or dim % n_head:
         raise ValueError(f"n_head={n_head} does not divide the model width dim={dim} (read from tok_embeddings); "
                          f"divisors of {dim}: {[h for h in range(1, dim + 1) if dim % h == 0]}")
-    layers = {int(m.group(1)) for k in torch_state if (m := re.match(r"layers\.(\d+)\.", k))}
-    return GPTConfig(dim=dim, n_layer=max(layers) + 1, n_head=n_head, vocab_size=vocab_size,
-                     num_classes=np.shape(torch_state["cls_embedding.embedding_table.weight"])[0] - 1, grid=grid,
-                     ffn_dim=np.shape(torch_state["layers.0.feed_forward.w1.weight"])[0], **overrides)
+    grid = setting(grid, meta, "grid", None, int)
+    if grid is None:
+        raise ValueError("the token grid is not stored in a LlamaGen state dict: give grid (import_torch --grid), "
+                         "the token grid side of the tokenizer the GPT was trained on (16 for 256px images with "
+                         "VQ-16, 24 for 384px)")
+    return GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size,
+                     num_classes=shapes["cls_embedding.embedding_table.weight"][0] - 1, grid=grid,
+                     ffn_dim=_ffn_dim(shapes, layers), **{**REFERENCE_SETTINGS, **overrides})
 
 
-def _check(found: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped entry."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k}: {tuple(np.shape(found[k]))}, expected {expected[k]}" for k in expected
-                       if k in found and tuple(np.shape(found[k])) != tuple(expected[k]))
-    problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
-    problems += [f"mis-shaped {misshaped}"] * bool(misshaped)
-    if problems:
-        raise ValueError(f"{what} does not match the GPT: " + "; ".join(problems))
+def model_config(config: GPTConfig) -> ml_collections.ConfigDict:
+    """The config `models.load.load_gpt` rebuilds `config`'s GPT from: task "gpt", precision "fp32", and the model
+    block (the matching preset's name, or "custom" with every size; ffn_dim only where it is not the default)."""
+    preset = preset_of(config)
+    custom = preset == "custom"
+    default_ffn = find_multiple(int(2 * 4 * config.dim / 3), 256)
+    out = ml_collections.ConfigDict()
+    out.task = "gpt"
+    out.precision = "fp32"
+    out.model = dict(
+        preset=preset, dim=config.dim if custom else None, n_layer=config.n_layer if custom else None,
+        n_head=config.n_head if custom else None,
+        ffn_dim=config.ffn_dim if custom or config.ffn_dim != default_ffn else None,
+        vocab_size=config.vocab_size, num_classes=config.num_classes, grid=config.grid,
+        token_dropout=config.token_dropout, resid_dropout=config.resid_dropout, ffn_dropout=config.ffn_dropout,
+        class_dropout=config.class_dropout, rope_base=config.rope_base, norm_eps=config.norm_eps,
+        remat=config.remat)
+    out.mesh = sharding.default_mesh_config()
+    rebuilt = gpt_config(out.model)
+    if rebuilt != config:
+        raise AssertionError(f"the model block rebuilds {rebuilt}, not {config}")
+    return out
 
 
-def from_torch(torch_state: Mapping[str, np.ndarray], config: GPTConfig) -> dict[str, np.ndarray]:
-    """Reference state dict (numpy values) -> {our flat name: float32 array}."""
-    rows = table(config.n_layer)
-    _check(torch_state, {row.theirs: row.torch_shape(config) for row in rows}, "the torch state dict")
-    return {row.ours: np.asarray(row.to_ours(np.asarray(torch_state[row.theirs], np.float32), config))
-            for row in rows}
+def _abstract(config: GPTConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graph, parameters, other state) of `config`'s GPT, abstract (nothing allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
-def to_torch(params: Mapping[str, np.ndarray], config: GPTConfig) -> dict[str, np.ndarray]:
-    """{our flat name: array} -> the reference state dict (numpy float32, contiguous)."""
-    _check(params, param_shapes(config), "the parameters")
-    return {row.theirs: np.ascontiguousarray(row.to_theirs(np.asarray(params[row.ours], np.float32), config))
-            for row in table(config.n_layer)}
+def _read_params(state: Mapping[str, np.ndarray], config: GPTConfig, params: nnx.State) -> dict:
+    state = StateDict.of(state)
+    rows = table(config)
+    our_shapes = leaf_shapes(nnx.to_pure_dict(params))
+    check_covers(rows, our_shapes)
+    check_source(state.shapes, rows, our_shapes, what=f"LlamaGen GPT, {describe(config)}")
+    return nest(to_ours(state.__getitem__, rows))
 
 
-# ----------------------------------------------------------------------------- model access
+def import_params(state: Mapping[str, np.ndarray], config: GPTConfig) -> dict:
+    """The GPT's parameters (nested like `nnx.to_pure_dict`, float32 numpy) from the torch `state` (a StateDict,
+    read one array at a time, or a plain {key: array} dict). StateDictMismatch lists every missing, unexpected
+    and mis-shaped key."""
+    _, params, _ = _abstract(config)
+    return _read_params(state, config, params)
 
 
-def _name(path) -> str:
-    return ".".join(str(p) for p in path)
+def from_torch(state: Mapping[str, np.ndarray], config: GPTConfig | None = None, *, dtype=jnp.float32) -> GPT:
+    """The GPT holding the torch `state` (config: default `infer_config(state)`), in compute dtype `dtype`; built
+    abstractly, so no random initialisation is computed only to be overwritten."""
+    config = config or infer_config(state)
+    graph, params, rest = _abstract(config, dtype)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, _read_params(state, config, params)))
+    return nnx.merge(graph, params, rest)
 
 
-def model_params(model: GPT) -> dict[str, np.ndarray]:
-    """{our flat name: numpy array} of a model's parameters."""
-    return {_name(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+# ----------------------------------------------------------------------------- ours -> torch
 
 
-def load_params(model: GPT, params: Mapping[str, np.ndarray]) -> None:
-    """Write {our flat name: array} into `model` (every parameter, exact shapes; `model` may be abstract,
-    from nnx.eval_shape)."""
-    state = nnx.state(model, nnx.Param)
-    paths = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-    _check(params, {_name(p): tuple(v.shape) for p, v in paths.items()}, "the parameters")
-    pure = traverse_util.unflatten_dict({p: jnp.asarray(params[_name(p)], v.dtype) for p, v in paths.items()})
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-
-
-def gpt_from_torch(torch_state: Mapping[str, np.ndarray], *, n_head: int, grid: int, dtype=jnp.float32,
-                   **overrides) -> GPT:
-    """A GPT holding the reference weights (config from `infer_config`); built abstractly, so no random
-    init is computed only to be overwritten."""
-    config = infer_config(torch_state, n_head=n_head, grid=grid, **overrides)
-    model = nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_params(model, from_torch(torch_state, config))
-    return model
+def to_state_dict(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
+    """(torch key, numpy array) pairs of `model` in the reference's layout. Each array is gathered to the host when
+    its turn comes (`jax.device_get` per leaf), so a sharded model never needs more host memory than the state
+    dict being written."""
+    params = nnx.state(model, nnx.Param)
+    rows = table(model.config)
+    check_covers(rows, leaf_shapes(nnx.to_pure_dict(params)))
+    params = flatten(nnx.to_pure_dict(params))
+    return to_torch(lambda path: np.asarray(jax.device_get(params[path])), rows)

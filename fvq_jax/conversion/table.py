@@ -93,6 +93,41 @@ class StateDict(Mapping[str, np.ndarray]):
         return len(self.shapes)
 
 
+def setting(explicit, metadata: Mapping[str, str], key: str, default, parse):
+    """An explicit argument, else what a file we wrote recorded (`StateDict.metadata[key]`, parsed), else the
+    default."""
+    if explicit is not None:
+        return explicit
+    return parse(metadata[key]) if key in metadata else default
+
+
+# Keys that say what a reference state dict holds: a kind's anchors are the keys its architecture is read from.
+KINDS = {
+    "tokenizer": ("a VQ tokenizer", ("encoder.conv_in.weight", "quantize.embedding.weight")),
+    "gpt": ("a LlamaGen GPT", ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")),
+}
+
+
+class WrongKind(ValueError):
+    """The state dict is not of the kind asked for (e.g. a GPT given as a tokenizer)."""
+
+
+def check_kind(keys: Iterable[str], kind: str) -> None:
+    """WrongKind, naming what the state dict is instead when another kind's anchors are there, unless it has
+    all of `kind`'s anchor keys."""
+    keys = set(keys)
+    name, anchors = KINDS[kind]
+    if all(anchor in keys for anchor in anchors):
+        return
+    for other, (other_name, other_anchors) in KINDS.items():
+        found = [anchor for anchor in other_anchors if anchor in keys]
+        if other != kind and found:
+            raise WrongKind(f"this is {other_name} state dict (it has {', '.join(found)}), not {name}: "
+                            f"convert it as kind {other!r}")
+    raise WrongKind(f"not {name} state dict: no {' or '.join(a for a in anchors if a not in keys)}; "
+                    f"its {len(keys)} keys begin {sorted(keys)[:6]}")
+
+
 class StateDictMismatch(ValueError):
     """A state dict whose keys or shapes differ from the table; the message lists every difference."""
 
@@ -172,6 +207,12 @@ def nest(items: Iterable[tuple[str, object]]) -> dict:
             node = node.setdefault(p, {})
         node[last] = leaf
     return out
+
+
+def leaf_shapes(tree: Mapping) -> dict[str, Shape]:
+    """{our path: shape} of a nested dict of arrays or ShapeDtypeStructs (e.g. `nnx.to_pure_dict` of an abstract
+    model's parameters)."""
+    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:

@@ -35,8 +35,8 @@ import numpy as np
 from flax import nnx
 
 from fvq_jax import sharding
-from fvq_jax.conversion.table import (CONV, LINEAR, Row, Shape, StateDict, check_covers, check_source, flatten,
-                                      nest, to_ours, to_torch)
+from fvq_jax.conversion.table import (CONV, LINEAR, Row, Shape, StateDict, check_covers, check_kind, check_source,
+                                      flatten, leaf_shapes, nest, setting, to_ours, to_torch)
 from fvq_jax.models.factory import arch_from_config, build_tokenizer
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.export import bake
@@ -50,14 +50,8 @@ REFERENCE_NORM_GROUPS = 32  # the reference's Normalize(): GroupNorm(32 groups, 
 BRIDGE = "quantize.qbridge."
 USAGE_BUFFER = "quantize.codebook_used"
 USAGE_BUFFER_SIZE = 65_536  # LlamaGen registers it at this size whatever K is
-ANCHORS = ("encoder.conv_in.weight", "quantize.embedding.weight")
-GPT_ANCHORS = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "layers.0.attention.wqkv.weight")
 # Where a file we wrote records what shapes cannot tell (safetensors metadata, a .pt's "fvq_jax" entry).
 METADATA_KEYS = ("format", "l2_norm", "norm_groups")
-
-
-class WrongKind(ValueError):
-    """The state dict is not a VQ tokenizer's (e.g. a GPT's)."""
 
 
 class Unsupported(ValueError):
@@ -181,20 +175,6 @@ def table(spec: TokenizerSpec) -> tuple[Row, ...]:
 # ----------------------------------------------------------------------------- torch -> ours
 
 
-def check_kind(keys) -> None:
-    """WrongKind, naming what the state dict is instead, unless it has a VQ tokenizer's anchor keys."""
-    keys = set(keys)
-    if all(anchor in keys for anchor in ANCHORS):
-        return
-    gpt = [k for k in GPT_ANCHORS if k in keys]
-    if gpt:
-        raise WrongKind(f"this is a LlamaGen GPT state dict (it has {', '.join(gpt)}), not a VQ tokenizer: "
-                        f"convert it as kind 'gpt'")
-    first = sorted(keys)[:6]
-    raise WrongKind(f"not a VQ tokenizer state dict: no {' or '.join(a for a in ANCHORS if a not in keys)}; "
-                    f"its {len(keys)} keys begin {first}")
-
-
 def _count(shapes: Mapping[str, Shape], prefix: str) -> int:
     """1 + the largest i among keys '<prefix><i>.*' (0 if none)."""
     found = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes
@@ -220,13 +200,6 @@ def bridge_preset(shapes: Mapping[str, Shape]) -> str:
                       f"build; presets (width/patch/depth): {known}")
 
 
-def _setting(explicit, metadata: Mapping[str, str], key: str, default, parse):
-    """An explicit argument, else what a file we wrote recorded, else the default."""
-    if explicit is not None:
-        return explicit
-    return parse(metadata[key]) if key in metadata else default
-
-
 def infer_spec(state: Mapping[str, np.ndarray], *, format: str | None = None, norm_groups: int | None = None,
                l2_norm: bool | None = None) -> TokenizerSpec:
     """The tokenizer a torch state dict holds: the shapes decide the architecture; `format` (None or 'auto':
@@ -234,9 +207,9 @@ def infer_spec(state: Mapping[str, np.ndarray], *, format: str | None = None, no
     the rest, unless a file we exported recorded them (`StateDict.metadata`)."""
     state = StateDict.of(state)
     shapes, meta = state.shapes, state.metadata
-    check_kind(shapes)
+    check_kind(shapes, "tokenizer")
     bridged = any(k.startswith(BRIDGE) for k in shapes)
-    fmt = _setting(None if format in (None, "auto") else format, meta, "format", "fvq" if bridged else "vqgan", str)
+    fmt = setting(None if format in (None, "auto") else format, meta, "format", "fvq" if bridged else "vqgan", str)
     if fmt not in FORMATS:
         raise ValueError(f"unknown tokenizer format {fmt!r}; choose one of {FORMATS}")
     if fmt == "fvq" and not bridged:
@@ -258,11 +231,11 @@ def infer_spec(state: Mapping[str, np.ndarray], *, format: str | None = None, no
     arch = VQGANArch(ch=ch, ch_mult=tuple(ch_mult), enc_blocks=_count(shapes, "encoder.conv_blocks.0.res."),
                      dec_blocks=_count(shapes, "decoder.conv_blocks.0.res."),
                      z_channels=_shape(shapes, "encoder.conv_out.weight")[0],
-                     norm_groups=_setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
+                     norm_groups=setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
     codebook_size, code_dim = _shape(shapes, "quantize.embedding.weight")
     return TokenizerSpec(format=fmt, arch=arch, codebook_size=codebook_size, code_dim=code_dim,
                          projector=bridge_preset(shapes) if fmt == "fvq" else "none",
-                         l2_norm=_setting(l2_norm, meta, "l2_norm", DEFAULT_L2_NORM[fmt], lambda s: s == "true"))
+                         l2_norm=setting(l2_norm, meta, "l2_norm", DEFAULT_L2_NORM[fmt], lambda s: s == "true"))
 
 
 def model_config(spec: TokenizerSpec) -> ml_collections.ConfigDict:
@@ -291,11 +264,6 @@ def _abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, n
     return nnx.split(nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
-def param_shapes(params: nnx.State) -> dict[str, Shape]:
-    """{our path: shape} of a parameter State (abstract or not)."""
-    return {"/".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(params)}
-
-
 def _read_params(state: Mapping[str, np.ndarray], spec: TokenizerSpec, shapes: Mapping[str, Shape]) -> dict:
     state = StateDict.of(state)
     rows = table(spec)
@@ -311,7 +279,7 @@ def import_params(state: Mapping[str, np.ndarray], spec: TokenizerSpec) -> dict:
     StateDictMismatch lists every missing, unexpected and mis-shaped key.
     """
     _, params, _ = _abstract_params(model_config(spec))
-    return _read_params(state, spec, param_shapes(params))
+    return _read_params(state, spec, leaf_shapes(nnx.to_pure_dict(params)))
 
 
 def initial_state(config: ml_collections.ConfigDict) -> dict:
@@ -330,7 +298,8 @@ def from_torch(state: Mapping[str, np.ndarray], spec: TokenizerSpec | None = Non
     spec = spec or infer_spec(state)
     config = model_config(spec)
     graph, params, rest = _abstract_params(config)
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, _read_params(state, spec, param_shapes(params))))
+    arrays = _read_params(state, spec, leaf_shapes(nnx.to_pure_dict(params)))
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, arrays))
     nnx.replace_by_pure_dict(rest, initial_state(config))
     return nnx.merge(graph, params, rest)
 
@@ -371,7 +340,7 @@ def to_state_dict(model: VQGAN, format: str | None = None) -> tuple[TokenizerSpe
         model = bake(model)
     params = nnx.state(model, nnx.Param)
     rows = table(spec)
-    check_covers(rows, param_shapes(params))
+    check_covers(rows, leaf_shapes(nnx.to_pure_dict(params)))
     params = flatten(nnx.to_pure_dict(params))
 
     def items():

@@ -3,8 +3,8 @@
 - `.safetensors`: memory-mapped by `safetensors.safe_open`; a tensor is read when it is looked up.
 - torch pickles: `torch.load(mmap=True, weights_only=True)` maps the tensor storage instead of reading it.
   A checkpoint that nests its weights is opened at one entry (LlamaGen's {"model": ..., "ema": ...},
-  Lightning's {"state_dict": ...}); by default the reference's choice: "ema" if present, else "model",
-  else "state_dict", else the top level when it is a flat state dict.
+  DeepSpeed's {"module": ...}, Lightning's {"state_dict": ...}); by default where the reference's loader
+  for that kind of model looks, else the top level when it is a flat state dict (LlamaGen's FSDP GPTs).
 Files we write carry what shapes cannot tell as string metadata (safetensors' header; a .pt's "fvq_jax"
 entry beside "model"). torch and safetensors are imported only here, and only when a file needs them.
 """
@@ -20,7 +20,11 @@ import numpy as np
 
 from fvq_jax.conversion.table import StateDict
 
-WEIGHT_ENTRIES = ("ema", "model", "state_dict")  # the reference's order of preference
+# Where the reference's loaders look, in their order: its tokenizer scripts prefer the EMA weights; its GPT
+# sampler (autoregressive/sample/sample_c2i.py) reads "model" (then DeepSpeed's "module"), even beside an "ema".
+TOKENIZER_ENTRIES = ("ema", "model", "state_dict")
+GPT_ENTRIES = ("model", "module", "state_dict")
+WEIGHT_ENTRIES = ("ema", "model", "module", "state_dict")  # every entry `weights` may name
 METADATA_ENTRY = "fvq_jax"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -35,11 +39,12 @@ def _cause(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
-def open_state_dict(path, *, weights: str = "auto") -> StateDict:
+def open_state_dict(path, *, weights: str = "auto", prefer: tuple[str, ...] = TOKENIZER_ENTRIES) -> StateDict:
     """The state dict in `path` (.safetensors or a torch pickle), arrays read on access.
 
-    weights: the entry of a nested torch checkpoint ("ema", "model", "state_dict"), "top" for the top
-    level, or "auto" (the reference's choice, see the module docstring). `StateDict.entry` says which.
+    weights: the entry of a nested torch checkpoint (one of WEIGHT_ENTRIES), "top" for the top level, or
+    "auto": the first of `prefer` the file has (TOKENIZER_ENTRIES or GPT_ENTRIES: where the reference's loader
+    looks), else the top level. `StateDict.entry` says which.
     UnreadableFile for a file that cannot be read (truncated, not a checkpoint) or lacks the entry.
     """
     path = pathlib.Path(path)
@@ -50,7 +55,7 @@ def open_state_dict(path, *, weights: str = "auto") -> StateDict:
             raise ValueError(f"{path}: a .safetensors file is one flat state dict; weights={weights!r} applies to "
                              f"torch checkpoints")
         return _open_safetensors(path)
-    return _open_torch(path, weights)
+    return _open_torch(path, weights, prefer)
 
 
 def _open_safetensors(path: pathlib.Path) -> StateDict:
@@ -85,7 +90,7 @@ def _torch_load(path: pathlib.Path):
             return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def _open_torch(path: pathlib.Path, weights: str) -> StateDict:
+def _open_torch(path: pathlib.Path, weights: str, prefer: tuple[str, ...]) -> StateDict:
     import torch
 
     try:
@@ -97,7 +102,7 @@ def _open_torch(path: pathlib.Path, weights: str) -> StateDict:
     metadata = checkpoint.get(METADATA_ENTRY)
     metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
     if weights == "auto":
-        entry = next((e for e in WEIGHT_ENTRIES if isinstance(checkpoint.get(e), Mapping)), None)
+        entry = next((e for e in prefer if isinstance(checkpoint.get(e), Mapping)), None)
     elif weights == "top":
         entry = None
     elif isinstance(checkpoint.get(weights), Mapping):
@@ -107,7 +112,8 @@ def _open_torch(path: pathlib.Path, weights: str) -> StateDict:
     tensors = checkpoint if entry is None else checkpoint[entry]
     other = sorted(str(k) for k, v in tensors.items() if not isinstance(v, torch.Tensor))
     if other:
-        where = f"entry {entry!r}" if entry else "top level (no 'ema', 'model' or 'state_dict' entry)"
+        where = (f"entry {entry!r}" if entry else "top level" if weights == "top"
+                 else f"top level (no {' or '.join(map(repr, prefer))} entry)")
         raise UnreadableFile(f"{path}: the {where} is not a flat state dict: {other} are not tensors")
     return StateDict({k: tuple(v.shape) for k, v in tensors.items()}, lambda k: _tensor_to_numpy(tensors[k]),
                      metadata=metadata, entry=entry)

@@ -1,12 +1,16 @@
-"""LlamaGen GPT state dict <-> our parameters: the reference's outputs reproduced, exact round trips, strictness."""
+"""LlamaGen GPT state dict <-> our parameters: the config read from the shapes, the reference's outputs reproduced,
+exact round trips, strictness."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fvq_jax.conversion import gpt as conversion
+from fvq_jax.conversion.table import StateDict, StateDictMismatch, WrongKind, flatten
+from fvq_jax.models.factory import gpt_config
 from fvq_jax.sampling.sampler import SamplingConfig, sample_keys, sample_tokens, sample_tokens_naive
-from tests.models.tiny_gpt import fixture, fixture_gpt, fixture_state_dict, forward
+from tests import reference_tokenizers as ref
+from tests.models.tiny_gpt import fixture, fixture_gpt, fixture_state_dict, forward, param_arrays
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +24,43 @@ def model():
 
 
 def test_infer_config():
-    config = conversion.infer_config(fixture_state_dict(), n_head=4, grid=4, class_dropout=0.0)
+    state = fixture_state_dict()
+    config = conversion.infer_config(state, grid=4, class_dropout=0.0)
+    # (dim 64, n_layer 2) is the GPT-tiny preset: its 4 heads.
     assert (config.dim, config.n_layer, config.n_head, config.head_dim) == (64, 2, 4, 16)
     assert (config.vocab_size, config.num_classes, config.grid, config.ffn_dim) == (256, 10, 4, 256)
-    assert config.class_dropout == 0.0 and config.token_dropout == 0.1
+    assert config.class_dropout == 0.0 and config.token_dropout == config.resid_dropout == config.ffn_dropout == 0.1
+    assert (config.rope_base, config.norm_eps) == (10000.0, 1e-5)
+    assert conversion.infer_config(state, grid=4, n_head=8).n_head == 8
+    # What a file we exported records is read back; an argument wins.
+    recorded = StateDict(StateDict.of(state).shapes, state.__getitem__, metadata={"n_head": "2", "grid": "4"})
+    assert (conversion.infer_config(recorded).n_head, conversion.infer_config(recorded, n_head=8).n_head) == (2, 8)
+
     with pytest.raises(ValueError, match=r"n_head=5 does not divide .*dim=64.*\[1, 2, 4, 8, 16, 32, 64\]"):
-        conversion.infer_config(fixture_state_dict(), n_head=5, grid=4)
+        conversion.infer_config(state, n_head=5, grid=4)
+    with pytest.raises(ValueError, match=r"token grid is not stored .*give grid \(import_torch --grid\)"):
+        conversion.infer_config(state)
+    deeper = dict(state, **{k.replace("layers.1.", "layers.2."): v for k, v in state.items() if "layers.1." in k})
+    with pytest.raises(ValueError, match=r"dim=64, n_layer=3 match no preset .*GPT-tiny \(64/2/4\).*--n-head"):
+        conversion.infer_config(deeper, grid=4)
+    assert conversion.infer_config(deeper, grid=4, n_head=4).n_layer == 3
+    with pytest.raises(WrongKind, match=r"this is a VQ tokenizer state dict \(it has encoder.conv_in.weight, "
+                                        r"quantize.embedding.weight\), not a LlamaGen GPT: convert it as kind "
+                                        r"'tokenizer'"):
+        conversion.infer_config(ref.load("vqgan").state_dict, grid=4)
+
+
+def test_model_config_names_the_preset_or_every_size():
+    config = conversion.infer_config(fixture_state_dict(), grid=4)
+    block = conversion.model_config(config)
+    assert (block.task, block.precision) == ("gpt", "fp32")
+    assert block.model.preset == "GPT-tiny" and block.model.dim is None and block.model.ffn_dim is None
+    assert gpt_config(block.model) == config
+    custom = conversion.infer_config(fixture_state_dict(), grid=4, n_head=8)
+    block = conversion.model_config(custom)
+    assert (block.model.preset, block.model.dim, block.model.n_layer, block.model.n_head, block.model.ffn_dim) == (
+        "custom", 64, 2, 8, 256)
+    assert gpt_config(block.model) == custom
 
 
 def test_forward_reproduces_the_reference_logits(data, model):
@@ -47,34 +82,34 @@ def test_greedy_cfg_sampling_reproduces_the_reference(data, model, scale, sample
 
 def test_round_trips_are_exact(model):
     state = fixture_state_dict()
-    config = model.config
-    ours = conversion.model_params(model)
-    theirs = conversion.to_torch(ours, config)
-    assert set(theirs) == set(state)
+    theirs = dict(conversion.to_state_dict(model))
+    assert list(theirs) == [row.torch for row in conversion.table(model.config)]
+    assert sorted(theirs) == sorted(state)
     for key, value in state.items():
         np.testing.assert_array_equal(theirs[key], value, err_msg=key)
-        assert theirs[key].flags.c_contiguous
-    back = conversion.from_torch(theirs, config)
-    assert set(back) == set(ours)
-    for name, value in ours.items():
-        np.testing.assert_array_equal(back[name], value, err_msg=name)
+        assert theirs[key].flags.c_contiguous and theirs[key].dtype == np.float32
+    ours = param_arrays(model)
+    back = flatten(conversion.import_params(theirs, model.config))
+    assert sorted(back) == sorted(ours)
+    for path, value in ours.items():
+        np.testing.assert_array_equal(back[path], value, err_msg=path)
 
 
 def test_hooks_put_each_head_where_the_reference_reads_it(model):
     """q, k, v of head h are rows [s*dim + h*hd, s*dim + (h+1)*hd) of wqkv; wo reads head h from columns
     [h*hd, (h+1)*hd)."""
     state = fixture_state_dict()
-    params = conversion.model_params(model)
+    params = param_arrays(model)
     dim, hd = 64, 16
     wqkv, wo = state["layers.1.attention.wqkv.weight"], state["layers.1.attention.wo.weight"]
     for s in range(3):
         for h in range(4):
             rows = wqkv[s * dim + h * hd: s * dim + (h + 1) * hd]
-            np.testing.assert_array_equal(params["layers.1.attention.wqkv.kernel"][:, s, h], rows.T)
+            np.testing.assert_array_equal(params["layers/1/attention/wqkv/kernel"][:, s, h], rows.T)
     for h in range(4):
-        np.testing.assert_array_equal(params["layers.1.attention.wo.kernel"][h], wo[:, h * hd:(h + 1) * hd].T)
-    np.testing.assert_array_equal(params["output.kernel"], state["output.weight"].T)
-    np.testing.assert_array_equal(params["cls_embedding.embedding"], state["cls_embedding.embedding_table.weight"])
+        np.testing.assert_array_equal(params["layers/1/attention/wo/kernel"][h], wo[:, h * hd:(h + 1) * hd].T)
+    np.testing.assert_array_equal(params["output/kernel"], state["output.weight"].T)
+    np.testing.assert_array_equal(params["cls_embedding/embedding"], state["cls_embedding.embedding_table.weight"])
 
 
 def test_every_problem_is_listed(model):
@@ -83,20 +118,15 @@ def test_every_problem_is_listed(model):
     del state["norm.weight"]
     state["layers.0.attention.wqkv.bias"] = np.zeros(192, np.float32)
     state["layers.1.feed_forward.w2.weight"] = np.zeros((64, 255), np.float32)
-    with pytest.raises(ValueError) as error:
-        conversion.from_torch(state, model.config)
+    with pytest.raises(StateDictMismatch) as error:
+        conversion.import_params(state, model.config)
     message = str(error.value)
-    for expected in ("missing ['layers.0.ffn_norm.weight', 'norm.weight']",
-                     "unexpected ['layers.0.attention.wqkv.bias']",
-                     "layers.1.feed_forward.w2.weight: (64, 255), expected (64, 256)"):
+    for expected in ("LlamaGen GPT, dim=64 n_layer=2 n_head=4 ffn_dim=256 vocab_size=256 num_classes=10 grid=4: "
+                     "the state dict does not match",
+                     "missing (2): layers.0.ffn_norm.weight, norm.weight",
+                     "unexpected (1): layers.0.attention.wqkv.bias",
+                     "wrong shape (1): layers.1.feed_forward.w2.weight [64, 255] (expected [64, 256])"):
         assert expected in message, message
-    params = conversion.model_params(model)
-    params["output.kernel"] = params["output.kernel"].T
-    del params["norm.scale"]
-    with pytest.raises(ValueError, match=r"missing \['norm.scale'\].*output.kernel: \(256, 64\), expected \(64, 256\)"):
-        conversion.to_torch(params, model.config)
-    with pytest.raises(ValueError, match="missing"):
-        conversion.load_params(model, params)
 
 
 def test_bf16_model_from_the_same_weights(data):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from fvq_jax.conversion import tokenizer
-from fvq_jax.conversion.table import StateDict, StateDictMismatch, flatten
+from fvq_jax.conversion.table import StateDict, StateDictMismatch, WrongKind, flatten
 from fvq_jax.models.factory import build_tokenizer
 from fvq_jax.models.vqgan import VQGANArch
 from tests import reference_tokenizers as ref
@@ -141,9 +141,9 @@ def gpt_state_dict():
 def test_bad_state_dicts_fail_clearly():
     sd = ref.load("fvq").state_dict
     spec = tokenizer.infer_spec(sd)
-    with pytest.raises(tokenizer.WrongKind, match="LlamaGen GPT state dict .*tok_embeddings.weight.* kind 'gpt'"):
+    with pytest.raises(WrongKind, match="LlamaGen GPT state dict .*tok_embeddings.weight.* kind 'gpt'"):
         tokenizer.infer_spec(gpt_state_dict())
-    with pytest.raises(tokenizer.WrongKind, match="not a VQ tokenizer state dict: no encoder.conv_in.weight"):
+    with pytest.raises(WrongKind, match="not a VQ tokenizer state dict: no encoder.conv_in.weight"):
         tokenizer.infer_spec({"quantize.embedding.weight": np.zeros((4, 2))})
 
     removed = ("decoder.conv_blocks.1.res.1.norm2.bias", "quantize.qbridge.blocks.0.mlp.fc2.weight")

@@ -45,8 +45,19 @@ def test_nested_checkpoints_open_at_the_references_choice(tmp_path):
     assert_reads(torch_files.open_state_dict(path, weights="model"), ARRAYS)
     with pytest.raises(torch_files.UnreadableFile, match=r"no 'state_dict' state dict; its entries: \['args', 'ema'"):
         torch_files.open_state_dict(path, weights="state_dict")
-    with pytest.raises(torch_files.UnreadableFile, match=r"the top level .* is not a flat state dict: \['args', 'ema'"):
+    with pytest.raises(torch_files.UnreadableFile, match=r"the top level is not a flat state dict: \['args', 'ema'"):
         torch_files.open_state_dict(path, weights="top")
+    # LlamaGen's GPT sampler reads "model" even beside an "ema", then DeepSpeed's "module".
+    assert torch_files.open_state_dict(path, prefer=torch_files.GPT_ENTRIES).entry == "model"
+    deepspeed = tmp_path / "deepspeed.pt"
+    torch.save({"module": tensors(ARRAYS), "ema": tensors(ARRAYS, 2.0)}, deepspeed)
+    state = torch_files.open_state_dict(deepspeed, prefer=torch_files.GPT_ENTRIES)
+    assert state.entry == "module"
+    assert_reads(state, ARRAYS)
+    torch.save({"ema": tensors(ARRAYS, 2.0), "steps": 7}, deepspeed)
+    with pytest.raises(torch_files.UnreadableFile, match=r"the top level \(no 'model' or 'module' or 'state_dict' "
+                                                         r"entry\) is not a flat state dict: \['ema', 'steps'\]"):
+        torch_files.open_state_dict(deepspeed, prefer=torch_files.GPT_ENTRIES)
 
     flat = tmp_path / "flat.pt"
     torch.save({**tensors(ARRAYS), "half": torch.tensor([1.0, 2.5], dtype=torch.bfloat16)}, flat)

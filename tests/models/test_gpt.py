@@ -11,9 +11,8 @@ import pytest
 from flax import nnx
 
 from fvq_jax import sharding
-from fvq_jax.conversion.gpt import model_params
 from fvq_jax.models import gpt
-from tests.models.tiny_gpt import TINY, forward, random_gpt
+from tests.models.tiny_gpt import TINY, forward, param_arrays, random_gpt
 
 PAPER = {"GPT-B": (2048, 111e6), "GPT-L": (2816, 343e6), "GPT-XL": (3584, 775e6), "GPT-XXL": (4096, 1.4e9),
          "GPT-3B": (8704, 3.1e9)}
@@ -79,14 +78,14 @@ def test_parameter_names_logical_axes_and_sharding():
 
 
 def test_init():
-    params = model_params(gpt.GPT(gpt.gpt_config("GPT-tiny", vocab_size=256, num_classes=10, grid=4),
+    params = param_arrays(gpt.GPT(gpt.gpt_config("GPT-tiny", vocab_size=256, num_classes=10, grid=4),
                                   rngs=nnx.Rngs(0)))
-    assert not params["output.kernel"].any()  # zero output layer: uniform logits at step 0
+    assert not params["output/kernel"].any()  # zero output layer: uniform logits at step 0
     for name, value in params.items():
         assert value.dtype == np.float32, name
         if name.endswith("scale"):
             np.testing.assert_array_equal(value, 1.0)
-        elif name != "output.kernel" and value.size >= 8192:
+        elif name != "output/kernel" and value.size >= 8192:
             assert abs(value.mean()) < 0.002 and abs(value.std() - 0.02) < 0.001, (name, value.std())
 
 
@@ -156,7 +155,7 @@ def test_call_is_hidden_states_then_logits():
     assert hidden.shape == (2, TINY.seq_len, TINY.dim)
     logits = forward(model, tokens, labels)
     assert logits.shape == (2, TINY.seq_len, TINY.vocab_size) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden) @ model_params(model)["output.kernel"],
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(hidden) @ param_arrays(model)["output/kernel"],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -247,7 +246,7 @@ def test_bf16_compute_is_close_to_fp32():
     model = random_gpt(dtype=jnp.bfloat16)
     logits = forward(model, tokens, labels)
     assert logits.dtype == jnp.float32 and forward(model, tokens, labels, method="hidden_states").dtype == jnp.bfloat16
-    assert all(v.dtype == np.float32 for v in model_params(model).values())
+    assert all(v.dtype == np.float32 for v in param_arrays(model).values())
     assert model.init_cache(2)["k"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(logits), fp32, atol=0.05 * np.abs(fp32).max())
 

@@ -4,10 +4,12 @@ import functools
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fvq_jax.conversion import gpt as conversion
+from fvq_jax.conversion.table import flatten, nest
 from fvq_jax.models.gpt import GPT, GPTConfig
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gpt_tiny.npz"
@@ -20,20 +22,26 @@ def random_gpt(config: GPTConfig = TINY, seed: int = 0, **kwargs) -> GPT:
     """A GPT whose every parameter is random (the output layer too, which init leaves at zero), scaled so
     that the logits spread over a few units: N(0, 1) embeddings, 1 + N(0, 0.1) norm scales, N(0, 1/fan_in)
     matrices with fan_in the width they contract."""
-    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), **kwargs))
+    graph, params, rest = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), **kwargs)), nnx.Param, ...)
     rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in conversion.param_shapes(config).items():
-        noise = rng.normal(size=shape).astype(np.float32)
+    values = {}
+    for path, leaf in nnx.to_flat_state(params):
+        name = "/".join(map(str, path))
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
         if name.endswith("scale"):
-            params[name] = 1.0 + 0.1 * noise
+            values[name] = 1.0 + 0.1 * noise
         elif name.endswith("embedding"):
-            params[name] = noise
+            values[name] = noise
         else:
-            fan_in = config.ffn_dim if name.endswith("w2.kernel") else config.dim
-            params[name] = noise / np.sqrt(fan_in)
-    conversion.load_params(model, params)
-    return model
+            fan_in = config.ffn_dim if name.endswith("w2/kernel") else config.dim
+            values[name] = noise / np.sqrt(fan_in)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, nest(values.items())))
+    return nnx.merge(graph, params, rest)
+
+
+def param_arrays(model: GPT) -> dict[str, np.ndarray]:
+    """{our path ('layers/0/attention/wqkv/kernel'): numpy array} of a model's parameters."""
+    return {path: np.asarray(v) for path, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
@@ -58,6 +66,7 @@ def fixture_state_dict() -> dict[str, np.ndarray]:
     return {k[len("sd/"):]: v for k, v in fixture().items() if k.startswith("sd/")}
 
 
-def fixture_gpt(**kwargs) -> GPT:
+def fixture_gpt(dtype=jnp.float32) -> GPT:
     """The fixture's reference weights in our GPT (dim 64, 2 layers, 4 heads, K 256, 4 x 4, 10 classes)."""
-    return conversion.gpt_from_torch(fixture_state_dict(), n_head=4, grid=4, **kwargs)
+    state = fixture_state_dict()
+    return conversion.from_torch(state, conversion.infer_config(state, n_head=4, grid=4), dtype=dtype)

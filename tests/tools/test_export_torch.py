@@ -1,5 +1,6 @@
 """export_torch: an imported reference tokenizer is written back as the reference's own files (fvq exactly; vqgan
-up to the bridge's float rounding); a training run exports and re-imports unchanged; CLI errors."""
+up to the bridge's float rounding); a training run exports and re-imports unchanged; an imported GPT goes back to
+its reference file exactly and comes back unchanged; CLI errors."""
 
 import re
 
@@ -10,11 +11,21 @@ from flax import nnx
 from fvq_jax.conversion import torch_files
 from fvq_jax.conversion.table import flatten
 from fvq_jax.tools import export_torch, import_torch
-from fvq_jax.models.load import load_tokenizer
+from fvq_jax.models.load import load_gpt, load_tokenizer, saved_config
 from tests import reference_tokenizers as ref
+from tests.models import tiny_gpt
 from tests.reference_tokenizers import flat_state, write_safetensors
 
 torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def imported_gpt(tmp_path_factory):
+    """The GPT fixture imported (a 4 x 4 grid): the export directory."""
+    tmp = tmp_path_factory.mktemp("imported_gpt")
+    import_torch.import_gpt(write_safetensors(tiny_gpt.fixture_state_dict(), tmp / "gpt.safetensors"), tmp / "out",
+                            grid=4)
+    return tmp / "out"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +89,34 @@ def test_training_run_exports_and_imports_unchanged(tiny_run, tmp_path, capsys):
     assert loaded.arch == run.arch and loaded.quantizer.projector_name == run.quantizer.projector_name == "XS/2"
 
 
-def test_cli_errors_are_clear(imported_fvq, tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_gpt_goes_back_to_the_reference_file_and_returns_unchanged(suffix, imported_gpt, tmp_path, capsys):
+    out = tmp_path / f"gpt{suffix}"
+    export_torch.main(["--workdir", str(imported_gpt), "--out", str(out)])
+    assert ("gpt (LlamaGen layout): dim=64 n_layer=2 n_head=4 ffn_dim=256 vocab_size=256 num_classes=10 grid=4"
+            in capsys.readouterr().out)
+    # torch -> ours -> torch: the reference's state dict, every array bit for bit.
+    state = torch_files.open_state_dict(out, prefer=torch_files.GPT_ENTRIES)
+    sd = tiny_gpt.fixture_state_dict()
+    assert sorted(state) == sorted(sd)
+    for key, value in sd.items():
+        assert state[key].dtype == np.float32, key
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+    assert state.metadata == {"n_head": "4", "grid": "4", "source": str(imported_gpt)}
+    if suffix == ".pt":  # the layout LlamaGen's sampler reads: checkpoint["model"]
+        assert sorted(torch.load(out, weights_only=True)) == ["fvq_jax", "model"]
+
+    # ours -> torch -> ours: no --grid needed, the file records it (and n_head).
+    import_torch.main(["--src", str(out), "--kind", "gpt", "--out", str(tmp_path / "back")])
+    capsys.readouterr()
+    assert saved_config(tmp_path / "back").model == saved_config(imported_gpt).model
+    expected, got = flat_state(load_gpt(imported_gpt).model), flat_state(load_gpt(tmp_path / "back").model)
+    assert sorted(got) == sorted(expected)
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+
+
+def test_cli_errors_are_clear(imported_fvq, imported_gpt, tmp_path, capsys):
     cases = [
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "a.npz")],
          r"--out .*a.npz: write one of .safetensors"),
@@ -87,6 +125,10 @@ def test_cli_errors_are_clear(imported_fvq, tmp_path, capsys):
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "c.pt"), "--format", "llamagen"],
          "format llamagen means l2-normalised codes"),
         (["--workdir", str(imported_fvq), "--out", str(tmp_path / "d.pt"), "--step", "3"],
+         "is an export .one set of weights.: a step and the EMA choice apply to training runs"),
+        (["--workdir", str(imported_gpt), "--out", str(tmp_path / "e.pt"), "--format", "vqgan"],
+         "--format vqgan: tokenizer formats; .* holds a GPT"),
+        (["--workdir", str(imported_gpt), "--out", str(tmp_path / "f.pt"), "--no-ema"],
          "is an export .one set of weights.: a step and the EMA choice apply to training runs"),
     ]
     (tmp_path / "exists.pt").write_bytes(b"")
