@@ -129,6 +129,8 @@ class CodeDataset(Sequence[dict]):
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {self.directory}, which holds {len(self)}")
         try:
             return decode_record(self._source[index], self.grids_per_image, self.num_tokens)
         except ValueError as error:
