@@ -4,7 +4,7 @@
       the default: the tokenizer run's own training data (for the default run: the nine built-in
       photos), 128 random training views of each;
   python -m fvq_jax.main --config=configs/extract_codes.py:imagenet,tokenizer=gs://bucket/fvq16k \
-      --config.data.tfds_data_dir=<data_dir> --workdir=gs://bucket/fvq16k_codes
+      --config.data.tfds_data_dir=<data_dir> --workdir=/data/fvq16k_codes
       the reference: ImageNet train (1,281,167 images), ten-crop of the 1.1x ADM center crop at 256.
 
 `tokenizer` (a training run or an export directory) is required. The `data` block holds overrides: a

@@ -23,8 +23,9 @@ their A views each, as one global batch; a process that has run out of images br
 is never written. Why the global mesh rather than each process's local devices: the tokenizer is then loaded
 exactly as evaluation loads it (load_tokenizer's collective restore, FSDP-sharded weights for a tokenizer too
 large to replicate), with no second way to build meshes and restore; the price, processes waiting for the
-slowest, is at most about one shard of batches because the shards are dealt round robin. OUT must be one
-filesystem that every process sees (local disk for one host; NFS or a FUSE-mounted bucket for several).
+slowest, is at most about one shard of batches because the shards are dealt round robin. OUT must be a path
+on one filesystem that every process sees (local disk for one host; NFS or a FUSE-mounted bucket for several;
+not a gs:// URL: array_record writes plain files). The tokenizer may be anywhere Orbax reads.
 
 Resume. A shard is written to shard-PPPPP-SSSSS.array_record.tmp, then its sidecar JSON, then renamed:
 a shard is finished when its .array_record file exists. A rerun of the same command skips finished shards
@@ -61,7 +62,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 import fvq_jax
-from fvq_jax import config_lib, sharding
+from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import codes as codes_format
 from fvq_jax.data.pipeline import SOURCES, TRAIN_CROPS, TrainExample, local_batch_size, prefetch
 from fvq_jax.data.sources import Record, class_names, split_source
@@ -154,7 +155,8 @@ def check_tokenizer(path: str, tokenizer_config: ml_collections.ConfigDict, imag
 
 def code_settings(config, data, augment: str, loaded, num_images: int) -> dict[str, Any]:
     """{config field: value} of everything that decides the files' contents; a resume must match them."""
-    settings = {"tokenizer": os.path.abspath(config.tokenizer), "step": loaded.step, "weights": loaded.weights,
+    settings = {"tokenizer": str(checkpointing.absolute(config.tokenizer)), "step": loaded.step,
+                "weights": loaded.weights,
                 "augment": augment, "num_images": num_images, "shard_size": config.shard_size}
     settings.update({f"data.{name}": data[name] for name in ("source", "split", "image_size")})
     settings.update({f"data.{name}": data[name] for name in {"tfds": ("tfds_name", "tfds_data_dir"),
@@ -552,7 +554,7 @@ def _extract(config: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
         raise ValueError(f"no readable image among the {num_images} of {data.source}/{data.split}")
     if process == 0:
         print(f"extracted {todo_images} images x {views.num_views} grids of {grid[0]}x{grid[1]} in {seconds:.1f} s "
-              f"({rate:.2f} img/s, {rate * views.num_views:.1f} grids/s, model loading and compilation "
-              f"{seconds - loop_seconds:.1f} s of it); {manifest['num_images']} images in all, "
+              f"({rate:.2f} img/s, {rate * views.num_views:.1f} grids/s with compilation; setup "
+              f"{seconds - loop_seconds:.1f} s); {manifest['num_images']} images in all, "
               f"{manifest['num_skipped']} unreadable skipped -> {out}", flush=True)
     return manifest
