@@ -30,9 +30,10 @@ not a gs:// URL: array_record writes plain files). The tokenizer may be anywhere
 Resume. A shard is written to shard-PPPPP-SSSSS.array_record.tmp, then its sidecar JSON, then renamed:
 a shard is finished when its .array_record file exists. A rerun of the same command skips finished shards
 (a stale .tmp is overwritten) and writes identical files. manifest.json is written with status "partial"
-before the first shard and "complete" at the end; a rerun whose settings would change the codes (tokenizer
-path, its resolved step and weights, data, split, image size, views, crop range, seed, image count, shard
-size) is refused with the fields named (batch_size, the mesh and the reader settings may change).
+before the first shard and "complete" at the end. The settings that decide the codes (tokenizer path, its
+resolved step and weights, data, split, image size, views, crop range, seed, image count, shard size) are
+kept in the manifest and in every sidecar; a rerun that would change them is refused with the fields named
+(batch_size, the mesh and the reader settings may change).
 
 Unreadable images are skipped, counted, logged once by name (fvq_jax.data.unreadable) and listed in the
 manifest. A progress line (images done / total, images/s, ETA) is printed every `log_every` batches.
@@ -169,17 +170,14 @@ def code_settings(config, data, augment: str, loaded, num_images: int) -> dict[s
     return settings
 
 
-def refuse_changes(out: str, previous: dict | None, settings: dict[str, Any]) -> None:
-    """ConfigError naming every field whose value differs from the extraction already in `out`."""
-    if previous is None:
-        return
-    changes = config_lib.config_changes(previous.get("settings", {}), settings)
+def refuse_changes(what: str, saved: dict[str, Any], settings: dict[str, Any]) -> None:
+    """ConfigError naming every field whose value differs from `saved`, the settings `what` was made with."""
+    changes = config_lib.config_changes(saved, settings)
     if changes:
-        kind = "a finished" if previous.get("status") == "complete" else "an unfinished"
         show = lambda value: value if value is config_lib.MISSING else repr(value)  # noqa: E731
         listed = "; ".join(f"{field}: {show(old)} there, {show(new)} now" for field, old, new in changes)
-        raise config_lib.ConfigError(changes[0][0], f"{out} holds {kind} extraction whose codes these settings would "
-                                     f"change ({listed}); run it with its own settings, or choose a new --workdir")
+        raise config_lib.ConfigError(changes[0][0], f"{what} was made with settings that would give other codes "
+                                     f"({listed}); run it with its own settings, or choose a new --workdir")
 
 
 # ----------------------------------------------------------------------------- views
@@ -269,8 +267,8 @@ class ShardSink:
     """Routes this process's images, in stream order, to their shards' files; a shard is finished (tmp file
     closed, sidecar written, renamed) as soon as its last source image has passed, readable or not."""
 
-    def __init__(self, out: str, process: int, shards: list[Shard]):
-        self._out, self._process = out, process
+    def __init__(self, out: str, process: int, shards: list[Shard], settings: dict[str, Any]):
+        self._out, self._process, self._settings = out, process, settings
         self._todo = list(reversed(shards))
         self._writer = None
         self._seen = 0
@@ -305,7 +303,8 @@ class ShardSink:
         stem = self._path[:-len(".array_record")]
         _write_json(stem + ".json", {"file": os.path.basename(self._path), "process": self._process,
                                      "shard": shard.index, "first": shard.start, "end": shard.end,
-                                     "images": self._images, "skipped": self._skipped, "label_counts": self._labels})
+                                     "images": self._images, "skipped": self._skipped, "label_counts": self._labels,
+                                     "settings": self._settings})
         os.replace(self._path + ".tmp", self._path)
         self.written += self._images
         self._todo.pop()
@@ -324,7 +323,8 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def _batches(source, shards: list[Shard], views: Views, local_batch: int, num_steps: int, data):
-    """This process's `num_steps` batches of views: its shards' images in order, then padding."""
+    """This process's `num_steps` batches of views: its shards' images in order, then padding (an iterator to
+    close: it may hold worker processes)."""
     parts = [grain.MapDataset.source(source)[s.start:s.end] for s in shards]
     padding = num_steps * local_batch - sum(s.end - s.start for s in shards)
     if padding:
@@ -464,7 +464,9 @@ def _extract(config: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
     loaded = load_tokenizer(config.tokenizer, step=step, use_ema=config.use_ema, mesh_cfg=config.mesh)
     settings = code_settings(config, data, augment, loaded, num_images)
     previous = read_previous(out)
-    refuse_changes(out, previous, settings)
+    if previous is not None:
+        kind = "finished" if previous.get("status") == "complete" else "unfinished"
+        refuse_changes(f"the {kind} extraction in {out}", previous["settings"], settings)
     graph, params, rest = nnx.split(loaded.model, nnx.Param, ...)
     batch_sharding = sharding.data_sharding(loaded.mesh)
 
@@ -480,9 +482,11 @@ def _extract(config: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ shards left
     all_shards = plan_shards(num_images, config.shard_size)
-    # Process 0 lists the finished shards, so that every process deals the same list.
-    done = np.array([finished_file(out, s.index) is not None for s in all_shards] if process == 0
-                    else [False] * len(all_shards), np.int32)
+    finished = [finished_file(out, s.index) for s in all_shards]
+    for path in filter(None, finished):  # the manifest may be gone: each shard says how it was made
+        refuse_changes(f"the shard {path}", sidecar(path)["settings"], settings)
+    # Process 0's list of finished shards, so that every process deals the same list.
+    done = np.array([path is not None for path in finished], np.int32)
     if processes > 1:
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     todo = [s for s, d in zip(all_shards, done) if not d]
@@ -496,11 +500,11 @@ def _extract(config: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ extract
     todo_images = sum(s.end - s.start for s in todo)
-    sink = ShardSink(out, process, deal(todo, process, processes))
+    mine = deal(todo, process, processes)
+    sink = ShardSink(out, process, mine, settings)
     # Every process runs as many steps as the busiest one; the others pad.
     steps = max(math.ceil(sum(s.end - s.start for s in deal(todo, p, processes)) / local_batch)
                 for p in range(processes))
-    batches = _batches(source, deal(todo, process, processes), views, local_batch, steps, data)
     skips = SkipLog()
     pending = None  # (host batch, device codes) of the previous step: written while this step runs
     t_loop = t_log = time.time()
@@ -514,22 +518,27 @@ def _extract(config: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
                 sink.add(int(batch["index"][row]), int(batch["label"][row]),
                          codes[row] if batch["mask"][row] else None, str(batch["skipped"][row]))
 
-    for step in range(1, steps + 1):
-        batch = next(batches)
-        skips.record(batch["skipped"])
-        images = batch["grids"].reshape((-1, size, size, 3))
-        indices = encode(params, rest, jax.make_array_from_process_local_data(batch_sharding, images))
-        if pending is not None:
-            write(pending)
-        pending = (batch, indices)
-        if step % config.log_every == 0 or step == steps:
-            jax.block_until_ready(indices)
-            done = min(step * config.batch_size, todo_images)  # all processes' images, up to padding
-            rate = (done - done_log) / max(time.time() - t_log, 1e-9)
-            if process == 0:
-                print(f"extract {num_images - todo_images + done}/{num_images} images  {rate:.1f} img/s  "
-                      f"ETA {format_eta((todo_images - done) / max(rate, 1e-9))}", flush=True)
-            t_log, done_log = time.time(), done
+    batches = _batches(source, mine, views, local_batch, steps, data) if steps else None
+    try:
+        for step in range(1, steps + 1):
+            batch = next(batches)
+            skips.record(batch["skipped"])
+            images = batch["grids"].reshape((-1, size, size, 3))
+            indices = encode(params, rest, jax.make_array_from_process_local_data(batch_sharding, images))
+            if pending is not None:
+                write(pending)
+            pending = (batch, indices)
+            if step % config.log_every == 0 or step == steps:
+                jax.block_until_ready(indices)
+                done = min(step * config.batch_size, todo_images)  # all processes' images, up to padding
+                rate = (done - done_log) / max(time.time() - t_log, 1e-9)
+                if process == 0:
+                    print(f"extract {num_images - todo_images + done}/{num_images} images  {rate:.1f} img/s  "
+                          f"ETA {format_eta((todo_images - done) / max(rate, 1e-9))}", flush=True)
+                t_log, done_log = time.time(), done
+    finally:
+        if batches is not None:
+            batches.close()  # its worker processes, if any
     if pending is not None:
         write(pending)
     sink.close()

@@ -179,6 +179,13 @@ def test_resume_rewrites_only_missing_shards_identically(tencrop, tiny_run, tmp_
     # Complete: nothing to do, nothing rewritten.
     again, printed = run(extract_config(tiny_run[0], "augment=tencrop,images=3,batch=2,shard=1"), out)
     assert "all 3 shards are extracted already" in printed and files(out) == after and again == resumed
+    # Every shard finished but no manifest (killed just before writing it): the manifest alone is written.
+    os.remove(os.path.join(out, "manifest.json"))
+    rewritten, _ = run(extract_config(tiny_run[0], "augment=tencrop,images=3,batch=2,shard=1"), out)
+    assert rewritten["extraction"]["images_this_session"] == 0 and strip(json.loads(json.dumps(rewritten))) == \
+        strip(resumed)
+    assert {k: v for k, v in files(out).items() if k != "manifest.json"} == \
+        {k: v for k, v in after.items() if k != "manifest.json"}
 
 
 def test_settings_that_change_codes_are_refused(tencrop, tiny_run, tmp_path):
@@ -186,8 +193,8 @@ def test_settings_that_change_codes_are_refused(tencrop, tiny_run, tmp_path):
     out = str(tmp_path / "codes")
     shutil.copytree(source, out)
     arg = "augment=tencrop,images=3,batch=2,shard=1"
-    with pytest.raises(ConfigError, match=r"crop_range: .* holds a finished extraction whose codes these settings "
-                       r"would change \(crop_range: 1.1 there, 1.2 now\)") as info:
+    with pytest.raises(ConfigError, match=r"crop_range: the finished extraction in .* was made with settings that "
+                       r"would give other codes \(crop_range: 1.1 there, 1.2 now\)") as info:
         run(extract_config(tiny_run[0], arg, crop_range=1.2), out)
     assert info.value.field == "crop_range"
     with pytest.raises(ConfigError, match=r"step: 2 there, 1 now"):
@@ -198,9 +205,15 @@ def test_settings_that_change_codes_are_refused(tencrop, tiny_run, tmp_path):
     manifest["status"] = "partial"
     json.dump(manifest, open(path, "w"))
     os.remove(os.path.join(out, "shard-00000-00002.array_record"))
-    with pytest.raises(ConfigError, match=r"holds an unfinished extraction .*\(augment: 'tencrop' there, 'center' now; "
+    with pytest.raises(ConfigError, match=r"the unfinished extraction in .*\(augment: 'tencrop' there, 'center' now; "
                        r"crop_range: 1.1 there, <absent> now; data.image_size: 16 there, 32 now\)"):
         run(extract_config(tiny_run[0], "augment=center,images=3,batch=2,shard=1,res=32"), out)
+    # Without the manifest, each finished shard's sidecar still says how it was made.
+    os.rename(path, path + ".moved")
+    with pytest.raises(ConfigError, match=r"data.image_size: the shard .*shard-00000-00000.array_record was made with "
+                       r"settings that would give other codes \(.*data.image_size: 16 there, 32 now\)"):
+        run(extract_config(tiny_run[0], "augment=tencrop,images=3,batch=2,shard=1,res=32"), out)
+    os.rename(path + ".moved", path)
     # batch_size does not change codes: the same extraction finishes with another batch size.
     finished, _ = run(extract_config(tiny_run[0], "augment=tencrop,images=3,batch=1,shard=1"), out)
     assert finished["status"] == "complete" and finished["num_images"] == 3
