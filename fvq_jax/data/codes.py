@@ -6,7 +6,8 @@ fvq_jax/tools/extract_codes.py) holds
   shard-PPPPP-SSSSS.array_record    shard SSSSS (source images [S * shard_size, (S + 1) * shard_size)),
                                     written by process PPPPP: one record per image that decoded, in
                                     source order (array_record, group_size 1: random access);
-  shard-PPPPP-SSSSS.json            its sidecar: images written, unreadable images skipped, label counts.
+  shard-PPPPP-SSSSS.json            its sidecar: images written, unreadable images skipped, label counts,
+                                    the settings it was made with.
 A record is little-endian int32 [2 + A * h * w]: the label, the image's index in its source, then its A
 code grids [A, h, w] in C order; A (`grids_per_image`) and h x w (`grid`) are in the manifest's
 `record` entry. int32 because K reaches 262,144.

@@ -56,7 +56,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from array_record.python import array_record_module
 from flax import nnx
 from jax.experimental import multihost_utils
