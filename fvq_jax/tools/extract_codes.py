@@ -271,7 +271,6 @@ class ShardSink:
         self._todo = list(reversed(shards))
         self._writer = None
         self._seen = 0
-        self.written = 0
 
     def _open(self, shard: Shard) -> None:
         for stale in glob.glob(os.path.join(self._out, f"shard-*-{shard.index:05d}.*")):
@@ -305,7 +304,6 @@ class ShardSink:
                                      "images": self._images, "skipped": self._skipped, "label_counts": self._labels,
                                      "settings": self._settings})
         os.replace(self._path + ".tmp", self._path)
-        self.written += self._images
         self._todo.pop()
         self._writer = None
 

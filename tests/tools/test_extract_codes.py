@@ -25,7 +25,7 @@ from fvq_jax.data.pipeline import TrainExample
 from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, to_model_range
 from fvq_jax.models.load import load_tokenizer, saved_config
 from fvq_jax.tools import extract_codes
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, run_python, subprocess_env
 from tests.data.conftest import write_jpegs
 from tests.data.test_transforms import reference_ten_crop
 from tests.nearest_codes import assert_same_codes
@@ -321,4 +321,23 @@ def test_two_processes_write_what_one_does(tiny_run, tencrop, model, photos, tmp
     for got, want in zip(two, one):
         assert got["label"] == want["label"] and got["index"] == want["index"]
     assert_codes_of(model, two, lambda i: np.stack(reference_ten_crop(
+        Image.fromarray(center_crop(sources.load_image(photos[i]), 17)), 16)))
+
+
+def test_eight_devices_write_what_one_does(tiny_run, tencrop, model, photos, tmp_path):
+    """One process, 8 simulated devices: each global batch of 4 images x 10 views (one of them padding) is split 8
+    ways and this process gathers its 8 row blocks back in order."""
+    out = str(tmp_path / "codes")
+    run_python(f"""
+        from fvq_jax import config_lib
+        from fvq_jax.tools import extract_codes
+        config = config_lib.load_file("configs/extract_codes.py").get_config(
+            "tokenizer={tiny_run[0]},augment=tencrop,images=3,batch=4,shard=1")
+        extract_codes.extract_codes(config, {out!r})
+        """, num_devices=8)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["extraction"]["device_count"] == 8 and manifest["extraction"]["mesh"]["data"] == 8
+    eight, one = codes.open_codes(out), codes.open_codes(tencrop[0])
+    assert [(int(a["index"]), int(a["label"])) for a in eight] == [(int(b["index"]), int(b["label"])) for b in one]
+    assert_codes_of(model, eight, lambda i: np.stack(reference_ten_crop(
         Image.fromarray(center_crop(sources.load_image(photos[i]), 17)), 16)))
