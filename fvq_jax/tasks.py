@@ -10,7 +10,7 @@ import ml_collections
 
 from fvq_jax import config_lib
 
-TASKS = ("tokenizer", "eval_tokenizer")
+TASKS = ("tokenizer", "eval_tokenizer", "extract_codes")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -21,6 +21,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     if task == "tokenizer":
         from fvq_jax.train import tokenizer
         tokenizer.check_config(config, num_devices, num_processes)
+    if task == "extract_codes":
+        from fvq_jax.tools import extract_codes
+        extract_codes.check_config(config, num_processes)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -30,6 +33,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         from fvq_jax.train import loop, tokenizer
         results = tokenizer.train_and_evaluate(config, workdir)
         return loop.PREEMPTED_EXIT_CODE if "preempted_at_step" in results else 0
+    if config.task == "extract_codes":
+        from fvq_jax.tools import extract_codes
+        extract_codes.extract_codes(config, workdir)
+        return 0
     from fvq_jax.evaluation import tokenizer_eval
     tokenizer_eval.evaluate_checkpoint(config, workdir)
     return 0

@@ -25,6 +25,7 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from fvq_jax import config_lib
 from fvq_jax.data.sources import Record, make_source
@@ -68,13 +69,15 @@ class TrainExample(grain.transforms.RandomMap):
         image = read_image(record)
         if isinstance(image, Unreadable):
             return image
+        return {"image": self.view(image, rng), "label": np.int32(record["label"])}
+
+    def view(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """One random training view of `image` (crop, then flip): uint8 [S, S, 3]."""
         if self.crop == "zoom":
             pixels = random_zoom_crop(image, self.image_size, rng)
         else:
             pixels = random_resize_crop(image, self.image_size, self.max_resize_ratio, rng)
-        if self.flip:
-            pixels = random_flip(pixels, rng)
-        return {"image": pixels, "label": np.int32(record["label"])}
+        return random_flip(pixels, rng) if self.flip else pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +171,8 @@ class EvalBatches:
             raise ValueError(f"no readable image in {self._description}: all {self._num_records} failed to decode")
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def process_slot(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
+    """(process index, process count): the arguments, or JAX's where they are None."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
@@ -182,18 +186,18 @@ def _read_options(data_cfg, buffer: int | None = None) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=buffer)
 
 
-def _prefetch(dataset: grain.IterDataset, data_cfg) -> grain.IterDataset:
-    if not data_cfg.num_workers:
+def prefetch(dataset: grain.IterDataset, num_workers: int, buffer: int) -> grain.IterDataset:
+    """`dataset` read ahead by `num_workers` worker processes, `buffer` elements each (0 workers: as it is)."""
+    if not num_workers:
         return dataset
     if not flags.FLAGS.is_parsed():
         # grain 0.2.18 reads one of its absl flags in mp_prefetch and fails when the program did not
         # parse flags (scripts, tests; grain issue #1355): the defaults are what we want.
         flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
-                                                            per_worker_buffer_size=data_cfg.prefetch_buffer))
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
 
 
-class _ProcessShare(grain.MapDataset):
+class ProcessShare(grain.MapDataset):
     """Process p's share of every global batch: local element i is global element
     (i // L) * G + p * L + i % L, with L = G / P the local batch. The global stream (shuffle and
     augmentation keyed on the global position) is therefore the same for any number of processes."""
@@ -224,7 +228,7 @@ def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int
     the global batches do not depend on the process count.
     """
     check_data_config(data_cfg)
-    index, count = _process(process_index, process_count)
+    index, count = process_slot(process_index, process_count)
     batch = local_batch_size(global_batch, count, "train.global_batch")
     source = make_source(data_cfg, train=True)
     description = f"the training data of process {index} of {count} ({len(source)} records in all)"
@@ -232,9 +236,9 @@ def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int
         raise ValueError(f"{description}: the source is empty")
     example = TrainExample(data_cfg.image_size, data_cfg.train_crop, data_cfg.max_resize_ratio, data_cfg.flip)
     stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(example)
-    dataset = _ProcessShare(stream, index, count, batch)
+    dataset = ProcessShare(stream, index, count, batch)
     dataset = DropUnreadable(dataset.to_iter_dataset(_read_options(data_cfg)), len(source), description)
-    dataset = _prefetch(dataset.batch(batch, drop_remainder=True), data_cfg)
+    dataset = prefetch(dataset.batch(batch, drop_remainder=True), data_cfg.num_workers, data_cfg.prefetch_buffer)
     return TrainIterator(iter(dataset))
 
 
@@ -247,7 +251,7 @@ def eval_batches(data_cfg, *, batch_size: int, num_images: int = 0, process_inde
     """
     check_data_config(data_cfg)
     config_lib.require_number(num_images, "eval.num_images", strict=False, integer=True)
-    index, count = _process(process_index, process_count)
+    index, count = process_slot(process_index, process_count)
     batch = local_batch_size(batch_size, count, "eval.batch_size")
     source = make_source(data_cfg, train=False)
     total = min(num_images, len(source)) if num_images else len(source)
@@ -257,8 +261,8 @@ def eval_batches(data_cfg, *, batch_size: int, num_images: int = 0, process_inde
     records = grain.MapDataset.concatenate([shard, grain.MapDataset.source([_PADDING] * padding)]) if padding else shard
     dataset = records.map(EvalExample(data_cfg.image_size)).batch(batch)
     # Elements are whole batches here: buffer a few, not grain's default of 500.
-    dataset = _prefetch(dataset.to_iter_dataset(_read_options(data_cfg, buffer=max(2, data_cfg.read_threads))),
-                        data_cfg)
+    dataset = prefetch(dataset.to_iter_dataset(_read_options(data_cfg, buffer=max(2, data_cfg.read_threads))),
+                       data_cfg.num_workers, data_cfg.prefetch_buffer)
     description = f"the eval shard {index} of {count} ({len(shard)} of {total} records)"
     return EvalBatches(dataset, num_batches, len(shard), description)
 

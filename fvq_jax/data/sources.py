@@ -107,6 +107,10 @@ class TfdsSource(Sequence[Record]):
         if len(self._source) == 0:
             raise config_lib.ConfigError("data.tfds_name", f"{name}/{split} has no examples")
         self._split = split
+        try:  # a ClassLabel's names, e.g. ImageNet's WordNet ids
+            self.classes = list(self._source.dataset_info.features["label"].names) or None
+        except (AttributeError, KeyError, TypeError):
+            self.classes = None
 
     def __len__(self) -> int:
         return len(self._source)
@@ -137,6 +141,7 @@ class PhotoSource(Sequence[Record]):
     train=True: one record per training photo (PHOTOS less EVAL_PHOTOS); random crops make the variety.
     train=False: square crops of EVAL_PHOTOS on the EVAL_GRIDS grids with side >= image_size.
     """
+    classes = PHOTOS
 
     def __init__(self, *, train: bool, image_size: int):
         names = [n for n in PHOTOS if (n in EVAL_PHOTOS) != train]
@@ -191,10 +196,23 @@ def _spread(slack: int, k: int) -> list[int]:
 
 def make_source(data_cfg, *, train: bool) -> Sequence[Record]:
     """The source named by data_cfg.source, for training or for evaluation."""
-    split = data_cfg.train_split if train else data_cfg.eval_split
+    return split_source(data_cfg, data_cfg.train_split if train else data_cfg.eval_split)
+
+
+def split_source(data_cfg, split: str) -> Sequence[Record]:
+    """The records of `split` of data_cfg.source. The photos have two splits, data_cfg.train_split (the
+    whole training photos) and data_cfg.eval_split (the held-out photos' fixed crops)."""
     if data_cfg.source == "tfds":
         return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir)
     if data_cfg.source == "folder":
         config_lib.require(bool(data_cfg.folder), "data.folder", "must be set when data.source='folder'")
         return FolderSource(data_cfg.folder, split)
-    return PhotoSource(train=train, image_size=data_cfg.image_size)
+    splits = (data_cfg.train_split, data_cfg.eval_split)
+    config_lib.require(split in splits, "data.split", f"the photos have the splits {list(splits)}, not {split!r}")
+    return PhotoSource(train=split == data_cfg.train_split, image_size=data_cfg.image_size)
+
+
+def class_names(source: Sequence[Record]) -> tuple[str, ...] | None:
+    """The names of a source's labels, position = label: folder names, TFDS label names, PHOTOS; None if unknown."""
+    names = getattr(source, "classes", None)
+    return None if names is None else tuple(names)

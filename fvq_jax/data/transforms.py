@@ -59,6 +59,31 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return _resized_crop(image, shape, (shape[0] - size) // 2, (shape[1] - size) // 2, size)
 
 
+# TenCrop's views in torchvision's order: the five of the image, then the same five of its mirror image.
+TEN_CROP_VIEWS = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
+                  "flipped_top_left", "flipped_top_right", "flipped_bottom_left", "flipped_bottom_right",
+                  "flipped_center")
+
+
+def ten_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's TenCrop(size) of pixels [H, W, C]: TEN_CROP_VIEWS, uint8 [10, size, size, C].
+
+    The corners are flush with the image's edges; the center crop starts at round((H - size) / 2) and
+    round((W - size) / 2) (Python's round, half to even, as torchvision's center_crop), so on the
+    mirrored image it can sit one pixel off the mirrored center crop of the original.
+    """
+    height, width = pixels.shape[:2]
+    if min(height, width) < size:
+        raise ValueError(f"ten_crop({size}) of a {height}x{width} image")
+
+    def five(image: np.ndarray) -> list[np.ndarray]:
+        top, left = round((height - size) / 2), round((width - size) / 2)
+        corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (top, left)]
+        return [image[y:y + size, x:x + size] for y, x in corners]
+
+    return np.stack(five(pixels) + five(pixels[:, ::-1]))
+
+
 def max_short_side(size: int, max_resize_ratio: float) -> int:
     """The largest short side of random_resize_crop: ceil(ratio * size), e.g. 320 for 256 and 1.25."""
     return math.ceil(round(size * max_resize_ratio, 6))

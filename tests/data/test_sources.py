@@ -1,5 +1,6 @@
 """Sources: folder layout and labels, the photo split, and TFDS array_record through tfds.testing.mock_data."""
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -52,6 +53,21 @@ def test_photos_hold_out_the_eval_photos():
     assert len(sources.PhotoSource(train=False, image_size=256)) == 2  # only the whole-photo squares
 
 
+def test_split_source_and_class_names(tmp_path):
+    data = ml_collections.ConfigDict(dict(source="photos", train_split="train", eval_split="validation",
+                                          image_size=64, folder="", tfds_name="", tfds_data_dir=""))
+    assert len(sources.split_source(data, "train")) == len(sources.PHOTOS) - len(sources.EVAL_PHOTOS)
+    assert len(sources.split_source(data, "validation")) == 60
+    assert sources.class_names(sources.split_source(data, "train")) == sources.PHOTOS
+    with pytest.raises(config_lib.ConfigError, match=r"data.split: the photos have the splits \['train', "
+                       r"'validation'\], not 'test'"):
+        sources.split_source(data, "test")
+    write_jpegs(tmp_path / "val", [1, 2])
+    data.update(source="folder", folder=str(tmp_path))
+    folder = sources.split_source(data, "val")
+    assert len(folder) == 3 and sources.class_names(folder) == ("class_00", "class_01")
+
+
 def test_eval_boxes_cover_the_photo_evenly():
     boxes = sources.eval_boxes((300, 451), 64)
     assert boxes[0] == (0, 75, 300)  # centred square
@@ -67,6 +83,7 @@ def test_tfds_source_under_mock_data():
         decoded = tfds.data_source("imagenet2012", split="validation")  # what TFDS itself would decode
         image_feature = tfds.builder("imagenet2012").info.features["image"]
         assert len(source) == 6
+        assert sources.class_names(source)[:2] == ("n01440764", "n01443537") and len(source.classes) == 1000
         for i in range(len(source)):
             record = source[i]
             assert isinstance(record["encoded"], bytes) and record["name"].startswith(f"validation[{i}]")

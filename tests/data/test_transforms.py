@@ -44,6 +44,37 @@ def test_center_crop_geometry_on_a_ramp(height, width, size):
     np.testing.assert_allclose(out[inner], expected[inner], atol=1.01)
 
 
+def reference_ten_crop(image: Image.Image, size: int) -> list[np.ndarray]:
+    """torchvision's TenCrop on a PIL image, written out with PIL: F.crop is Image.crop((left, top, right, bottom)),
+    the center's top-left is int(round((side - size) / 2.0)), the second five come from the mirrored image."""
+    def five(im):
+        w, h = im.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        boxes = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size), (left, top)]
+        return [np.asarray(im.crop((x, y, x + size, y + size))) for x, y in boxes]
+
+    return five(image) + five(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+# 17 - 16 = 1 and 19 - 16 = 3: the center offsets 0.5 and 1.5 round half to even (0 and 2), as torchvision's;
+# 281 = int(1.1 * 256), the reference's ten-crop of ImageNet.
+@pytest.mark.parametrize("height,width,size", [(17, 17, 16), (19, 19, 16), (19, 23, 16), (30, 21, 16), (281, 281, 256)])
+def test_ten_crop_matches_torchvision_geometry(height, width, size):
+    image = noise_image(height, width, seed=height + width)
+    out = transforms.ten_crop(np.asarray(image), size)
+    assert out.shape == (10, size, size, 3) and out.dtype == np.uint8
+    assert len(transforms.TEN_CROP_VIEWS) == 10
+    for view, (got, want) in enumerate(zip(out, reference_ten_crop(image, size))):
+        np.testing.assert_array_equal(got, want, err_msg=transforms.TEN_CROP_VIEWS[view])
+    # The mirrored half is the flip augmentation: a mirrored corner of the mirror image is the opposite
+    # corner of the image (so flipping all ten again would only repeat them).
+    mirror = out[:, :, ::-1]
+    for corner, opposite in ((0, 6), (1, 5), (2, 8), (3, 7)):
+        np.testing.assert_array_equal(mirror[opposite], out[corner])
+    with pytest.raises(ValueError, match="ten_crop"):
+        transforms.ten_crop(np.asarray(image), max(height, width) + 1)
+
+
 def reference_random_crop(image, size, ratio, rng):
     """ADM-style random crop written directly with PIL: draws short side, top, left in that order."""
     short = rng.integers(size, math.ceil(round(size * ratio, 6)) + 1)
