@@ -10,7 +10,7 @@ import ml_collections
 
 from fvq_jax import config_lib
 
-TASKS = ("tokenizer", "eval_tokenizer", "extract_codes")
+TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -21,22 +21,32 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     if task == "tokenizer":
         from fvq_jax.train import tokenizer
         tokenizer.check_config(config, num_devices, num_processes)
-    if task == "extract_codes":
+    elif task == "extract_codes":
         from fvq_jax.tools import extract_codes
         extract_codes.check_config(config, num_processes)
+    elif task == "gpt":
+        from fvq_jax.train import gpt
+        gpt.check_config(config, num_devices, num_processes)
+    elif task == "sample":
+        from fvq_jax.sampling import job
+        job.check_config(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     """Run the task; returns the exit status (loop.PREEMPTED_EXIT_CODE when preemption stopped a run)."""
     check_config(config)
-    if config.task == "tokenizer":
-        from fvq_jax.train import loop, tokenizer
-        results = tokenizer.train_and_evaluate(config, workdir)
+    if config.task in ("tokenizer", "gpt"):
+        from fvq_jax.train import gpt, loop, tokenizer
+        trainer = tokenizer if config.task == "tokenizer" else gpt
+        results = trainer.train_and_evaluate(config, workdir)
         return loop.PREEMPTED_EXIT_CODE if "preempted_at_step" in results else 0
     if config.task == "extract_codes":
         from fvq_jax.tools import extract_codes
         extract_codes.extract_codes(config, workdir)
-        return 0
-    from fvq_jax.evaluation import tokenizer_eval
-    tokenizer_eval.evaluate_checkpoint(config, workdir)
+    elif config.task == "sample":
+        from fvq_jax.sampling import job
+        job.sample_run(config, workdir)
+    else:
+        from fvq_jax.evaluation import tokenizer_eval
+        tokenizer_eval.evaluate_checkpoint(config, workdir)
     return 0

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fvq_jax.models.gpt import GPT
+from fvq_jax.sharding import constrain
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -136,34 +137,53 @@ def guide(logits: jax.Array, position, num_positions: int, config: SamplingConfi
 # ----------------------------------------------------------------------------- samplers
 
 
+def generation_fn(graphdef: nnx.GraphDef, config: SamplingConfig, *, use_cache: bool = True):
+    """The pure sampling function (params, labels [B], keys [B]) -> codes [B, N] int32, to jit with shardings.
+
+    Prefill and every decode step run in one lax.fori_loop; use_cache=False recomputes the whole prefix
+    each step (the baseline). The batch dimension of the tokens and the cache is pinned to the data axes
+    (`act_batch`) when traced under sharding.axis_rules, so each device samples its own rows.
+    """
+
+    def generate(params, labels, keys):
+        model: GPT = nnx.merge(graphdef, params)
+        b, n = labels.shape[0], model.config.seq_len
+        classes = jnp.concatenate([labels, jnp.full_like(labels, model.config.null_class)]) if config.guided else labels
+        rows = classes.shape[0]
+
+        def cached_logits(t, tokens, cache):
+            previous = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
+            ids = jnp.where(t == 0, classes, jnp.tile(previous, rows // b))
+            return model.decode(ids, t, cache)
+
+        def naive_logits(t, tokens, cache):
+            # Positions after t hold placeholders; causality keeps them out of position t.
+            hidden = model.hidden_states(jnp.tile(tokens[:, :-1], (rows // b, 1)), classes)
+            return model.logits(jax.lax.dynamic_index_in_dim(hidden, t, axis=1, keepdims=False)), cache
+
+        step_logits = cached_logits if use_cache else naive_logits
+
+        def step(t, carry):
+            tokens, cache = carry
+            logits, cache = step_logits(t, tokens, cache)
+            token = next_tokens(guide(logits, t, n, config), keys, t, config)
+            tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1)
+            return constrain(tokens, ("act_batch", None)), cache
+
+        cache = None
+        if use_cache:
+            cache = jax.tree.map(lambda x: constrain(x, (None, "act_batch", None, "act_heads", None)),
+                                 model.init_cache(rows))
+        tokens = constrain(jnp.zeros((b, n), jnp.int32), ("act_batch", None))
+        tokens, _ = jax.lax.fori_loop(0, n, step, (tokens, cache))
+        return tokens
+
+    return generate
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _generate(graphdef, params, labels, keys, config: SamplingConfig, use_cache: bool):
-    model: GPT = nnx.merge(graphdef, params)
-    b, n = labels.shape[0], model.config.seq_len
-    classes = jnp.concatenate([labels, jnp.full_like(labels, model.config.null_class)]) if config.guided else labels
-    rows = classes.shape[0]
-
-    def cached_logits(t, tokens, cache):
-        previous = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
-        ids = jnp.where(t == 0, classes, jnp.tile(previous, rows // b))
-        return model.decode(ids, t, cache)
-
-    def naive_logits(t, tokens, cache):
-        # Positions after t hold placeholders; causality keeps them out of position t.
-        hidden = model.hidden_states(jnp.tile(tokens[:, :-1], (rows // b, 1)), classes)
-        return model.logits(jax.lax.dynamic_index_in_dim(hidden, t, axis=1, keepdims=False)), cache
-
-    step_logits = cached_logits if use_cache else naive_logits
-
-    def step(t, carry):
-        tokens, cache = carry
-        logits, cache = step_logits(t, tokens, cache)
-        token = next_tokens(guide(logits, t, n, config), keys, t, config)
-        return jax.lax.dynamic_update_index_in_dim(tokens, token, t, axis=1), cache
-
-    cache = model.init_cache(rows) if use_cache else None
-    tokens, _ = jax.lax.fori_loop(0, n, step, (jnp.zeros((b, n), jnp.int32), cache))
-    return tokens
+    return generation_fn(graphdef, config, use_cache=use_cache)(params, labels, keys)
 
 
 def sample_tokens(model: GPT, labels: jax.Array, keys: jax.Array, config: SamplingConfig) -> jax.Array:

@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
 from fvq_jax.data import codes
+from tests.codes_dirs import write_codes_dir
 
 GRID = (2, 2)
 TOKENS = GRID[0] * GRID[1]
@@ -24,24 +24,9 @@ def image_codes(image: int, grids: int, offset: int = 0) -> np.ndarray:
 
 def write_codes(directory, num_images: int, *, grids: int = 5, shard_size: int = 4, offset: int = 0) -> str:
     """A finished codes directory of `num_images` images (label = image % 3) in shards of `shard_size`."""
-    directory = str(directory)
-    os.makedirs(directory, exist_ok=True)
-    shards = []
-    for s, start in enumerate(range(0, num_images, shard_size)):
-        end = min(start + shard_size, num_images)
-        name = codes.shard_stem(s % 2, s) + ".array_record"
-        writer = array_record_module.ArrayRecordWriter(os.path.join(directory, name), codes.WRITER_OPTIONS)
-        for i in range(start, end):
-            writer.write(codes.encode_record(i % 3, i, image_codes(i, grids, offset)))
-        writer.close()
-        shards.append({"file": name, "process": s % 2, "shard": s, "first": start, "end": end, "images": end - start})
-    manifest = {"format": codes.MANIFEST_FORMAT, "version": codes.MANIFEST_VERSION, "status": "complete",
-                "record": {"grids_per_image": grids, "grid": list(GRID)}, "tokenizer": {"codebook_size": 4096},
-                "num_classes": 3, "class_names": ["a", "b", "c"], "num_images": num_images, "num_shards": len(shards),
-                "shards": shards}
-    with open(os.path.join(directory, codes.MANIFEST), "w") as f:
-        json.dump(manifest, f)
-    return directory
+    return write_codes_dir(directory, [image_codes(i, grids, offset) for i in range(num_images)],
+                           [i % 3 for i in range(num_images)], codebook_size=4096, num_classes=3,
+                           shard_size=shard_size, class_names=["a", "b", "c"])
 
 
 def stream(dataset, num_batches, *, global_batch=4, seed=0, **kwargs):
