@@ -2,7 +2,8 @@
 
 Everything here works on flat token matrices `z: [N, D]` against a codebook `codebook: [K, D]`
 and runs in float32 whatever the model's compute dtype; the modules in this package reshape
-and call these.
+and call these. A bfloat16 codebook (a bridge run in bf16) is taken as it is: its values are
+exact in float32, so every result equals that of its float32 copy, which is never made whole.
 
 The nearest-code search comes in two forms with identical results:
 - naive: builds the [N, K] distance matrix (fastest for small K, memory N x K);
@@ -32,6 +33,11 @@ def _check_precision(precision: str) -> None:
 def cast_codebook(codebook: jax.Array, precision: Precision) -> jax.Array:
     """The codebook as the search's products read it (bf16 products cast it once, up front)."""
     return codebook.astype(jnp.bfloat16) if precision == "bf16" else codebook
+
+
+def search_dtype(x: jax.Array) -> jax.Array:
+    """x as the search reads it: bfloat16 stays (cast exactly where it is used), anything else float32."""
+    return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
 
 
 def inner_products(z: jax.Array, codebook: jax.Array, precision: Precision = "fp32") -> jax.Array:
@@ -79,7 +85,7 @@ def nearest_code(
 
     Args:
       z: [N, D] tokens.
-      codebook: [K, D] codes.
+      codebook: [K, D] codes (float32, or bfloat16 searched by its exact float32 values).
       precision: 'fp32' | 'tf32' | 'bf16' (products only; norms and sums stay float32).
       tile_size: codes per tile; None (or >= K) searches the whole codebook at once.
       token_chunk: tokens per chunk when tiling; None processes all N tokens per tile.
@@ -88,7 +94,7 @@ def nearest_code(
     """
     _check_precision(precision)
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
-    codebook = jax.lax.stop_gradient(codebook.astype(jnp.float32))
+    codebook = jax.lax.stop_gradient(search_dtype(codebook))
     num_codes = codebook.shape[0]
     if tile_size is not None and tile_size <= 0:
         raise ValueError(f"search tile_size must be positive, got {tile_size}")
@@ -217,7 +223,8 @@ def quantize(
 
     Args:
       z: [..., D] encoder features (any leading shape), cast to float32.
-      codebook: [K, D] codes (already produced by the projector), cast to float32.
+      codebook: [K, D] codes (already produced by the projector): float32, or bfloat16 (exact in
+        float32; no float32 copy of the whole codebook is made for the search).
       beta: commitment weight.
       entropy_weight: weight of `entropy_loss` (0 skips its N x K matrix).
       l2_norm: search and quantize on the unit sphere (LlamaGen-style codes).
@@ -231,12 +238,13 @@ def quantize(
     if codebook.ndim != 2 or codebook.shape[1] != dim:
         raise ValueError(f"codebook must be [K, {dim}] to match z [..., {dim}], got {codebook.shape}")
     z = z.astype(jnp.float32).reshape(-1, dim)
-    codebook = codebook.astype(jnp.float32)
+    codebook = search_dtype(codebook)
     if l2_norm:
         z = l2_normalize(z)
-        codebook = l2_normalize(codebook)
+        codebook = l2_normalize(codebook.astype(jnp.float32))
     indices = nearest_code(z, codebook, precision=precision, tile_size=tile_size, token_chunk=token_chunk)
-    codes = jnp.take(codebook, indices, axis=0)
+    # Gathered (and, backward, scatter-added) in float32; the cast fuses into the gather.
+    codes = jnp.take(codebook.astype(jnp.float32), indices, axis=0)
     cb_loss = codebook_loss(z, codes)
     commit = beta * commitment_loss(z, codes)
     if entropy_weight:
