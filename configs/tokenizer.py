@@ -74,6 +74,7 @@ def paper_config() -> ml_collections.ConfigDict:
         search_precision="fp32",  # fp32 | tf32 | bf16 products
         search_tile=8192,  # codes per tile of the memory-bounded search; 0 = whole codebook at once
         search_token_chunk=0,
+        search_impl="xla",  # xla (naive / tiled as search_tile says) | pallas (fused matmul + running argmin kernel)
         usage_window=0,  # 0 = FVQ's window (65,536 below K = 65,536, else K + 1)
         bridge_head_init_std=0.0,  # 0 = the method's zero-initialised bridge head; > 0 for the ablation study
         bridge_dtype="fp32",  # fp32 | bf16 activations of the projector (parameters, search, losses stay fp32)

@@ -50,6 +50,7 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     config_lib.require_number(cfg.entropy_weight, f("entropy_weight"), strict=False)
     config_lib.require_number(cfg.entropy_temperature, f("entropy_temperature"))
     config_lib.require_choice(cfg.search_precision, f("search_precision"), ops.PRECISIONS)
+    config_lib.require_choice(cfg.search_impl, f("search_impl"), ops.SEARCH_IMPLS)
     for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
         config_lib.require_number(cfg[name], f(name), strict=False, integer=True)
     config_lib.require_number(cfg.bridge_head_init_std, f("bridge_head_init_std"), strict=False)
@@ -85,7 +86,7 @@ def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mo
     common = dict(
         beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
         search=SearchOptions(precision=cfg.search_precision, tile_size=cfg.search_tile or None,
-                             token_chunk=cfg.search_token_chunk or None),
+                             token_chunk=cfg.search_token_chunk or None, impl=cfg.search_impl),
         usage_window=cfg.usage_window or None, dtype=BRIDGE_DTYPES[cfg.bridge_dtype], rngs=rngs)
     k, d = cfg.codebook_size, cfg.code_dim
     bridged = dict(projector=cfg.projector, bridge_chunks=cfg.bridge_chunks)

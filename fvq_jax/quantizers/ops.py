@@ -5,10 +5,12 @@ and runs in float32 whatever the model's compute dtype; the modules in this pack
 and call these. A bfloat16 codebook (a bridge run in bf16) is taken as it is: its values are
 exact in float32, so every result equals that of its float32 copy, which is never made whole.
 
-The nearest-code search comes in two forms with identical results:
+The nearest-code search comes in three forms with identical results:
 - naive: builds the [N, K] distance matrix (fastest for small K, memory N x K);
 - tiled: scans over tiles of `tile_size` codes (and chunks of `token_chunk` tokens) keeping a
-  running min / argmin, so memory is O(N x tile_size) whatever K is.
+  running min / argmin, so memory is O(N x tile_size) whatever K is;
+- pallas (impl='pallas'): one fused kernel keeps the running min / argmin on chip, so no
+  distances reach memory at all (`pallas_search`).
 Neither needs a backward pass: indices are integers, and the gradient of `codebook[indices]`
 is a scatter-add into the K rows, so no N x K matrix exists in the backward pass either.
 """
@@ -21,8 +23,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from fvq_jax.quantizers import pallas_search
+
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS = ("fp32", "tf32", "bf16")
+SearchImpl = Literal["xla", "pallas"]
+SEARCH_IMPLS = ("xla", "pallas")
 
 
 def _check_precision(precision: str) -> None:
@@ -80,6 +86,7 @@ def nearest_code(
     precision: Precision = "fp32",
     tile_size: int | None = None,
     token_chunk: int | None = None,
+    impl: SearchImpl = "xla",
 ) -> jax.Array:
     """Index of the nearest code (squared L2) for every token; ties go to the lowest index.
 
@@ -89,10 +96,14 @@ def nearest_code(
       precision: 'fp32' | 'tf32' | 'bf16' (products only; norms and sums stay float32).
       tile_size: codes per tile; None (or >= K) searches the whole codebook at once.
       token_chunk: tokens per chunk when tiling; None processes all N tokens per tile.
+      impl: 'xla' (naive or tiled, as tile_size says) or 'pallas' (the fused kernel, which picks
+        its own blocks and ignores tile_size and token_chunk).
     Returns:
       indices: [N] int32. No gradient flows through the search.
     """
     _check_precision(precision)
+    if impl not in SEARCH_IMPLS:
+        raise ValueError(f"search impl must be one of {SEARCH_IMPLS}, got {impl!r}")
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
     codebook = jax.lax.stop_gradient(search_dtype(codebook))
     num_codes = codebook.shape[0]
@@ -100,6 +111,8 @@ def nearest_code(
         raise ValueError(f"search tile_size must be positive, got {tile_size}")
     if token_chunk is not None and token_chunk <= 0:
         raise ValueError(f"search token_chunk must be positive, got {token_chunk}")
+    if impl == "pallas":
+        return pallas_search.nearest_code(z, squared_norms(z), codebook, squared_norms(codebook), precision=precision)
     if tile_size is None or tile_size >= num_codes:
         d = squared_distances(z, codebook, precision)
         return jnp.argmin(d, axis=-1).astype(jnp.int32)
@@ -218,6 +231,7 @@ def quantize(
     precision: Precision = "fp32",
     tile_size: int | None = None,
     token_chunk: int | None = None,
+    impl: SearchImpl = "xla",
 ) -> dict[str, jax.Array]:
     """Quantize tokens against a codebook, with the VQ losses.
 
@@ -228,6 +242,7 @@ def quantize(
       beta: commitment weight.
       entropy_weight: weight of `entropy_loss` (0 skips its N x K matrix).
       l2_norm: search and quantize on the unit sphere (LlamaGen-style codes).
+      precision, tile_size, token_chunk, impl: how the nearest code is found (`nearest_code`).
     Returns a dict:
       z_q: [..., D] quantized features, straight-through (gradient to z as identity);
       indices: [...] int32;
@@ -242,7 +257,8 @@ def quantize(
     if l2_norm:
         z = l2_normalize(z)
         codebook = l2_normalize(codebook.astype(jnp.float32))
-    indices = nearest_code(z, codebook, precision=precision, tile_size=tile_size, token_chunk=token_chunk)
+    indices = nearest_code(z, codebook, precision=precision, tile_size=tile_size, token_chunk=token_chunk,
+                           impl=impl)
     # Gathered (and, backward, scatter-added) in float32; the cast fuses into the gather.
     codes = jnp.take(codebook.astype(jnp.float32), indices, axis=0)
     cb_loss = codebook_loss(z, codes)

@@ -74,7 +74,7 @@ def quantize_levels(
         tokens = level.to_tokens(residual)
         flat = tokens.reshape(-1, dim)
         idx = ops.nearest_code(flat, codebook, precision=search.precision, tile_size=search.tile_size,
-                               token_chunk=search.token_chunk)
+                               token_chunk=search.token_chunk, impl=search.impl)
         contribution = level.to_grid(jnp.take(codebook.astype(jnp.float32), idx, axis=0).reshape(tokens.shape))
         f_hat = f_hat + contribution
         residual = residual - jax.lax.stop_gradient(contribution)

@@ -23,15 +23,20 @@ class SearchOptions:
     precision: 'fp32' | 'tf32' | 'bf16' products for the distances.
     tile_size: codes per tile for the memory-bounded search; None searches all K at once.
     token_chunk: tokens per chunk inside the tiled search; None takes all tokens per tile.
+    impl: 'xla' (naive or tiled) | 'pallas' (the fused kernel of `pallas_search`; it picks its
+      own blocks, so tile_size and token_chunk apply to 'xla' only).
     """
 
     precision: ops.Precision = "fp32"
     tile_size: int | None = None
     token_chunk: int | None = None
+    impl: ops.SearchImpl = "xla"
 
     def __post_init__(self):
         if self.precision not in ops.PRECISIONS:
             raise ValueError(f"search precision must be one of {ops.PRECISIONS}, got {self.precision!r}")
+        if self.impl not in ops.SEARCH_IMPLS:
+            raise ValueError(f"search impl must be one of {ops.SEARCH_IMPLS}, got {self.impl!r}")
         for field in ("tile_size", "token_chunk"):
             value = getattr(self, field)
             if value is not None and value <= 0:
@@ -102,7 +107,7 @@ class VectorQuantizer(nnx.Module):
             z, codebook, beta=self.beta, entropy_weight=self.entropy_weight,
             entropy_temperature=self.entropy_temperature, l2_norm=self.l2_norm,
             precision=self.search.precision, tile_size=self.search.tile_size,
-            token_chunk=self.search.token_chunk)
+            token_chunk=self.search.token_chunk, impl=self.search.impl)
 
     def track_usage(self, indices: jax.Array) -> jax.Array:
         """Push indices into the FIFO window; returns the windowed usage fraction."""
