@@ -3,7 +3,8 @@
 Everything here works on flat token matrices `z: [N, D]` against a codebook `codebook: [K, D]`
 and runs in float32 whatever the model's compute dtype; the modules in this package reshape
 and call these. A bfloat16 codebook (a bridge run in bf16) is taken as it is: its values are
-exact in float32, so every result equals that of its float32 copy, which is never made whole.
+exact in float32, so every result equals that of its float32 copy, which these functions never
+ask for whole (the casts sit where the values are used).
 
 The nearest-code search comes in three forms with identical results:
 - naive: builds the [N, K] distance matrix (fastest for small K, memory N x K);
@@ -11,7 +12,7 @@ The nearest-code search comes in three forms with identical results:
   running min / argmin, so memory is O(N x tile_size) whatever K is;
 - pallas (impl='pallas'): one fused kernel keeps the running min / argmin on chip, so no
   distances reach memory at all (`pallas_search`).
-Neither needs a backward pass: indices are integers, and the gradient of `codebook[indices]`
+None needs a backward pass: indices are integers, and the gradient of `codebook[indices]`
 is a scatter-add into the K rows, so no N x K matrix exists in the backward pass either.
 """
 

@@ -110,7 +110,9 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int = 1)
         return jax.nn.dot_product_attention(q, k, v)
     b, t = q.shape[:2]
     slices = q.reshape(b, chunks, t // chunks, *q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(lambda q_slice: jax.nn.dot_product_attention(q_slice, k, v)), slices)
+    # Inside a scan nothing can merge the recomputation with the forward pass, so no CSE barrier.
+    attend = jax.checkpoint(lambda q_slice: jax.nn.dot_product_attention(q_slice, k, v), prevent_cse=False)
+    out = jax.lax.map(attend, slices)
     return out.swapaxes(0, 1).reshape(q.shape)
 
 
