@@ -129,6 +129,8 @@ def nearest_code(
         interpret = backend not in ("gpu", "tpu")
     num_tokens, dim = z.shape
     num_codes = codebook.shape[0]
+    if backend == "gpu" and not interpret and (dim < 16 or dim & (dim - 1)):
+        raise ValueError(f"the Triton search kernel needs a code width D that is a power of two >= 16, got {dim}")
     if precision == "bf16":  # cast once, not per tile (the same values the kernel would cast to)
         z, codebook = z.astype(jnp.bfloat16), codebook.astype(jnp.bfloat16)
     n_pad = math.ceil(num_tokens / block_tokens) * block_tokens

@@ -34,12 +34,14 @@ def test_bridge_dtype_and_chunks_reach_the_bridge():
 
 @pytest.mark.parametrize("quantizer_type", ["vq", "residual"])
 def test_pallas_search_changes_no_value_or_gradient(quantizer_type):
-    """The whole quantizer, bridge included, forward and backward: the same with either search."""
-    z = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    """The whole quantizer, bridge included, forward and backward: the same with either search
+    (D = 16: the smallest the Triton kernel takes)."""
+    z = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
     w = jax.random.normal(jax.random.key(1), z.shape)
 
     def run(impl):
-        q = build_quantizer(tiny_model.quantizer_config(type=quantizer_type, search_impl=impl), rngs=nnx.Rngs(0))
+        cfg = tiny_model.quantizer_config(type=quantizer_type, search_impl=impl, code_dim=16)
+        q = build_quantizer(cfg, rngs=nnx.Rngs(0))
         graph, params, rest = nnx.split(q, nnx.Param, ...)
         params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
 

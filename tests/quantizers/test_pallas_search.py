@@ -2,7 +2,8 @@
 
 Most inputs lie on a grid of 1/8 steps, so every product and sum is exact in float32, TF32 and
 bf16: distances are then bit-identical however a backend orders its sums, ties are real, and
-equal indices are a property of the arithmetic, not of one CPU's codegen.
+equal indices are a property of the arithmetic, not of one CPU's codegen. Sizes keep D >= 16 and
+blocks >= 16, so on a GPU the same tests run the compiled Triton kernel.
 """
 
 import jax
@@ -48,14 +49,14 @@ def test_equals_the_xla_search(layout, precision):
 
 @pytest.mark.parametrize("layout", pallas_search.LAYOUTS)
 def test_planted_ties_go_to_the_lowest_index(layout):
-    z, e = _grid_data(20, 40, 8, seed=1)
+    z, e = _grid_data(20, 40, 16, seed=1)
     e = np.asarray(e).copy()
-    e[21] = e[3]  # across code tiles of 8
+    e[21] = e[3]  # across code tiles of 16
     e[38] = e[3]
     e[11] = e[10]  # inside one tile
     z = jnp.asarray(np.concatenate([e[[3, 21, 38, 10, 11]], np.asarray(z)]))
     e = jnp.asarray(e)
-    got = np.asarray(_kernel(z, e, layout=layout, block_tokens=8, block_codes=8))
+    got = np.asarray(_kernel(z, e, layout=layout, block_tokens=16, block_codes=16))
     np.testing.assert_array_equal(got[:5], [3, 3, 3, 10, 10])
     np.testing.assert_array_equal(got, np.asarray(ops.nearest_code(z, e)))
 
@@ -78,7 +79,7 @@ def test_bf16_codebook_is_read_exactly():
 
 def test_quantize_values_and_gradients_do_not_depend_on_the_search_impl():
     """The straight-through estimator and the losses see only the indices."""
-    z, e = _grid_data(64, 50, 8, seed=4)
+    z, e = _grid_data(64, 50, 16, seed=4)
     z = z + 0.01 * jax.random.normal(jax.random.key(0), z.shape)  # no ties: one answer for every path
     w = jax.random.normal(jax.random.key(1), z.shape)
 
@@ -113,7 +114,7 @@ def test_lowers_for_gpu_and_tpu(platform, target, precision):
 
 
 def test_unknown_impl_and_layout_are_rejected():
-    z, e = _grid_data(4, 4, 2)
+    z, e = _grid_data(4, 4, 16)
     with pytest.raises(ValueError, match="search impl must be one of"):
         ops.nearest_code(z, e, impl="triton")
     with pytest.raises(ValueError, match="layout must be one of"):
