@@ -134,7 +134,9 @@ def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None
 def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None:
     """How many indices a bf16 bridge changes: the same (trained-looking, random) bridge and raw
     codebook in fp32 and bf16, searched in fp32 for random tokens drawn like the fp32 codebook
-    (its per-dimension mean and spread). Not realistic encoder outputs: no trained model here."""
+    (its per-dimension mean and spread). Not realistic encoder outputs: no trained model here.
+    For the tokens that differ, the bf16 choice's squared distance (to the fp32 codes) relative to
+    the nearest one's: how far from a tie the flips are."""
     codebooks = {}
     for dtype in ("fp32", "bf16"):
         cfg = quantizer_config(codebook_size, dim, "chunks+bf16" if dtype == "bf16" else "chunks", args)
@@ -147,9 +149,15 @@ def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None
     z = mean + std * jax.random.normal(jax.random.key(2), (tokens, dim))
     search = jax.jit(lambda z, e: ops.nearest_code(z, e, precision=args.precision, tile_size=args.tile))
     idx = {k: np.asarray(search(z, e)) for k, e in codebooks.items()}
+    differ = idx["fp32"] != idx["bf16"]
+    # How much farther (by the fp32 codes) the bf16 bridge's choice is than the nearest code.
+    d = {k: np.asarray(jnp.sum(jnp.square(z - reference[i]), axis=-1), np.float64) for k, i in idx.items()}
+    excess = (d["bf16"] - d["fp32"])[differ] / d["fp32"][differ]
     emit(dict(what="bridge_bf16_vs_fp32_indices", K=codebook_size, tokens=tokens, D=dim, bridge=cfg.projector,
               data="random tokens shaped like the fp32 codebook, random bridge",
-              fraction_differing=float(np.mean(idx["fp32"] != idx["bf16"])),
+              fraction_differing=float(np.mean(differ)),
+              excess_distance_median=float(np.median(excess)) if differ.any() else 0.0,
+              excess_distance_max=float(np.max(excess)) if differ.any() else 0.0,
               codes_relative_error=float(jnp.linalg.norm(codebooks["bf16"].astype(jnp.float32) - reference)
                                          / jnp.linalg.norm(reference)),
               device=describe_device()), out)
