@@ -56,3 +56,21 @@ def test_pallas_search_changes_no_value_or_gradient(quantizer_type):
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
     np.testing.assert_array_equal(np.asarray(loss), np.asarray(ref_loss))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), grads, ref_grads)
+
+
+@pytest.mark.parametrize("quantizer_type", ["vq", "residual", "multiscale"])
+def test_bf16_bridge_trains_every_bridged_type_in_float32(quantizer_type):
+    """bf16 activations, float32 parameters, gradients, z_q and losses."""
+    cfg = tiny_model.quantizer_config(type=quantizer_type, bridge_dtype="bf16", bridge_chunks=2)
+    q = build_quantizer(cfg, rngs=nnx.Rngs(0))
+    graph, params, rest = nnx.split(q, nnx.Param, ...)
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+
+    def loss(params, z):
+        out = nnx.merge(graph, params, rest)(z)
+        return out["loss"] + jnp.mean(out["z_q"] ** 2), out
+
+    (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, z)
+    assert out["z_q"].dtype == jnp.float32 and np.isfinite(float(value))
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert q.codebook().dtype == jnp.float32 and q.codebook(None).dtype == jnp.bfloat16
