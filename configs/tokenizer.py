@@ -76,8 +76,14 @@ def paper_config() -> ml_collections.ConfigDict:
         search_precision="fp32",  # fp32 | tf32 | bf16 products
         search_tile=8192,  # codes per tile of the memory-bounded search; 0 = whole codebook at once
         search_token_chunk=0,
+        search_impl="xla",  # xla (naive / tiled as search_tile says) | pallas (fused matmul + running argmin kernel)
         usage_window=0,  # 0 = FVQ's window (65,536 below K = 65,536, else K + 1)
         bridge_head_init_std=0.0,  # 0 = the method's zero-initialised bridge head; > 0 for the ablation study
+        bridge_dtype="fp32",  # fp32 | bf16 activations of the projector (parameters, search, losses stay fp32)
+        # Bands the VQBridge runs in (a divisor of sqrt(K) / patch; 1 = all at once): 8 takes a quantizer step at
+        # K = 262,144 (L/8, 8,192 tokens) from 3.5 to 1.5 GiB, 1.36 with search_token_chunk=2048
+        # (benchmarks/RESULTS.md); same values up to float rounding.
+        bridge_chunks=1,
         residual_depth=4,  # type=residual: quantization depths sharing one codebook
         scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale
         ema_decay=0.99,  # type=ema: codebook EMA decay

@@ -1,38 +1,83 @@
-"""Quantizer forward+backward: tiled vs naive nearest-code search, same run, same inputs.
+"""Quantizer forward+backward: today's program against the memory and search options, same run.
 
-  python -m fvq_jax.benchmarks.quantizer                       # K in {16k, 65k, 262k}, tokens {2048, 8192}
-  python -m fvq_jax.benchmarks.quantizer --codebooks=16384 --tokens=2048 --iters=3   # CPU-sized
+  python -m fvq_jax.benchmarks.quantizer                        # K in {16k, 65k, 262k}, tokens {2048, 8192}
+  python -m fvq_jax.benchmarks.quantizer --codebooks=262144 --tokens=8192 --iters=0   # memory only (compile)
+  python -m fvq_jax.benchmarks.quantizer --cpu_scheduler=memory --iters=0             # CPU: memory-minimising schedule
+  python -m fvq_jax.benchmarks.quantizer --agreement --codebooks=16384 --tokens=4096  # bf16 vs fp32 bridge indices
 
-What is timed is the whole quantizer as training runs it: VQBridge (L/4 below K = 65,536,
+What is measured is the whole quantizer as training runs it: VQBridge (L/4 below K = 65,536,
 L/8 from there, the reference recipes) on the raw codebook, nearest-code search for `tokens`
-D = 256 vectors, gather, codebook + commitment losses, a downstream loss on z_q, and the
-backward pass to the raw codebook, the bridge and z. Memory is XLA's buffer assignment for
-one call (arguments + outputs + temporaries). On a GPU the bare N x K x D product (the floor
-for any exact search) is timed too.
+D = 256 vectors, gather, codebook + commitment losses, a downstream loss on z_q, and the backward
+pass to the raw codebook, the bridge and z. Each variant is the paper config's quantizer block
+with some switches flipped (`--variants`, '+'-joined):
+
+  baseline  today's program: fp32 bridge in one piece, XLA search tiled at --tile codes
+  bf16      quantizer.bridge_dtype = bf16
+  chunks    quantizer.bridge_chunks = --bridge_chunks
+  tokens    quantizer.search_token_chunk = --token_chunk (the XLA search's tile of distances shrinks)
+  pallas    quantizer.search_impl = pallas (the fused kernel: no distances in memory)
+  naive     quantizer.search_tile = 0 (the whole [tokens, K] distance matrix)
+
+Memory is XLA's buffer assignment for one call (arguments + outputs + temporaries), available on
+every backend. On the CPU two caveats hold: XLA:CPU's default scheduler orders work for
+concurrency, not memory (`--cpu_scheduler=memory` switches to its memory-minimising one, nearer
+to what a GPU compiler does), and it runs bf16 matmuls in float32 with float32 copies of their
+operands, which a GPU does not. Pallas runs in interpret mode off GPUs and TPUs: its memory is the
+interpreter's and it is never timed there. On a GPU the bare N x K x D product (the floor for any
+exact search) is timed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fvq_jax.benchmarks.common import compiled_memory_gib, describe_device, emit, time_fn
-from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
+from fvq_jax import config_lib
+from fvq_jax.benchmarks.common import compiled_memory, describe_device, emit, time_fn
+from fvq_jax.quantizers import ops
+from fvq_jax.quantizers.factory import build_quantizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_VARIANTS = "baseline,bf16,chunks,chunks+bf16,chunks+tokens,chunks+pallas,chunks+bf16+pallas"
+SWITCHES = ("baseline", "bf16", "chunks", "tokens", "pallas", "naive")
 
 
 def bridge_for(codebook_size: int) -> str:
     return "L/4" if codebook_size < 65_536 else "L/8"
 
 
-def quantizer_step(codebook_size: int, dim: int, search: SearchOptions, bridge: str):
-    """(jitted fwd+bwd of the quantizer, its arguments)."""
-    quantizer = VectorQuantizer(codebook_size, dim, projector=bridge, search=search, rngs=nnx.Rngs(0))
+def quantizer_config(codebook_size: int, dim: int, variant: str, args):
+    """The paper config's quantizer block at (K, D) with the variant's switches flipped."""
+    switches = variant.split("+")
+    unknown = [s for s in switches if s not in SWITCHES]
+    if unknown:
+        raise ValueError(f"unknown variant switches {unknown} in {variant!r}; choose from {SWITCHES}")
+    cfg = config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config("paper").quantizer
+    cfg.update(codebook_size=codebook_size, code_dim=dim, projector=bridge_for(codebook_size),
+               search_precision=args.precision, search_tile=0 if "naive" in switches else args.tile,
+               search_token_chunk=args.token_chunk if "tokens" in switches else 0,
+               search_impl="pallas" if "pallas" in switches else "xla",
+               bridge_dtype="bf16" if "bf16" in switches else "fp32",
+               bridge_chunks=args.bridge_chunks if "chunks" in switches else 1)
+    return cfg
+
+
+def quantizer_step(cfg, *, abstract: bool):
+    """(jitted fwd+bwd of the quantizer, its parameters); abstract: shapes only, for compiling."""
+    if abstract:
+        quantizer = nnx.eval_shape(lambda: build_quantizer(cfg, rngs=nnx.Rngs(0)))
+    else:
+        quantizer = build_quantizer(cfg, rngs=nnx.Rngs(0))
     graph, params, rest = nnx.split(quantizer, nnx.Param, ...)
-    # A trained-looking bridge: random head weights, so codes differ and the search has work to do.
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
+    if not abstract:
+        # A trained-looking bridge: random head weights, so codes differ and the search has work to do.
+        params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
 
     def loss(params, z, w):
         out = nnx.merge(graph, params, rest)(z)
@@ -41,26 +86,35 @@ def quantizer_step(codebook_size: int, dim: int, search: SearchOptions, bridge: 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
-def run(codebook_size: int, tokens: int, dim: int, tile: int, precision: str, iters: int, out=None) -> dict:
-    bridge = bridge_for(codebook_size)
-    key_z, key_w = jax.random.split(jax.random.key(0))
-    z = jax.random.normal(key_z, (1, tokens, 1, dim))
-    w = jax.random.normal(key_w, z.shape)
-    results = {}
-    for mode, search in (("naive", SearchOptions(precision=precision)),
-                         ("tiled", SearchOptions(precision=precision, tile_size=tile))):
-        fn, params = quantizer_step(codebook_size, dim, search, bridge)
-        memory = compiled_memory_gib(fn, params, z, w)
-        timing = time_fn(fn, params, z, w, iters=iters)
-        results[mode] = dict(timing, memory_GiB=memory)
-        emit(dict(what="quantizer_fwd_bwd", mode=mode, K=codebook_size, tokens=tokens, D=dim, bridge=bridge,
-                  precision=precision, tile=tile if mode == "tiled" else None, **timing, memory_GiB=memory,
-                  device=describe_device()), out)
-    ratio = dict(what="quantizer_ratio", K=codebook_size, tokens=tokens, precision=precision,
-                 speedup_tiled_vs_naive=results["naive"]["median_ms"] / results["tiled"]["median_ms"],
-                 memory_naive_over_tiled=results["naive"]["memory_GiB"] / results["tiled"]["memory_GiB"])
-    emit(ratio, out)
-    return ratio
+def run(codebook_size: int, tokens: int, dim: int, variants: list[str], args, out=None) -> None:
+    """Memory (and time, where it means something) of each variant; ratios against the first."""
+    shape = (1, tokens, 1, dim)
+    abstract = args.iters == 0
+    if abstract:
+        z = w = jax.ShapeDtypeStruct(shape, jnp.float32)
+    else:
+        key_z, key_w = jax.random.split(jax.random.key(0))
+        z, w = jax.random.normal(key_z, shape), jax.random.normal(key_w, shape)
+    interpreted = jax.default_backend() not in ("gpu", "tpu")
+    first = None
+    for variant in variants:
+        cfg = quantizer_config(codebook_size, dim, variant, args)
+        fn, params = quantizer_step(cfg, abstract=abstract)
+        record = dict(what="quantizer_fwd_bwd", variant=variant, K=codebook_size, tokens=tokens, D=dim,
+                      bridge=cfg.projector, bridge_dtype=cfg.bridge_dtype, bridge_chunks=cfg.bridge_chunks,
+                      search=cfg.search_impl, precision=cfg.search_precision, tile=cfg.search_tile,
+                      token_chunk=cfg.search_token_chunk, **compiled_memory(fn.lower(params, z, w).compile()))
+        if cfg.search_impl == "pallas" and interpreted:
+            record["note"] = "Pallas interpret mode: memory of the interpreter's program, no timing"
+        elif not abstract:
+            record.update(time_fn(fn, params, z, w, iters=args.iters))
+        if first is None:
+            first = record
+        else:
+            record["memory_vs_" + first["variant"]] = first["memory_GiB"] / record["memory_GiB"]
+            if "median_ms" in record and "median_ms" in first:
+                record["speedup_vs_" + first["variant"]] = first["median_ms"] / record["median_ms"]
+        emit(dict(record, device=describe_device(), cpu_scheduler=args.cpu_scheduler if interpreted else None), out)
 
 
 def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None) -> None:
@@ -77,21 +131,66 @@ def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None
                   tflops=2 * tokens * codebook_size * dim / t["median_ms"] / 1e9, device=describe_device()), out)
 
 
+def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None:
+    """How many indices a bf16 bridge changes: the same (trained-looking, random) bridge and raw
+    codebook in fp32 and bf16, searched in fp32 for random tokens drawn like the fp32 codebook
+    (its per-dimension mean and spread). Not realistic encoder outputs: no trained model here.
+    For the tokens that differ, the bf16 choice's squared distance (to the fp32 codes) relative to
+    the nearest one's: how far from a tie the flips are."""
+    codebooks = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = quantizer_config(codebook_size, dim, "chunks+bf16" if dtype == "bf16" else "chunks", args)
+        quantizer = build_quantizer(cfg, rngs=nnx.Rngs(0))
+        graph, params, rest = nnx.split(quantizer, nnx.Param, ...)
+        params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
+        codebooks[dtype] = jax.jit(lambda p: nnx.merge(graph, p, rest).codebook(None))(params)
+    reference = codebooks["fp32"]
+    mean, std = jnp.mean(reference, axis=0), jnp.std(reference, axis=0)
+    z = mean + std * jax.random.normal(jax.random.key(2), (tokens, dim))
+    search = jax.jit(lambda z, e: ops.nearest_code(z, e, precision=args.precision, tile_size=args.tile))
+    idx = {k: np.asarray(search(z, e)) for k, e in codebooks.items()}
+    differ = idx["fp32"] != idx["bf16"]
+    # How much farther (by the fp32 codes) the bf16 bridge's choice is than the nearest code.
+    d = {k: np.asarray(jnp.sum(jnp.square(z - reference[i]), axis=-1), np.float64) for k, i in idx.items()}
+    excess = (d["bf16"] - d["fp32"])[differ] / d["fp32"][differ]
+    emit(dict(what="bridge_bf16_vs_fp32_indices", K=codebook_size, tokens=tokens, D=dim, bridge=cfg.projector,
+              data="random tokens shaped like the fp32 codebook, random bridge",
+              fraction_differing=float(np.mean(differ)),
+              excess_distance_median=float(np.median(excess)) if differ.any() else 0.0,
+              excess_distance_max=float(np.max(excess)) if differ.any() else 0.0,
+              codes_relative_error=float(jnp.linalg.norm(codebooks["bf16"].astype(jnp.float32) - reference)
+                                         / jnp.linalg.norm(reference)),
+              device=describe_device()), out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codebooks", default="16384,65536,262144")
     parser.add_argument("--tokens", default="2048,8192")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--tile", type=int, default=8192, help="codes per tile of the tiled search")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated; the first is the baseline")
+    parser.add_argument("--tile", type=int, default=8192, help="codes per tile of the XLA search (paper config)")
+    parser.add_argument("--token_chunk", type=int, default=2048, help="tokens per chunk for the 'tokens' switch")
+    parser.add_argument("--bridge_chunks", type=int, default=8, help="bands for the 'chunks' switch")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="search products")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per variant; 0 = memory only")
+    parser.add_argument("--cpu_scheduler", default="default", choices=["default", "memory"],
+                        help="XLA:CPU's instruction scheduler (memory: minimise memory, not maximise concurrency)")
+    parser.add_argument("--agreement", action="store_true", help="measure bf16 vs fp32 bridge indices instead")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
+    if args.cpu_scheduler == "memory":
+        # Read when the CPU backend starts, which has not happened yet.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     print(f"# device: {describe_device()}")
     for k in (int(x) for x in args.codebooks.split(",")):
         for n in (int(x) for x in args.tokens.split(",")):
-            run(k, n, args.dim, args.tile, args.precision, args.iters, args.out)
-            if jax.default_backend() == "gpu":
+            if args.agreement:
+                agreement(k, n, args.dim, args, args.out)
+                continue
+            run(k, n, args.dim, args.variants.split(","), args, args.out)
+            if jax.default_backend() == "gpu" and args.iters:
                 matmul_floor(k, n, args.dim, args.iters, args.out)
 
 

@@ -6,11 +6,13 @@
   python -m fvq_jax.benchmarks.train_step --config_arg=local --batch=8 --steps=5     # CPU-sized
 
 Each run times our step in the requested precision and, as the baseline in the same run, the
-same step in float32 (`--baseline=fp32`; `none` skips it), and prints the ratio. On an H100 it
-also compares with the PyTorch reference measured on the same card (anchors below) and prints
-model FLOP utilisation: the reference step costs ~1.37 TFLOP per image (torch FlopCounterMode,
-VQ-16, K 16384, L/4, 256x256), so img/s x 1.37e12 / peak is comparable across implementations;
-XLA's own FLOP count of our step is printed beside it.
+same step in float32 (`--baseline=fp32`; `none` skips it), and prints the ratio. Every step line
+carries model FLOP utilisation: XLA's cost analysis of the compiled step (FLOPs per device) over
+the step time and the chip's peak for the step's precision (`common.PEAKS`); on a chip outside
+that table (a CPU) the FLOPs are printed and MFU is "n/a". On an H100 it also compares with the
+PyTorch reference measured on the same card (anchors below): the reference step costs ~1.37 TFLOP
+per image (torch FlopCounterMode, VQ-16, K 16384, L/4, 256x256), so img/s x 1.37e12 / peak is
+printed beside our MFU as an implementation-independent figure.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import jax
 import numpy as np
 
 from fvq_jax import config_lib, sharding
-from fvq_jax.benchmarks.common import compiled_flops, compiled_memory_gib, describe_device, device_peak_gib, emit, time_fn
+from fvq_jax.benchmarks.common import (compiled_flops, compiled_memory, describe_device, device_peak_gib, emit,
+                                       mfu_fields, time_fn)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -34,7 +37,6 @@ REFERENCE_H100 = {
     (262144, "L/8", 8, False): (42.3, 22.83),
 }
 REFERENCE_TFLOP_PER_IMAGE = 1.37
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # measured bf16 matmul peak on the card (anchors)
 
 
 def load_config(arg: str):
@@ -56,19 +58,22 @@ def measure(config, batch_per_device: int, steps: int) -> dict:
     batch = {"image": rng.integers(0, 256, (config.train.global_batch, size, size, 3), dtype=np.uint8),
              "label": np.zeros((config.train.global_batch,), np.int32)}
     batch = jax.device_put(batch, trainer.batch_sharding)
-    memory = compiled_memory_gib(trainer.train_step, state, trainer.lpips_state, batch)
-    flops = compiled_flops(trainer.train_step, state, trainer.lpips_state, batch)
+    compiled = trainer.train_step.lower(state, trainer.lpips_state, batch).compile()
+    memory = compiled_memory(compiled)["memory_GiB"]
+    flops = compiled_flops(compiled)  # per device
 
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = trainer.train_step(holder["state"], trainer.lpips_state, batch)
+        holder["state"], metrics = compiled(holder["state"], trainer.lpips_state, batch)
         return metrics["loss"]
 
     timing = time_fn(step, warmup=2, iters=steps)
-    images_per_sec = config.train.global_batch / (timing["median_ms"] / 1e3)
+    seconds = timing["median_ms"] / 1e3
+    images_per_sec = config.train.global_batch / seconds
     return dict(timing, images_per_sec=images_per_sec, memory_GiB=memory, device_peak_GiB=device_peak_gib(),
-                xla_tflop_per_image=None if flops is None else flops / config.train.global_batch / 1e12)
+                xla_tflop_per_image=None if flops is None else flops * jax.device_count() / config.train.global_batch / 1e12,
+                **mfu_fields(flops, seconds, config.precision))
 
 
 def main(argv=None):
@@ -91,11 +96,9 @@ def main(argv=None):
     record = dict(what="train_step", K=q.codebook_size, bridge=q.projector, batch_per_device=args.batch,
                   res=config.data.image_size, precision=config.precision, device=device, **ours)
     kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    if peak:
-        record["mfu_reference_flops"] = ours["images_per_sec"] * REFERENCE_TFLOP_PER_IMAGE / peak
-        if ours["xla_tflop_per_image"]:
-            record["mfu_xla_flops"] = ours["images_per_sec"] * ours["xla_tflop_per_image"] / peak
+    if ours["peak_tflops"]:
+        per_device = ours["images_per_sec"] / jax.device_count()
+        record["mfu_reference_flops"] = per_device * REFERENCE_TFLOP_PER_IMAGE / ours["peak_tflops"]
     if "H100" in kind:
         for compiled in (False, True):
             ref = REFERENCE_H100.get((q.codebook_size, q.projector, args.batch, compiled))
@@ -109,7 +112,8 @@ def main(argv=None):
         emit(dict(what="train_step_baseline", precision=args.baseline, device=device, **base), args.out)
         emit(dict(what="train_step_ratio", ours=config.precision, baseline=args.baseline,
                   speedup=ours["images_per_sec"] / base["images_per_sec"],
-                  memory_ratio=ours["memory_GiB"] / base["memory_GiB"]), args.out)
+                  memory_ratio=ours["memory_GiB"] / base["memory_GiB"], mfu=ours["mfu"], baseline_mfu=base["mfu"]),
+             args.out)
 
 
 if __name__ == "__main__":

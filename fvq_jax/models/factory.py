@@ -66,7 +66,7 @@ def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
 def build_tokenizer(config: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:
     """VQGAN(config.model) around build_quantizer(config.quantizer)."""
     arch = arch_from_config(config.model)
-    return VQGAN(arch, build_quantizer(config.quantizer, dtype=dtype, rngs=rngs), dtype=dtype, rngs=rngs)
+    return VQGAN(arch, build_quantizer(config.quantizer, rngs=rngs), dtype=dtype, rngs=rngs)
 
 
 def check_discriminator_config(cfg: ml_collections.ConfigDict, prefix: str = "discriminator") -> None:

@@ -137,7 +137,8 @@ class VQGAN(nnx.Module):
 
     The quantizer is any module with `__call__(z, train=) -> dict(z_q, indices, loss, ...)`,
     `lookup(indices) -> codes` and a `code_dim` attribute (vq.VectorQuantizer, the residual and
-    multi-scale variants, ...). It always runs in float32; the convolutions run in `dtype`.
+    multi-scale variants, ...). It runs in float32 (its projector in the quantizer's own compute
+    dtype, `quantizer.bridge_dtype`); the convolutions run in `dtype`.
     """
 
     def __init__(self, arch: VQGANArch, quantizer: nnx.Module, *, dtype=jnp.float32, rngs: nnx.Rngs):

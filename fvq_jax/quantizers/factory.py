@@ -19,6 +19,8 @@ from fvq_jax.quantizers.residual import ResidualQuantizer
 from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 
 QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
+# The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
+BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quantizer", *,
@@ -32,17 +34,23 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
         return f"{prefix}.{name}"
 
     config_lib.require_choice(cfg.type, f("type"), QUANTIZER_TYPES)
-    for name in ("codebook_size", "code_dim"):
+    for name in ("codebook_size", "code_dim", "bridge_chunks"):
         config_lib.require_number(cfg[name], f(name), integer=True)
     try:
         vqbridge.check_projector(cfg.projector, cfg.codebook_size)
     except ValueError as e:
         field = "projector" if cfg.projector not in vqbridge.PROJECTORS else "codebook_size"
         raise config_lib.ConfigError(f(field), str(e)) from None
+    try:
+        vqbridge.check_projector(cfg.projector, cfg.codebook_size, cfg.bridge_chunks)
+    except ValueError as e:
+        raise config_lib.ConfigError(f("bridge_chunks"), str(e)) from None
+    config_lib.require_choice(cfg.bridge_dtype, f("bridge_dtype"), tuple(BRIDGE_DTYPES))
     config_lib.require_number(cfg.beta, f("beta"), strict=False)
     config_lib.require_number(cfg.entropy_weight, f("entropy_weight"), strict=False)
     config_lib.require_number(cfg.entropy_temperature, f("entropy_temperature"))
     config_lib.require_choice(cfg.search_precision, f("search_precision"), ops.PRECISIONS)
+    config_lib.require_choice(cfg.search_impl, f("search_impl"), ops.SEARCH_IMPLS)
     for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
         config_lib.require_number(cfg[name], f(name), strict=False, integer=True)
     config_lib.require_number(cfg.bridge_head_init_std, f("bridge_head_init_std"), strict=False)
@@ -69,20 +77,24 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
         config_lib.require(cfg.ema_decay < 1, f("ema_decay"), f"must be < 1, got {cfg.ema_decay}")
 
 
-def build_quantizer(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
-    """The quantizer that `cfg.type` names, configured from `cfg` (checked first)."""
+def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The quantizer that `cfg.type` names, configured from `cfg` (checked first).
+
+    The projector computes in `cfg.bridge_dtype`, independently of the model's precision.
+    """
     check_quantizer_config(cfg)
     common = dict(
         beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
         search=SearchOptions(precision=cfg.search_precision, tile_size=cfg.search_tile or None,
-                             token_chunk=cfg.search_token_chunk or None),
-        usage_window=cfg.usage_window or None, dtype=dtype, rngs=rngs)
+                             token_chunk=cfg.search_token_chunk or None, impl=cfg.search_impl),
+        usage_window=cfg.usage_window or None, dtype=BRIDGE_DTYPES[cfg.bridge_dtype], rngs=rngs)
     k, d = cfg.codebook_size, cfg.code_dim
+    bridged = dict(projector=cfg.projector, bridge_chunks=cfg.bridge_chunks)
     if cfg.type == "residual":
-        return ResidualQuantizer(k, d, depth=cfg.residual_depth, projector=cfg.projector, **common)
+        return ResidualQuantizer(k, d, depth=cfg.residual_depth, **bridged, **common)
     if cfg.type == "multiscale":
-        return MultiScaleQuantizer(k, d, scales=tuple(cfg.scales), projector=cfg.projector, **common)
+        return MultiScaleQuantizer(k, d, scales=tuple(cfg.scales), **bridged, **common)
     if cfg.type == "ema":
         return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
-    return VectorQuantizer(k, d, projector=cfg.projector, l2_norm=cfg.l2_norm,
-                           bridge_head_init_std=cfg.bridge_head_init_std, **common)
+    return VectorQuantizer(k, d, l2_norm=cfg.l2_norm, bridge_head_init_std=cfg.bridge_head_init_std, **bridged,
+                           **common)

@@ -119,6 +119,7 @@ class MultiScaleQuantizer(VectorQuantizer):
         entropy_temperature: float = 0.01,
         search: SearchOptions = SearchOptions(),
         usage_window: int | None = None,
+        bridge_chunks: int = 1,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -127,7 +128,7 @@ class MultiScaleQuantizer(VectorQuantizer):
             raise ValueError(f"num_phi must be >= 1, got {num_phi}")
         super().__init__(codebook_size, code_dim, projector=projector, beta=beta, entropy_weight=entropy_weight,
                          entropy_temperature=entropy_temperature, search=search, usage_window=usage_window,
-                         dtype=dtype, rngs=rngs)
+                         bridge_chunks=bridge_chunks, dtype=dtype, rngs=rngs)
         self.scales = tuple(scales)
         self.phis = nnx.List([Phi(code_dim, phi_ratio, rngs=rngs) for _ in range(num_phi)])
 
@@ -149,7 +150,7 @@ class MultiScaleQuantizer(VectorQuantizer):
         if z.ndim != 4 or z.shape[1:3] != (grid, grid):
             raise ValueError(f"multi-scale quantizer with scales {self.scales} needs tokens [B, {grid}, {grid}, D], "
                              f"got {z.shape}: the last scale must equal the token grid")
-        out = quantize_levels(z, self.codebook(), self.levels(), beta=self.beta, entropy_weight=self.entropy_weight,
+        out = quantize_levels(z, self.codebook(None), self.levels(), beta=self.beta, entropy_weight=self.entropy_weight,
                               entropy_temperature=self.entropy_temperature, search=self.search)
         out["indices"] = join_scales(out["indices"])
         if train:

@@ -2,13 +2,17 @@
 
 Everything here works on flat token matrices `z: [N, D]` against a codebook `codebook: [K, D]`
 and runs in float32 whatever the model's compute dtype; the modules in this package reshape
-and call these.
+and call these. A bfloat16 codebook (a bridge run in bf16) is taken as it is: its values are
+exact in float32, so every result equals that of its float32 copy, which these functions never
+ask for whole (the casts sit where the values are used).
 
-The nearest-code search comes in two forms with identical results:
+The nearest-code search comes in three forms with identical results:
 - naive: builds the [N, K] distance matrix (fastest for small K, memory N x K);
 - tiled: scans over tiles of `tile_size` codes (and chunks of `token_chunk` tokens) keeping a
-  running min / argmin, so memory is O(N x tile_size) whatever K is.
-Neither needs a backward pass: indices are integers, and the gradient of `codebook[indices]`
+  running min / argmin, so memory is O(N x tile_size) whatever K is;
+- pallas (impl='pallas'): one fused kernel keeps the running min / argmin on chip, so no
+  distances reach memory at all (`pallas_search`).
+None needs a backward pass: indices are integers, and the gradient of `codebook[indices]`
 is a scatter-add into the K rows, so no N x K matrix exists in the backward pass either.
 """
 
@@ -20,8 +24,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from fvq_jax.quantizers import pallas_search
+
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS = ("fp32", "tf32", "bf16")
+SearchImpl = Literal["xla", "pallas"]
+SEARCH_IMPLS = ("xla", "pallas")
 
 
 def _check_precision(precision: str) -> None:
@@ -32,6 +40,11 @@ def _check_precision(precision: str) -> None:
 def cast_codebook(codebook: jax.Array, precision: Precision) -> jax.Array:
     """The codebook as the search's products read it (bf16 products cast it once, up front)."""
     return codebook.astype(jnp.bfloat16) if precision == "bf16" else codebook
+
+
+def search_dtype(x: jax.Array) -> jax.Array:
+    """x as the search reads it: bfloat16 stays (cast exactly where it is used), anything else float32."""
+    return x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
 
 
 def inner_products(z: jax.Array, codebook: jax.Array, precision: Precision = "fp32") -> jax.Array:
@@ -74,26 +87,33 @@ def nearest_code(
     precision: Precision = "fp32",
     tile_size: int | None = None,
     token_chunk: int | None = None,
+    impl: SearchImpl = "xla",
 ) -> jax.Array:
     """Index of the nearest code (squared L2) for every token; ties go to the lowest index.
 
     Args:
       z: [N, D] tokens.
-      codebook: [K, D] codes.
+      codebook: [K, D] codes (float32, or bfloat16 searched by its exact float32 values).
       precision: 'fp32' | 'tf32' | 'bf16' (products only; norms and sums stay float32).
       tile_size: codes per tile; None (or >= K) searches the whole codebook at once.
       token_chunk: tokens per chunk when tiling; None processes all N tokens per tile.
+      impl: 'xla' (naive or tiled, as tile_size says) or 'pallas' (the fused kernel, which picks
+        its own blocks and ignores tile_size and token_chunk).
     Returns:
       indices: [N] int32. No gradient flows through the search.
     """
     _check_precision(precision)
+    if impl not in SEARCH_IMPLS:
+        raise ValueError(f"search impl must be one of {SEARCH_IMPLS}, got {impl!r}")
     z = jax.lax.stop_gradient(z.astype(jnp.float32))
-    codebook = jax.lax.stop_gradient(codebook.astype(jnp.float32))
+    codebook = jax.lax.stop_gradient(search_dtype(codebook))
     num_codes = codebook.shape[0]
     if tile_size is not None and tile_size <= 0:
         raise ValueError(f"search tile_size must be positive, got {tile_size}")
     if token_chunk is not None and token_chunk <= 0:
         raise ValueError(f"search token_chunk must be positive, got {token_chunk}")
+    if impl == "pallas":
+        return pallas_search.nearest_code(z, squared_norms(z), codebook, squared_norms(codebook), precision=precision)
     if tile_size is None or tile_size >= num_codes:
         d = squared_distances(z, codebook, precision)
         return jnp.argmin(d, axis=-1).astype(jnp.int32)
@@ -212,15 +232,18 @@ def quantize(
     precision: Precision = "fp32",
     tile_size: int | None = None,
     token_chunk: int | None = None,
+    impl: SearchImpl = "xla",
 ) -> dict[str, jax.Array]:
     """Quantize tokens against a codebook, with the VQ losses.
 
     Args:
       z: [..., D] encoder features (any leading shape), cast to float32.
-      codebook: [K, D] codes (already produced by the projector), cast to float32.
+      codebook: [K, D] codes (already produced by the projector): float32, or bfloat16 (exact in
+        float32; no float32 copy of the whole codebook is made for the search).
       beta: commitment weight.
       entropy_weight: weight of `entropy_loss` (0 skips its N x K matrix).
       l2_norm: search and quantize on the unit sphere (LlamaGen-style codes).
+      precision, tile_size, token_chunk, impl: how the nearest code is found (`nearest_code`).
     Returns a dict:
       z_q: [..., D] quantized features, straight-through (gradient to z as identity);
       indices: [...] int32;
@@ -231,12 +254,14 @@ def quantize(
     if codebook.ndim != 2 or codebook.shape[1] != dim:
         raise ValueError(f"codebook must be [K, {dim}] to match z [..., {dim}], got {codebook.shape}")
     z = z.astype(jnp.float32).reshape(-1, dim)
-    codebook = codebook.astype(jnp.float32)
+    codebook = search_dtype(codebook)
     if l2_norm:
         z = l2_normalize(z)
-        codebook = l2_normalize(codebook)
-    indices = nearest_code(z, codebook, precision=precision, tile_size=tile_size, token_chunk=token_chunk)
-    codes = jnp.take(codebook, indices, axis=0)
+        codebook = l2_normalize(codebook.astype(jnp.float32))
+    indices = nearest_code(z, codebook, precision=precision, tile_size=tile_size, token_chunk=token_chunk,
+                           impl=impl)
+    # Gathered (and, backward, scatter-added) in float32; the cast fuses into the gather.
+    codes = jnp.take(codebook.astype(jnp.float32), indices, axis=0)
     cb_loss = codebook_loss(z, codes)
     commit = beta * commitment_loss(z, codes)
     if entropy_weight:

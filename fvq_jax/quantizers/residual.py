@@ -54,7 +54,7 @@ def quantize_levels(
 
     Args:
       z: [B, h, w, D] encoder features.
-      codebook: [K, D] searched codes (already projected).
+      codebook: [K, D] searched codes (already projected; float32 or bfloat16, as `ops.quantize`).
     Returns a dict:
       z_q: [B, h, w, D] the final sum f_hat, straight-through (gradient to z as identity);
       indices: a list with one int32 array per level, shaped like that level's tokens [B, s, s'];
@@ -63,7 +63,7 @@ def quantize_levels(
       loss: their sum; perplexity: of all levels' indices together.
     """
     z = z.astype(jnp.float32)
-    codebook = codebook.astype(jnp.float32)
+    codebook = ops.search_dtype(codebook)
     dim = z.shape[-1]
     # The search ignores gradients; only the entropy term reads the residual differentiably, and
     # like plain VQ's it reaches z (codes are subtracted under stop_gradient).
@@ -74,8 +74,8 @@ def quantize_levels(
         tokens = level.to_tokens(residual)
         flat = tokens.reshape(-1, dim)
         idx = ops.nearest_code(flat, codebook, precision=search.precision, tile_size=search.tile_size,
-                               token_chunk=search.token_chunk)
-        contribution = level.to_grid(jnp.take(codebook, idx, axis=0).reshape(tokens.shape))
+                               token_chunk=search.token_chunk, impl=search.impl)
+        contribution = level.to_grid(jnp.take(codebook.astype(jnp.float32), idx, axis=0).reshape(tokens.shape))
         f_hat = f_hat + contribution
         residual = residual - jax.lax.stop_gradient(contribution)
         indices.append(idx.reshape(tokens.shape[:-1]))
@@ -129,6 +129,7 @@ class ResidualQuantizer(VectorQuantizer):
         entropy_temperature: float = 0.01,
         search: SearchOptions = SearchOptions(),
         usage_window: int | None = None,
+        bridge_chunks: int = 1,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -136,12 +137,12 @@ class ResidualQuantizer(VectorQuantizer):
             raise ValueError(f"residual depth must be a positive int, got {depth!r}")
         super().__init__(codebook_size, code_dim, projector=projector, beta=beta, entropy_weight=entropy_weight,
                          entropy_temperature=entropy_temperature, search=search, usage_window=usage_window,
-                         dtype=dtype, rngs=rngs)
+                         bridge_chunks=bridge_chunks, dtype=dtype, rngs=rngs)
         self.depth = depth
 
     def __call__(self, z: jax.Array, *, train: bool = False) -> dict:
         """z: [B, h, w, D] -> dict as `quantize_levels`, indices stacked to [B, h, w, depth]."""
-        out = quantize_levels(z, self.codebook(), [Level()] * self.depth, beta=self.beta,
+        out = quantize_levels(z, self.codebook(None), [Level()] * self.depth, beta=self.beta,
                               entropy_weight=self.entropy_weight, entropy_temperature=self.entropy_temperature,
                               search=self.search)
         out["indices"] = jnp.stack(out["indices"], axis=-1)

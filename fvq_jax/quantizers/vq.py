@@ -23,15 +23,20 @@ class SearchOptions:
     precision: 'fp32' | 'tf32' | 'bf16' products for the distances.
     tile_size: codes per tile for the memory-bounded search; None searches all K at once.
     token_chunk: tokens per chunk inside the tiled search; None takes all tokens per tile.
+    impl: 'xla' (naive or tiled) | 'pallas' (the fused kernel of `pallas_search`; it picks its
+      own blocks, so tile_size and token_chunk apply to 'xla' only).
     """
 
     precision: ops.Precision = "fp32"
     tile_size: int | None = None
     token_chunk: int | None = None
+    impl: ops.SearchImpl = "xla"
 
     def __post_init__(self):
         if self.precision not in ops.PRECISIONS:
             raise ValueError(f"search precision must be one of {ops.PRECISIONS}, got {self.precision!r}")
+        if self.impl not in ops.SEARCH_IMPLS:
+            raise ValueError(f"search impl must be one of {ops.SEARCH_IMPLS}, got {self.impl!r}")
         for field in ("tile_size", "token_chunk"):
             value = getattr(self, field)
             if value is not None and value <= 0:
@@ -49,6 +54,8 @@ class VectorQuantizer(nnx.Module):
     """FVQ quantizer: codes = projector(E); z_q = nearest code; STE; VQ losses; usage window.
 
     With projector="none" this is plain VQ; with a VQBridge preset ("L/4", ...) it is FVQ.
+    dtype is the projector's compute dtype (bfloat16: bf16 activations, float32 parameters); the
+    search and the losses run in float32 either way. bridge_chunks: see `vqbridge.VQBridge`.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class VectorQuantizer(nnx.Module):
         search: SearchOptions = SearchOptions(),
         usage_window: int | None = None,
         bridge_head_init_std: float = 0.0,
+        bridge_chunks: int = 1,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -76,16 +84,22 @@ class VectorQuantizer(nnx.Module):
         self.search = search
         self.projector_name = projector
         self.projector = make_projector(projector, codebook_size, code_dim, bridge_head_init_std=bridge_head_init_std,
-                                        dtype=dtype, rngs=rngs)
+                                        bridge_chunks=bridge_chunks, dtype=dtype, rngs=rngs)
         self.embedding = nnx.Param(uniform_codebook_init(codebook_size)(rngs.params(), (codebook_size, code_dim)))
         buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
 
-    def codebook(self) -> jax.Array:
-        """The searched codebook [K, D] float32 (projector output, unit norm if l2_norm)."""
-        codes = self.projector(self.embedding[...]).astype(jnp.float32)
-        return ops.l2_normalize(codes) if self.l2_norm else codes
+    def codebook(self, dtype=jnp.float32) -> jax.Array:
+        """The searched codebook [K, D] (projector output, unit norm if l2_norm) as `dtype`.
+
+        dtype=None keeps the projector's compute dtype (bfloat16 with a bf16 bridge): the same
+        values at half the memory, which the search takes as they are (`ops.quantize`).
+        """
+        codes = self.projector(self.embedding[...])
+        if self.l2_norm:
+            codes = ops.l2_normalize(codes.astype(jnp.float32))
+        return codes if dtype is None else codes.astype(dtype)
 
     def quantize(self, z: jax.Array, codebook: jax.Array) -> dict[str, jax.Array]:
         """`ops.quantize` with this module's settings: z [..., D] against codebook [K, D]."""
@@ -93,7 +107,7 @@ class VectorQuantizer(nnx.Module):
             z, codebook, beta=self.beta, entropy_weight=self.entropy_weight,
             entropy_temperature=self.entropy_temperature, l2_norm=self.l2_norm,
             precision=self.search.precision, tile_size=self.search.tile_size,
-            token_chunk=self.search.token_chunk)
+            token_chunk=self.search.token_chunk, impl=self.search.impl)
 
     def track_usage(self, indices: jax.Array) -> jax.Array:
         """Push indices into the FIFO window; returns the windowed usage fraction."""
@@ -107,7 +121,7 @@ class VectorQuantizer(nnx.Module):
 
         With train=True the indices also enter the usage window and the dict gains `usage`.
         """
-        out = self.quantize(z, self.codebook())
+        out = self.quantize(z, self.codebook(None))
         if train:
             out["usage"] = self.track_usage(out["indices"])
         return out

@@ -67,21 +67,28 @@ def codebook_side(codebook_size: int) -> int:
     return side
 
 
-def grid_side(codebook_size: int, patch: int) -> int:
-    """sqrt(K), after checking that the sqrt(K) x sqrt(K) grid tiles into p x p patches."""
+def grid_side(codebook_size: int, patch: int, chunks: int = 1) -> int:
+    """sqrt(K), after checking that the sqrt(K) x sqrt(K) grid tiles into p x p patches whose
+    sqrt(K) / p rows split into `chunks` equal bands."""
     side = codebook_side(codebook_size)
     if side % patch:
         raise ValueError(
             f"codebook side {side} (codebook_size={codebook_size}) is not divisible by the bridge patch size {patch}")
+    if not isinstance(chunks, int) or chunks < 1 or (side // patch) % chunks:
+        raise ValueError(f"bridge chunks={chunks!r} must be a positive divisor of the {side // patch} patch rows "
+                         f"(codebook_size={codebook_size}, patch size {patch})")
     return side
 
 
-def check_projector(name: str, codebook_size: int) -> None:
-    """Raise a ValueError naming the problem if projector `name` cannot serve a K-entry codebook."""
+def check_projector(name: str, codebook_size: int, bridge_chunks: int = 1) -> None:
+    """Raise a ValueError naming the problem if projector `name` cannot serve a K-entry codebook
+    (in `bridge_chunks` bands, for a VQBridge)."""
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; choose one of {', '.join(PROJECTORS)}")
     if name in BRIDGE_PRESETS:
-        grid_side(codebook_size, BRIDGE_PRESETS[name].patch)
+        grid_side(codebook_size, BRIDGE_PRESETS[name].patch, bridge_chunks)
+    elif bridge_chunks != 1:
+        raise ValueError(f"bridge chunks={bridge_chunks!r} applies to VQBridge projectors only, not {name!r}")
 
 
 def plain_layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -92,13 +99,35 @@ def plain_layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-class BridgeBlock(nnx.Module):
-    """Pre-LN transformer block: x + MHSA(LN(x)); x + MLP(LN(x)). LN without affine."""
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int = 1) -> jax.Array:
+    """`jax.nn.dot_product_attention` over `chunks` equal slices of the queries.
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    q, k, v: [B, T, heads, head_dim] -> [B, T, heads, head_dim]. With chunks > 1 each slice is
+    recomputed in the backward pass, so the largest attention temporary is [B, heads, T / chunks, T]
+    instead of [B, heads, T, T], forward and backward. chunks = 1 is the plain call.
+    """
+    if chunks == 1:
+        return jax.nn.dot_product_attention(q, k, v)
+    b, t = q.shape[:2]
+    slices = q.reshape(b, chunks, t // chunks, *q.shape[2:]).swapaxes(0, 1)
+    # Inside a scan nothing can merge the recomputation with the forward pass, so no CSE barrier.
+    attend = jax.checkpoint(lambda q_slice: jax.nn.dot_product_attention(q_slice, k, v), prevent_cse=False)
+    out = jax.lax.map(attend, slices)
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
+class BridgeBlock(nnx.Module):
+    """Pre-LN transformer block: x + MHSA(LN(x)); x + MLP(LN(x)). LN without affine.
+
+    attention_chunks: slices of the queries the attention runs in (see `chunked_attention`).
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, attention_chunks: int = 1,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"bridge width {width} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.attention_chunks = attention_chunks
         dense = dict(kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
         self.qkv = nnx.Linear(width, 3 * width, **dense)
         self.proj = nnx.Linear(width, width, **dense)
@@ -110,7 +139,7 @@ class BridgeBlock(nnx.Module):
         b, t, width = x.shape
         qkv = self.qkv(plain_layer_norm(x)).reshape(b, t, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        x = x + self.proj(jax.nn.dot_product_attention(q, k, v).reshape(b, t, width))
+        x = x + self.proj(chunked_attention(q, k, v, self.attention_chunks).reshape(b, t, width))
         return x + self.fc2(jax.nn.gelu(self.fc1(plain_layer_norm(x)), approximate=True))
 
 
@@ -123,13 +152,20 @@ class VQBridge(nnx.Module):
     zero): an investigation knob, not the method. With the zero head, the p*p in-patch positions
     share one zero code until one of them is selected, and only a selected position's head rows
     ever get a gradient (see the README's small-scale reproduction).
+
+    chunks > 1 cuts the work into that many bands of whole patch rows: the patch embedding and the
+    head run one band of the grid at a time, and the attention one band of queries at a time
+    (recomputed in the backward pass). The largest temporaries shrink from [heads, T, T] attention
+    matrices and [T, p*p*D] head outputs to 1/chunks of them; the result is the same up to float
+    rounding (chunks = 1 is the plain, unchunked program). `chunks` must divide sqrt(K) / p.
     """
 
     def __init__(self, codebook_size: int, code_dim: int, preset: BridgePreset, *, head_init_std: float = 0.0,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
-        self.side = grid_side(codebook_size, preset.patch)
+                 chunks: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.side = grid_side(codebook_size, preset.patch, chunks)
         self.code_dim = code_dim
         self.patch = preset.patch
+        self.chunks = chunks
         p, width = preset.patch, preset.width
         # Xavier on the (H, D*p*p) view of the kernel: fan_in = p*p*D, fan_out = H.
         self.patch_embed = nnx.Conv(
@@ -137,23 +173,39 @@ class VQBridge(nnx.Module):
             kernel_init=nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
             bias_init=zeros, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([
-            BridgeBlock(width, preset.num_heads, preset.mlp_ratio, dtype=dtype, rngs=rngs)
+            BridgeBlock(width, preset.num_heads, preset.mlp_ratio, attention_chunks=chunks, dtype=dtype, rngs=rngs)
             for _ in range(preset.depth)])
         head_init = nnx.initializers.normal(head_init_std) if head_init_std else zeros
         self.head = nnx.Linear(width, p * p * code_dim, kernel_init=head_init, bias_init=zeros, dtype=dtype, rngs=rngs)
 
     def __call__(self, embedding: jax.Array) -> jax.Array:
         """embedding: [K, D] raw codebook -> [K, D] bridged codebook (same row-major order)."""
-        s, p, d = self.side, self.patch, self.code_dim
-        grid = embedding.reshape(1, s, s, d)
-        x = self.patch_embed(grid)  # [1, s/p, s/p, H]
-        n = s // p
-        x = x.reshape(1, n * n, -1)
+        s, d, c = self.side, self.code_dim, self.chunks
+        # A band of grid rows is a contiguous block of codes, and its patches a contiguous run of tokens.
+        if c == 1:
+            x = self._embed(embedding.reshape(1, s, s, d))
+        else:
+            # Unrolled: a scan would take the raw codebook (a jit argument) as its input and copy it.
+            bands = embedding.reshape(c, 1, s // c, s, d)
+            x = jnp.concatenate([self._embed(bands[i]) for i in range(c)], axis=1)
         for block in self.blocks:
             x = block(x)
-        x = self.head(plain_layer_norm(x))  # [1, n*n, p*p*D], laid out (row-in-patch, col-in-patch, D)
-        x = x.reshape(n, n, p, p, d).transpose(0, 2, 1, 3, 4)  # [n, p, n, p, D] = grid rows, grid cols
-        return x.reshape(s * s, d)
+        if c == 1:
+            return self._recover(x)
+        # A scan stacks the bands' codes straight into the [K, D] codebook; the head runs one band at a time.
+        return jax.lax.map(self._recover, x.reshape(c, 1, -1, x.shape[-1])).reshape(s * s, d)
+
+    def _embed(self, grid_rows: jax.Array) -> jax.Array:
+        """grid_rows: [1, rows, s, D] -> tokens [1, rows / p * s / p, H] (row-major patches)."""
+        x = self.patch_embed(grid_rows)  # [1, rows / p, s / p, H]
+        return x.reshape(1, -1, x.shape[-1])
+
+    def _recover(self, x: jax.Array) -> jax.Array:
+        """x: [1, T', H] tokens of whole patch rows -> their codes [T' * p * p, D] in row-major order."""
+        p, d, n = self.patch, self.code_dim, self.side // self.patch
+        x = self.head(plain_layer_norm(x))  # [1, T', p*p*D], laid out (row-in-patch, col-in-patch, D)
+        x = x.reshape(-1, n, p, p, d).transpose(0, 2, 1, 3, 4)  # [T'/n, p, n, p, D] = grid rows, grid cols
+        return x.reshape(-1, d)
 
 
 class Identity(nnx.Module):
@@ -179,12 +231,16 @@ class LinearProjector(nnx.Module):
 
 
 def make_projector(name: str, codebook_size: int, code_dim: int, *, bridge_head_init_std: float = 0.0,
-                   dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
-    """The projector called `name` (see module docstring) for a [K, D] codebook."""
-    check_projector(name, codebook_size)
+                   bridge_chunks: int = 1, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+    """The projector called `name` (see module docstring) for a [K, D] codebook.
+
+    dtype: the projector's compute dtype (its activations); parameters stay float32.
+    bridge_chunks: `VQBridge`'s chunks (VQBridge presets only).
+    """
+    check_projector(name, codebook_size, bridge_chunks)
     if name == "none":
         return Identity()
     if name in ("lin/1", "lin/5"):
         return LinearProjector(code_dim, int(name[-1]), dtype=dtype, rngs=rngs)
-    return VQBridge(codebook_size, code_dim, BRIDGE_PRESETS[name], head_init_std=bridge_head_init_std, dtype=dtype,
-                    rngs=rngs)
+    return VQBridge(codebook_size, code_dim, BRIDGE_PRESETS[name], head_init_std=bridge_head_init_std,
+                    chunks=bridge_chunks, dtype=dtype, rngs=rngs)

@@ -155,3 +155,30 @@ def test_quantize_gradient_paths(data):
     want = np.zeros(e.shape, np.float64)
     np.add.at(want, idx, 2 * (np.asarray(zq) - np.asarray(z)) / z.size)
     np.testing.assert_allclose(ge, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("tile_size,precision", [(None, "fp32"), (32, "fp32"), (32, "tf32"), (32, "bf16")])
+def test_bf16_codebook_is_searched_by_its_exact_values(data, tile_size, precision):
+    z, e = jnp.asarray(data[0]), jnp.asarray(data[1]).astype(jnp.bfloat16)
+    got = ops.nearest_code(z, e, precision=precision, tile_size=tile_size)
+    want = ops.nearest_code(z, e.astype(jnp.float32), precision=precision, tile_size=tile_size)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_quantize_takes_a_bf16_codebook_like_its_float32_copy(data):
+    """Same indices, values and losses; the codebook gradient is the float32 one, rounded once."""
+    z, e = jnp.asarray(data[0]), jnp.asarray(data[1]).astype(jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=z.shape), jnp.float32)
+
+    def f(z, e):
+        out = ops.quantize(z, e, tile_size=32)
+        return out["loss"] + jnp.sum(w * out["z_q"]), out
+
+    (loss, out), (gz, ge) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, e)
+    (ref_loss, ref), (ref_gz, ref_ge) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(z, e.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(out["indices"]), np.asarray(ref["indices"]))
+    assert out["z_q"].dtype == jnp.float32 and ge.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out["z_q"]), np.asarray(ref["z_q"]))
+    np.testing.assert_array_equal(np.asarray(loss), np.asarray(ref_loss))
+    np.testing.assert_array_equal(np.asarray(gz), np.asarray(ref_gz))
+    np.testing.assert_array_equal(np.asarray(ge), np.asarray(ref_ge.astype(jnp.bfloat16)))

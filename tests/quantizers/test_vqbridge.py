@@ -163,3 +163,90 @@ def test_bad_codebook_sizes_name_both_numbers():
         _bridge("L/8", 1296, 8)
     with pytest.raises(ValueError, match=r"unknown projector 'L/3'"):
         _bridge("L/3", 1024, 8)
+
+
+def _pre_change_bridge(bridge, e):
+    """The bridge forward pass as it was before the memory options (chunks, bf16) existed:
+    one conv patch embed, plain attention, one head call and one unpatchify."""
+    s, p, d = bridge.side, bridge.patch, bridge.code_dim
+    n = s // p
+    x = bridge.patch_embed(e.reshape(1, s, s, d)).reshape(1, n * n, -1)
+    for block in bridge.blocks:
+        b, t, width = x.shape
+        qkv = block.qkv(vqbridge.plain_layer_norm(x)).reshape(b, t, 3, block.num_heads, width // block.num_heads)
+        attended = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        x = x + block.proj(attended.reshape(b, t, width))
+        x = x + block.fc2(jax.nn.gelu(block.fc1(vqbridge.plain_layer_norm(x)), approximate=True))
+    x = bridge.head(vqbridge.plain_layer_norm(x))
+    return x.reshape(n, n, p, p, d).transpose(0, 2, 1, 3, 4).reshape(s * s, d)
+
+
+def _value_and_grads(forward, bridge, e, w):
+    """Jitted (output, d/dE, d/dparams) of sum(w * forward(bridge, e))."""
+    graph, params = nnx.split(bridge, nnx.Param)
+
+    def loss(params, e):
+        out = forward(nnx.merge(graph, params), e)
+        return jnp.sum(w * out.astype(jnp.float32)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, e)
+    return out, grads[1], grads[0]
+
+
+def _bridge_and_inputs(name, k, d, **kw):
+    bridge = vqbridge.make_projector(name, k, d, rngs=nnx.Rngs(0), **kw)
+    _randomize(bridge)
+    rng = np.random.default_rng(0)
+    return bridge, jnp.asarray(rng.normal(size=(k, d)), jnp.float32), jnp.asarray(rng.normal(size=(k, d)), jnp.float32)
+
+
+@pytest.mark.parametrize("name,k,d", [("S/4", 1024, 8), ("L/8", 4096, 16)])
+def test_default_bridge_is_bit_identical_to_the_pre_change_program(name, k, d):
+    bridge, e, w = _bridge_and_inputs(name, k, d)
+    out, ge, gp = _value_and_grads(lambda m, e: m(e), bridge, e, w)
+    ref_out, ref_ge, ref_gp = _value_and_grads(_pre_change_bridge, bridge, e, w)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+    np.testing.assert_array_equal(np.asarray(ge), np.asarray(ref_ge))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), gp, ref_gp)
+
+
+@pytest.mark.parametrize("chunks", [2, 8])
+def test_chunked_bridge_equals_the_whole_one(chunks):
+    """S/4 at K = 1024: 8 patch rows of 8 tokens; bands of 8 / chunks patch rows."""
+    bridge, e, w = _bridge_and_inputs("S/4", 1024, 8)
+    chunked = vqbridge.make_projector("S/4", 1024, 8, bridge_chunks=chunks, rngs=nnx.Rngs(0))
+    nnx.update(chunked, nnx.state(bridge, nnx.Param))
+    out, ge, gp = _value_and_grads(lambda m, e: m(e), bridge, e, w)
+    c_out, c_ge, c_gp = _value_and_grads(lambda m, e: m(e), chunked, e, w)
+    np.testing.assert_allclose(np.asarray(c_out), np.asarray(out), rtol=1e-5, atol=1e-5 * float(jnp.abs(out).max()))
+    np.testing.assert_allclose(np.asarray(c_ge), np.asarray(ge), rtol=1e-4, atol=1e-5 * float(jnp.abs(ge).max()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                         atol=1e-5 * float(jnp.abs(b).max())), c_gp, gp)
+
+
+def test_chunked_attention_equals_plain_attention():
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 12, 4, 8))
+    want = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(vqbridge.chunked_attention(q, k, v, 3)), np.asarray(want), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_bf16_bridge_keeps_float32_parameters_and_gradients():
+    bridge, e, w = _bridge_and_inputs("S/4", 1024, 8, dtype=jnp.bfloat16, bridge_chunks=2)
+    reference = vqbridge.make_projector("S/4", 1024, 8, rngs=nnx.Rngs(0))
+    nnx.update(reference, nnx.state(bridge, nnx.Param))
+    out, ge, gp = _value_and_grads(lambda m, e: m(e), bridge, e, w)
+    ref_out, ref_ge, _ = _value_and_grads(lambda m, e: m(e), reference, e, w)
+    assert out.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bridge, nnx.Param)))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(gp))
+    scale = float(jnp.abs(ref_out).max())
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out), atol=0.05 * scale)
+    assert float(jnp.linalg.norm(ge - ref_ge) / jnp.linalg.norm(ref_ge)) < 0.05
+
+
+def test_bad_bridge_chunks_name_the_patch_rows():
+    with pytest.raises(ValueError, match=r"bridge chunks=3 must be a positive divisor of the 8 patch rows"):
+        vqbridge.make_projector("S/4", 1024, 8, bridge_chunks=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"applies to VQBridge projectors only"):
+        vqbridge.make_projector("lin/1", 1024, 8, bridge_chunks=2, rngs=nnx.Rngs(0))
