@@ -79,7 +79,7 @@ def paper_config() -> ml_collections.ConfigDict:
         search_impl="xla",  # xla (naive / tiled as search_tile says) | pallas (fused matmul + running argmin kernel)
         usage_window=0,  # 0 = FVQ's window (65,536 below K = 65,536, else K + 1)
         bridge_head_init_std=0.0,  # 0 = the method's zero-initialised bridge head; > 0 for the ablation study
-        bridge_dtype="fp32",  # fp32 | bf16 activations of the projector (parameters, search, losses stay fp32)
+        bridge_dtype="bf16",  # fp32 | bf16 activations of the projector (parameters, search, losses stay fp32), as autocast
         # Bands the VQBridge runs in (a divisor of sqrt(K) / patch; 1 = all at once): 8 takes a quantizer step at
         # K = 262,144 (L/8, 8,192 tokens) from 3.5 to 1.5 GiB, 1.36 with search_token_chunk=2048
         # (benchmarks/RESULTS.md); same values up to float rounding.
@@ -169,6 +169,7 @@ def local_config() -> ml_collections.ConfigDict:
     config.quantizer.code_dim = 32
     config.quantizer.projector = "S/4"
     config.quantizer.search_tile = 0  # 1,024 codes: one [tokens, K] matrix is small
+    config.quantizer.bridge_dtype = "fp32"
     # A 6-minute run has no room for a long GAN phase: a late, gentle one (see README).
     config.loss.disc_start = 300
     config.loss.disc_weight = 0.1

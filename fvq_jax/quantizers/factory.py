@@ -19,6 +19,9 @@ from fvq_jax.quantizers.residual import ResidualQuantizer
 from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 
 QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
+# Fields added after checkpoints were first written: a saved config without them gets these, today's
+# defaults (an older bf16 run's bridge, which followed the model's precision, then computes in fp32).
+LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32"}
 # The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
 BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -33,6 +36,7 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     def f(name):
         return f"{prefix}.{name}"
 
+    cfg = with_later_fields(cfg)
     config_lib.require_choice(cfg.type, f("type"), QUANTIZER_TYPES)
     for name in ("codebook_size", "code_dim", "bridge_chunks"):
         config_lib.require_number(cfg[name], f(name), integer=True)
@@ -77,12 +81,19 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
         config_lib.require(cfg.ema_decay < 1, f("ema_decay"), f"must be < 1, got {cfg.ema_decay}")
 
 
+def with_later_fields(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`cfg` with LATER_FIELDS filled in where a saved config predates them (a copy; `cfg` is untouched)."""
+    missing = {k: v for k, v in LATER_FIELDS.items() if k not in cfg}
+    return ml_collections.ConfigDict({**cfg.to_dict(), **missing}) if missing else cfg
+
+
 def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     """The quantizer that `cfg.type` names, configured from `cfg` (checked first).
 
     The projector computes in `cfg.bridge_dtype`, independently of the model's precision.
     """
     check_quantizer_config(cfg)
+    cfg = with_later_fields(cfg)
     common = dict(
         beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
         search=SearchOptions(precision=cfg.search_precision, tile_size=cfg.search_tile or None,
