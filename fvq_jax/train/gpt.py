@@ -112,15 +112,19 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     return Trainer(layout, train_step, batch_sharding)
 
 
-def _init_from(path: str, trainer: Trainer, config: ml_collections.ConfigDict, mesh) -> Callable[[], TrainState]:
-    """The init of a fine-tuning run: the fresh state with the parameters (and EMA) of the GPT at `path`."""
+def _init_from(path: str, trainer: Trainer, config: ml_collections.ConfigDict) -> Callable[[], TrainState]:
+    """The init of a fine-tuning run: a fresh state (new optimizer) holding the weights of the GPT at `path`
+    (a run: its EMA weights if it kept them; or an export, e.g. an imported LlamaGen checkpoint)."""
     def init() -> TrainState:
         state = trainer.layout.init()
         source = load_gpt(path, mesh_cfg=config.mesh)
-        config_lib.require(source.config.model.to_dict() == config.model.to_dict(), "train.init_from",
-                           f"{path} holds a GPT with model {source.config.model.to_dict()}, this run builds "
-                           f"{config.model.to_dict()}")
-        params = jax.device_put(nnx.state(source.model, nnx.Param), trainer.layout.shardings.params)
+        params = nnx.state(source.model, nnx.Param)
+        want = {k: v.shape for k, v in nnx.to_flat_state(state.params)}
+        got = {k: v.shape for k, v in nnx.to_flat_state(params)}
+        differ = sorted("/".join(map(str, k)) for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        config_lib.require(not differ, "train.init_from", f"{path} holds a GPT whose parameters differ from this "
+                           f"run's in {len(differ)} arrays: {', '.join(differ[:8])}")
+        params = jax.device_put(params, trainer.layout.shardings.params)
         logging.warning("Initialised from %s (step %s, %s weights)", path, source.step, source.weights)
         return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
     return init
@@ -160,7 +164,7 @@ def _train_and_evaluate(config, workdir: epath.Path, mesh, dataset) -> dict:
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every)
     saved_config = dict(resume.config_json(config), run=checkpointing.run_facts(global_batch))
-    init = _init_from(config.train.init_from, trainer, config, mesh) if config.train.init_from else trainer.layout.init
+    init = _init_from(config.train.init_from, trainer, config) if config.train.init_from else trainer.layout.init
     state = resume.resume_or_init(
         checkpointer, config, init,
         lambda step: checkpointer.restore(step, trainer.layout.abstract, data_iterator=train_iter))

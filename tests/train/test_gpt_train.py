@@ -197,3 +197,13 @@ def test_gpt_config_errors_name_the_field(codes_dir, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="train.sample_every: the codes in .* name no tokenizer"):
         gpt.train_and_evaluate(gpt_config(bare, sample_every=10), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_run_starts_from_another_runs_weights(trained, codes_dir, tmp_path):
+    workdir, _ = trained
+    gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=3, init_from=workdir), str(tmp_path / "tuned"))
+    assert read_metrics(tmp_path / "tuned")[0]["loss"] == pytest.approx(read_metrics(workdir)[-1]["loss"], rel=0.3)
+    other = gpt_config(codes_dir, num_steps=3, init_from=workdir)
+    other.model.preset = "GPT-S"
+    with pytest.raises(config_lib.ConfigError, match=r"train.init_from: .* differ from this run's in \d+ arrays"):
+        gpt.train_and_evaluate(other, str(tmp_path / "other"))
