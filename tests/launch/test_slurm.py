@@ -60,3 +60,17 @@ def test_srun_gets_the_flags_and_the_environment(tmp_path):
 def test_missing_workdir_is_an_error():
     result = script("--dry-run", WORKDIR="")
     assert result.returncode == 2 and "set WORKDIR" in result.stderr and not result.stdout
+
+
+def test_a_preempted_run_requeues_its_job(tmp_path):
+    """Status 75 (the trainer's "preempted, checkpoint saved") requeues the job; other failures do not."""
+    for name, body in (("srun", "import sys, os; sys.exit(int(os.environ['FAKE_STATUS']))"),
+                       ("scontrol", "import sys; print('scontrol', *sys.argv[1:])")):
+        (tmp_path / name).write_text(f"#!{sys.executable}\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    preempted = script(path_dirs=[tmp_path], FAKE_STATUS="75", SLURM_JOB_ID="4242")
+    assert preempted.returncode == 75 and "scontrol requeue 4242" in preempted.stdout
+    failed = script(path_dirs=[tmp_path], FAKE_STATUS="1", SLURM_JOB_ID="4242")
+    assert failed.returncode == 1 and "scontrol" not in failed.stdout
+    finished = script(path_dirs=[tmp_path], FAKE_STATUS="0", SLURM_JOB_ID="4242")
+    assert finished.returncode == 0 and "scontrol" not in finished.stdout
