@@ -6,9 +6,10 @@ or sample grids); the loop owns the rest, the same for every model:
     never waits on the device except when logging or saving;
   * every `log_every` steps the mean of each metric, steps/s and throughput are written once to
     TensorBoard and metrics.jsonl, and one console line is printed;
-  * a step whose guard failed (fvq_jax.train.update: loss, gradient, update or parameter norm not
-    finite) stops the run with `NonFiniteStep` naming the step and the values; the state it left
-    is the previous step's, so the last checkpoint is good;
+  * a step whose guard failed (fvq_jax.train.update: a loss or gradient norm not finite) stops the
+    run with `NonFiniteStep` naming the step and the values, the state left at the previous step;
+    so does a step whose new parameters' norms are not finite (checked by a separate small program
+    after every step), before that state can be saved: the last checkpoint is always good;
   * checkpoints every `checkpoint_every` steps and at the end; SIGTERM (preemption) saves at the next
     step boundary, which every process agrees on, and the loop returns `preempted=True` (main.py
     exits with PREEMPTED_EXIT_CODE so schedulers requeue the run);
@@ -32,9 +33,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from fvq_jax import checkpointing
+from fvq_jax.train.update import parameter_norms
 
 # EX_TEMPFAIL ("try again later"): a preempted run saved its checkpoint and should be started again.
 PREEMPTED_EXIT_CODE = 75
+
+
+_parameter_norms = jax.jit(parameter_norms)
 
 
 class NonFiniteStep(FloatingPointError):
@@ -161,9 +166,12 @@ def train_loop(
     def check(pending):
         step, metrics = pending
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        bad = ", ".join(f"{k}={v}" for k, v in host.items() if not np.isfinite(v)) or "values"
         if not host.pop("finite"):
-            bad = [f"{k}={v}" for k, v in host.items() if not np.isfinite(v)]
-            raise NonFiniteStep(f"step {step}: non-finite {', '.join(bad) or 'values'}; state left at step {step - 1} "
+            raise NonFiniteStep(f"step {step}: non-finite {bad}; state left at step {step - 1} "
+                                f"(last checkpoint: {checkpointer.latest_step()})")
+        if not all(np.isfinite(v) for v in host.values()):
+            raise NonFiniteStep(f"step {step}: the update left non-finite parameters ({bad}); not saved "
                                 f"(last checkpoint: {checkpointer.latest_step()})")
         history.append(host)
 
@@ -175,6 +183,7 @@ def train_loop(
             logging.info("Already trained %d steps", start)
         while step < total_steps:
             state, metrics = train_step(state, next(batches))
+            metrics = dict(metrics, **_parameter_norms(state))
             if pending is not None:
                 check(pending)
             step += 1

@@ -5,8 +5,9 @@ generator loss = pixel_weight * pixel + perceptual_weight * LPIPS + codebook_wei
 discriminator loss = disc_factor * GAN discriminator loss on (real, sg(reconstruction))
 disc_factor is 0 before `disc_start` and 1 after, as in the reference.
 
-A step whose losses, gradients, updates or new parameters are not finite (fvq_jax.train.update)
-leaves the state unchanged and reports `finite = 0`; the loop then stops naming the step and values.
+A step whose losses or gradient norms are not finite leaves the state unchanged and reports
+`finite = 0`; the loop then stops naming the step and the values (fvq_jax.train.update; the loop
+also checks the new parameters' norms before the state can be saved).
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from fvq_jax.train.optimizer import ema_update
 from fvq_jax.train.tokenizer_state import Graphs, TokenizerState
 from fvq_jax.train.update import apply_gradients, keep_if_finite
 
-# Values the guard checks: the losses, then every norm of both updates.
-LOSS_TERMS = ("pixel_loss", "perceptual_loss", "quantizer_loss", "gen_gan_loss", "disc_loss")
-NORMS = ("grad_norm", "update_norm", "param_norm")
-CHECKED = LOSS_TERMS + NORMS + tuple("disc_" + n for n in NORMS)
+# Values the step's guard checks (the loop checks the new parameters' norms after the step).
+CHECKED = ("pixel_loss", "perceptual_loss", "quantizer_loss", "gen_gan_loss", "disc_loss", "grad_norm",
+           "disc_grad_norm")
 
 
 def last_layer_kernel_grad(features: jax.Array, kernel: jax.Array, out_grad: jax.Array) -> jax.Array:

@@ -1,11 +1,15 @@
-"""Applying gradients, and the guard that keeps a bad step out of the state, for every trainer.
+"""Applying gradients, and the guards that keep a bad step from becoming a "last good" checkpoint.
 
-The guard checks more than the loss: a step with a finite loss can still write parameters near
-1e29 (a huge learning rate), which a checkpoint would keep as "last good" while every later step
-overflows. So every update reports the global norms of its gradients, of the update itself and of
-the new parameters; their squares overflow float32 long before the values do (|x| > ~1e19), so a
-finite norm also bounds the arrays. A step whose checked values are not all finite changes nothing,
-not even the step counter, and the loop stops naming the step and the values.
+Two checks, for every trainer:
+  * inside the step (`keep_if_finite`): the losses and gradient norms; a step where one is not finite
+    changes nothing, not even the step counter;
+  * after the step (`parameter_norms`, run by the loop as its own small jitted program before the state
+    can be logged as good or saved): the global norm of every trained parameter tree. A step with finite
+    losses can still write parameters near 1e29 (a huge learning rate); their squared norm overflows
+    float32 long before the values do (|x| > ~1e19), and an update that is itself inf or NaN leaves
+    them inf or NaN, so a finite norm bounds both the parameters and the update.
+The second check is a separate program on purpose: reductions added to the step would change how XLA
+fuses the optimizer update and, with it, the last bits of every later loss.
 """
 
 from __future__ import annotations
@@ -22,16 +26,21 @@ T = TypeVar("T")
 
 
 def apply_gradients(tx: optax.GradientTransformation, grads, opt_state, params, *, prefix: str = ""):
-    """One optimizer update: (new params, new opt_state, {grad_norm, update_norm, param_norm}), the norm
-    names prefixed by `prefix` (e.g. "disc_")."""
+    """One optimizer update: (new params, new opt_state, {prefix + "grad_norm": ...})."""
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    norms = {"grad_norm": global_norm(grads), "update_norm": global_norm(updates), "param_norm": global_norm(params)}
-    return params, opt_state, {prefix + k: v for k, v in norms.items()}
+    return optax.apply_updates(params, updates), opt_state, {prefix + "grad_norm": global_norm(grads)}
 
 
 def keep_if_finite(new_state: T, old_state: T, checked: Mapping[str, jax.Array]) -> tuple[T, jax.Array]:
     """(new_state if every value in `checked` is finite else old_state, that verdict as float32 1/0)."""
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked.values()]))
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in checked.values()]))
     state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
     return state, finite.astype(jnp.float32)
+
+
+def parameter_norms(state) -> dict[str, jax.Array]:
+    """{"param_norm": ...} of a TrainState, plus "disc_param_norm" when it has a discriminator."""
+    norms = {"param_norm": global_norm(state.params)}
+    if hasattr(state, "disc_params"):
+        norms["disc_param_norm"] = global_norm(state.disc_params)
+    return norms

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, run_python, subprocess_env
 from tests.train.gpt_codes import CLASSES, GRID, K, gpt_config, pattern, write_synthetic_codes
 
 STEPS = 40
-KEYS = ("loss", "accuracy", "grad_norm", "update_norm", "lr")
+KEYS = ("loss", "accuracy", "grad_norm", "param_norm", "lr")
 
 
 def read_metrics(workdir):

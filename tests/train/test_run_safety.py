@@ -110,7 +110,7 @@ def test_guard_rejects_an_overflowing_update_before_it_is_saved(copy_of):
     workdir = copy_of()
     bad = config(num_steps=STEPS + 2, allow_changes="train.num_steps,optim.base_lr")
     bad.optim.base_lr = 1e30
-    with pytest.raises(loop.NonFiniteStep, match=r"step 5: non-finite .*update_norm=inf.*last checkpoint: 4"):
+    with pytest.raises(loop.NonFiniteStep, match=r"step 5: the update left non-finite parameters \(.*param_norm=inf.*\); not saved \(last checkpoint: 4\)"):
         tokenizer.train_and_evaluate(bad, workdir)
     assert steps(workdir) == [2, 4]
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(params(workdir))) < 1e3
