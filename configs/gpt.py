@@ -2,7 +2,7 @@
 
   python -m fvq_jax.main --config=configs/gpt.py --workdir=workdir/gpt_photos
       the default: a small GPT (GPT-S) on the codes of the default tokenizer run, extracted with
-      configs/extract_codes.py into workdir/codes_photos (each training photo its own class), minutes on a CPU;
+      configs/extract_codes.py into workdir/photo_codes (each training photo its own class), minutes on a CPU;
   python -m fvq_jax.main --config=configs/gpt.py:paper,model=GPT-L,codes=gs://.../codes --workdir=gs://...
       the reference recipe: GPT-L, batch 2048, 300 epochs of ImageNet (ten-crop codes), bf16;
   python -m fvq_jax.main --config=configs/gpt.py:paper,model=GPT-XL,batch=1024,epochs=350 ...
@@ -126,7 +126,7 @@ def local_config() -> ml_collections.ConfigDict:
     """The default: GPT-S on the default tokenizer's codes of the built-in photos; minutes on a 2-core CPU."""
     config = paper_config()
     config.precision = "fp32"
-    config.codes.dir = "workdir/codes_photos"
+    config.codes.dir = "workdir/photo_codes"
     config.codes.read_threads = 1
     config.model.preset = "GPT-S"
     config.loss.chunk_size = 0  # K = 1,024: the logits of a batch are small

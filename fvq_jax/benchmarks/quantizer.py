@@ -4,6 +4,7 @@
   python -m fvq_jax.benchmarks.quantizer --codebooks=262144 --tokens=8192 --iters=0   # memory only (compile)
   python -m fvq_jax.benchmarks.quantizer --cpu_scheduler=memory --iters=0             # CPU: memory-minimising schedule
   python -m fvq_jax.benchmarks.quantizer --agreement --codebooks=16384 --tokens=4096  # bf16 vs fp32 bridge indices
+  python -m fvq_jax.benchmarks.quantizer --agreement --run=RUN_DIR                       # ... on a trained run
 
 What is measured is the whole quantizer as training runs it: VQBridge (L/4 below K = 65,536,
 L/8 from there, the reference recipes) on the raw codebook, nearest-code search for `tokens`
@@ -134,9 +135,8 @@ def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None
 def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None:
     """How many indices a bf16 bridge changes: the same (trained-looking, random) bridge and raw
     codebook in fp32 and bf16, searched in fp32 for random tokens drawn like the fp32 codebook
-    (its per-dimension mean and spread). Not realistic encoder outputs: no trained model here.
-    For the tokens that differ, the bf16 choice's squared distance (to the fp32 codes) relative to
-    the nearest one's: how far from a tie the flips are."""
+    (its per-dimension mean and spread). Not realistic encoder outputs: `agreement_on_run` uses a
+    trained model's."""
     codebooks = {}
     for dtype in ("fp32", "bf16"):
         cfg = quantizer_config(codebook_size, dim, "chunks+bf16" if dtype == "bf16" else "chunks", args)
@@ -147,20 +147,53 @@ def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None
     reference = codebooks["fp32"]
     mean, std = jnp.mean(reference, axis=0), jnp.std(reference, axis=0)
     z = mean + std * jax.random.normal(jax.random.key(2), (tokens, dim))
+    emit(dict(what="bridge_bf16_vs_fp32_indices", K=codebook_size, tokens=tokens, D=dim, bridge=cfg.projector,
+              data="random tokens shaped like the fp32 codebook, random bridge",
+              **compare_indices(z, codebooks, args), device=describe_device()), out)
+
+
+def compare_indices(z: jax.Array, codebooks: dict[str, jax.Array], args) -> dict:
+    """Search z [N, D] in fp32 against the fp32 and bf16 bridges' codebooks: the fraction of indices
+    that differ and, for those, how much farther (squared, by the fp32 codes) the bf16 choice is than
+    the nearest code, i.e. how far from a tie the flips are."""
+    reference = codebooks["fp32"]
     search = jax.jit(lambda z, e: ops.nearest_code(z, e, precision=args.precision, tile_size=args.tile))
     idx = {k: np.asarray(search(z, e)) for k, e in codebooks.items()}
     differ = idx["fp32"] != idx["bf16"]
-    # How much farther (by the fp32 codes) the bf16 bridge's choice is than the nearest code.
     d = {k: np.asarray(jnp.sum(jnp.square(z - reference[i]), axis=-1), np.float64) for k, i in idx.items()}
     excess = (d["bf16"] - d["fp32"])[differ] / d["fp32"][differ]
-    emit(dict(what="bridge_bf16_vs_fp32_indices", K=codebook_size, tokens=tokens, D=dim, bridge=cfg.projector,
-              data="random tokens shaped like the fp32 codebook, random bridge",
-              fraction_differing=float(np.mean(differ)),
-              excess_distance_median=float(np.median(excess)) if differ.any() else 0.0,
-              excess_distance_max=float(np.max(excess)) if differ.any() else 0.0,
-              codes_relative_error=float(jnp.linalg.norm(codebooks["bf16"].astype(jnp.float32) - reference)
-                                         / jnp.linalg.norm(reference)),
-              device=describe_device()), out)
+    return dict(fraction_differing=float(np.mean(differ)),
+                excess_distance_median=float(np.median(excess)) if differ.any() else 0.0,
+                excess_distance_max=float(np.max(excess)) if differ.any() else 0.0,
+                codes_relative_error=float(jnp.linalg.norm(codebooks["bf16"].astype(jnp.float32) - reference)
+                                           / jnp.linalg.norm(reference)))
+
+
+def agreement_on_run(run: str, args, out=None) -> None:
+    """`agreement` on a trained tokenizer: its encoder outputs for the held-out images of its own
+    data config, its trained bridge and codebook (EMA weights), the bridge evaluated once in fp32 and
+    once with bf16 activations (the same parameters)."""
+    from fvq_jax.data import pipeline
+    from fvq_jax.data.transforms import to_model_range
+    from fvq_jax.models.load import load_tokenizer
+
+    loaded = load_tokenizer(run)
+    model, cfg = loaded.model, loaded.config
+    encode = jax.jit(lambda images: model.quant_conv(model.encoder(to_model_range(images).astype(model.dtype))))
+    batches = pipeline.eval_batches(cfg.data, batch_size=args.run_batch, num_images=args.run_images)
+    z = np.concatenate([np.asarray(encode(b["image"]), np.float32)[b["mask"]] for b in batches])
+    z = jnp.asarray(z.reshape(-1, z.shape[-1]))
+    graph, params, rest = nnx.split(model.quantizer, nnx.Param, ...)
+    codebooks = {}
+    for dtype in ("fp32", "bf16"):
+        q_cfg = cfg.quantizer.copy_and_resolve_references()
+        q_cfg.bridge_dtype = dtype
+        variant_graph = nnx.graphdef(nnx.eval_shape(lambda: build_quantizer(q_cfg, rngs=nnx.Rngs(0))))
+        codebooks[dtype] = jax.jit(lambda p, r: nnx.merge(variant_graph, p, r).codebook(None))(params, rest)
+    emit(dict(what="bridge_bf16_vs_fp32_indices", K=cfg.quantizer.codebook_size, tokens=int(z.shape[0]),
+              D=int(z.shape[-1]), bridge=cfg.quantizer.projector, run=str(run), step=loaded.step,
+              data=f"encoder outputs of {cfg.data.source} ({cfg.data.eval_split}), trained bridge",
+              **compare_indices(z, codebooks, args), device=describe_device()), out)
 
 
 def main(argv=None):
@@ -177,6 +210,11 @@ def main(argv=None):
     parser.add_argument("--cpu_scheduler", default="default", choices=["default", "memory"],
                         help="XLA:CPU's instruction scheduler (memory: minimise memory, not maximise concurrency)")
     parser.add_argument("--agreement", action="store_true", help="measure bf16 vs fp32 bridge indices instead")
+    parser.add_argument("--run", action="append", default=[],
+                        help="with --agreement: a trained tokenizer run to measure on (repeatable); "
+                             "replaces the random data")
+    parser.add_argument("--run_batch", type=int, default=16, help="eval batch for --run")
+    parser.add_argument("--run_images", type=int, default=0, help="held-out images for --run (0 = all)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.cpu_scheduler == "memory":
@@ -184,6 +222,10 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     print(f"# device: {describe_device()}")
+    if args.agreement and args.run:
+        for run in args.run:
+            agreement_on_run(run, args, args.out)
+        return
     for k in (int(x) for x in args.codebooks.split(",")):
         for n in (int(x) for x in args.tokens.split(",")):
             if args.agreement:
