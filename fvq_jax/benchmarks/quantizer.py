@@ -88,7 +88,8 @@ def quantizer_config(codebook_size: int, dim: int, variant: str, *, precision: s
 
 def variant_options(args) -> dict:
     """The keyword arguments of `quantizer_config` that the CLI flags set."""
-    return dict(precision=args.precision, tile=args.tile, token_chunk=args.token_chunk, bridge_chunks=args.bridge_chunks)
+    return dict(precision=args.precision, tile=args.tile, token_chunk=args.token_chunk,
+                bridge_chunks=args.bridge_chunks)
 
 
 def quantizer_step(cfg, *, abstract: bool):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -41,7 +42,7 @@ import platform
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 
@@ -130,6 +131,7 @@ class StageRun:
         if not self.tiny:
             figure.compare()
         self.entry["figures"].append(dataclasses.asdict(figure))
+        print(f"  {figure.name}: {_number(figure.value, figure.unit)} {figure.unit}", flush=True)
         self._save()
 
 
@@ -233,7 +235,8 @@ def markdown(results: dict) -> str:
                   "References and targets are the device sizes'; nothing is compared with them.", ""]
     lines += ["Reference: the PyTorch FVQ implementation on one H100 80GB (shared/anchors). "
               "\"x ref\": times better than the reference (value / reference, or reference / value for ms and GiB).",
-              "", "| stage | figure | value | unit | reference | target | x ref | met |", "|---|---|---|---|---|---|---|---|"]
+              "", "| stage | figure | value | unit | reference | target | x ref | met |",
+              "|---|---|---|---|---|---|---|---|"]
     for stage in results["stages"]:
         for f in stage["figures"]:
             reference = "" if f["reference"] is None else _number(f["reference"], f["unit"])
@@ -252,6 +255,12 @@ def markdown(results: dict) -> str:
         status = status.replace("|", "/").replace("\n", " ")[:300]
         elapsed = "" if stage["elapsed_s"] is None else f"{stage['elapsed_s']:.0f}"
         lines.append(f"| {stage['name']} | {status} | {elapsed} | {stage['cap_s']:.0f} |")
+    if results["sizes"] != "device":
+        stand_ins = {r["case"]: r["sizes"] for stage in results["stages"] for r in stage["records"]}
+        lines += ["", "Each row's case is measured at its CPU stand-in's sizes:", "", "| case | stand-in sizes |",
+                  "|---|---|"]
+        lines += [f"| {case} | {', '.join(f'{k} {v}' for k, v in sizes.items())} |"
+                  for case, sizes in stand_ins.items()]
     if not results["finished"]:
         lines += ["", "*Unfinished: the run stopped (or is still running) before its last stage ended.*"]
     return "\n".join(lines)
@@ -266,7 +275,7 @@ def _mfu_percent(record: dict) -> float | None:
     return None if record["mfu"] == "n/a" else 100 * record["mfu"]
 
 
-def _tokenizer_steps(cases: tuple[tuple[Case, tuple, str], ...], run: StageRun) -> None:
+def tokenizer_stage(cases: tuple[tuple[Case, tuple, str], ...], run: StageRun) -> None:
     """Each case's full tokenizer train step (train_step.measure): img/s per device, step ms, XLA
     memory, MFU. cases: (case, reference key of train_step.REFERENCE_H100, img/s target)."""
     for case, reference_key, target in cases:
@@ -409,9 +418,9 @@ def sampler_stage(run: StageRun) -> None:
 
 
 STAGES = (
-    Stage("tokenizer_step", 150, lambda run: _tokenizer_steps(TOKENIZER_CASES, run),
+    Stage("tokenizer_step", 150, functools.partial(tokenizer_stage, TOKENIZER_CASES),
           "paper-size tokenizer train step (generator + discriminator), batch 8 and 32"),
-    Stage("tokenizer_step_262k", 90, lambda run: _tokenizer_steps(BIG_TOKENIZER_CASES, run),
+    Stage("tokenizer_step_262k", 90, functools.partial(tokenizer_stage, BIG_TOKENIZER_CASES),
           "tokenizer train step at K = 262,144, L/8, batch 8"),
     Stage("quantizer", 100, quantizer_stage,
           "quantizer fwd+bwd, XLA and Pallas search, K 16,384 / 262,144 x 2,048 / 8,192 tokens; search vs product"),

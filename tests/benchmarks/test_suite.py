@@ -114,8 +114,8 @@ def anchors_file():
 
 def test_references_are_the_anchors():
     anchors = json.loads(anchors_file().read_text())
-    steps = {(a["K"], a["qbridge"].removeprefix("QBridge-"), a["batch"], a["compile"]): (a["images_per_s"], a["peak_GiB"])
-             for a in anchors if a["what"] == "official_train_step"}
+    steps = {(a["K"], a["qbridge"].removeprefix("QBridge-"), a["batch"], a["compile"]):
+             (a["images_per_s"], a["peak_GiB"]) for a in anchors if a["what"] == "official_train_step"}
     assert steps == train_step.REFERENCE_H100
     assert {(a["K"], a["tokens"]): (a["ms"], a["peak_GiB"]) for a in anchors
             if a["what"] == "official_quantizer_fwd_bwd"} == quantizer.REFERENCE_H100
