@@ -4,12 +4,12 @@
   python -m fvq_jax.benchmarks.suite --out DIR --tiny      # CPU-sized stand-ins of every stage (CI)
   python -m fvq_jax.benchmarks.suite --out DIR --only quantizer,sampler --caps quantizer=200
 
-Stages, in order (`STAGES`): the paper-size tokenizer train step at batch 8 and 32, the K = 262,144
+Stages, in order (`STAGES`): the paper-size tokenizer train step at batch 32 and 8, the K = 262,144
 L/8 step, the quantizer fwd+bwd with the XLA and the Pallas search (plus the search alone against
 the bare z @ E^T product), the GPT-L train step, and the KV-cache sampler against the naive one.
 They reuse the single-purpose benchmarks' functions (train_step, quantizer, gpt_train_step,
 sampling); this file only chooses sizes, names the figures beside their PyTorch reference (one
-H100, /work/shared/anchors) and target, and writes them.
+H100, from shared/anchors) and target, and writes them.
 
 Why this shape: a lent accelerator comes for minutes, and one failure must not cost the others.
 - Each stage has a cap, checked before every measurement: once a stage has used its cap (a slow
