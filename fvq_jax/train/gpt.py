@@ -17,7 +17,6 @@ from typing import Callable
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 
@@ -147,6 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: epath.Path, mesh, dataset) -> dict:
     # ------------------------------------------------------------------ setup
     is_chief = jax.process_index() == 0
+    # clu's metric writers import TensorFlow: only a training run needs them, not the step builders that the
+    # benchmarks use on accelerator images without TensorFlow (benchmarks/suite.py).
+    from clu import metric_writers
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=False)
     total_steps, global_batch = config.train.num_steps, config.train.global_batch
     tokens_per_step = global_batch * config.model.grid ** 2

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -157,6 +156,9 @@ def train_loop(
     """
     step = start = int(state.step)
     preemption = Preemption()
+    # clu's periodic actions import its metric writers, hence TensorFlow: imported here, not with the module, so
+    # the step builders import on accelerator images without TensorFlow (benchmarks/suite.py).
+    from clu import periodic_actions
     progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_steps=train_cfg.log_every,
                                                every_secs=None)
     history: list[dict] = []

@@ -16,7 +16,6 @@ from typing import Callable
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 
@@ -70,14 +69,15 @@ class Trainer:
         return self.layout.init()
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
-    """Optimizers, state layout, jitted init and train step, for `config` on `mesh`."""
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lpips: LPIPS | None = None) -> Trainer:
+    """Optimizers, state layout, jitted init and train step, for `config` on `mesh`; lpips: the
+    perceptual loss's network (default: the pretrained one in the config's precision)."""
     total_steps, global_batch = config.train.num_steps, config.train.global_batch
     tx = make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
     disc_tx = make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
     lr_schedule = schedules.learning_rate_schedule(config.optim, total_steps=total_steps, global_batch=global_batch)
     layout = create_state(lambda: build(config, tx, disc_tx), mesh, config.mesh)
-    lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=compute_dtype(config.precision)))
+    lpips_graph, lpips_state = nnx.split(lpips or LPIPS.from_pretrained(dtype=compute_dtype(config.precision)))
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.data_sharding(mesh)
     train_step = jax.jit(
@@ -102,6 +102,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sharding.Mesh) -> dict:
     # ------------------------------------------------------------------ setup
     is_chief = jax.process_index() == 0
+    # clu's metric writers import TensorFlow: only a training run needs them, not the step builders that the
+    # benchmarks use on accelerator images without TensorFlow (benchmarks/suite.py).
+    from clu import metric_writers
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=False)
     total_steps = config.train.num_steps
     global_batch = config.train.global_batch
