@@ -308,7 +308,8 @@ TOKENIZER_CASES = (
 BIG_TOKENIZER_CASES = (
     (Case("VQ-16, K 262,144, L/8, 256px, bf16, batch 8",
           device=dict(config="paper,codebook=262144,bridge=L/8", batch=8, steps=10),
-          tiny=dict(config="tiny,codebook=256", batch=2, steps=1)),
+          # The same stand-in as the first tokenizer case: its compiled program is reused (a minute of CPU).
+          tiny=dict(config="tiny", batch=2, steps=1)),
      (262144, "L/8", 8, False), f"> {2 * train_step.REFERENCE_H100[(262144, 'L/8', 8, False)][0]:g}"),
 )
 
