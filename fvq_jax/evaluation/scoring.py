@@ -1,0 +1,239 @@
+"""Scores of a samples directory (configs/score.py): gFID, Inception Score, precision / recall, class consistency.
+
+The samples are the sampling job's files (fvq_jax/sampling/job.py): batch_*.npz with `arr_0` uint8
+[n, H, W, 3] and `arr_1` labels, and sampling.json. Every image goes once through the FID Inception;
+its pool features and logits give
+  gfid               Fréchet distance to the reference's feature statistics (fid.py);
+  inception_score    IS with 10 splits (inception_score.py); needs Inception weights with the classifier
+                     head, else it is left out with a note;
+  precision, recall  k-NN manifolds of the pool features (neighbours.py), when the reference has images;
+  class_consistency  how often a sample's nearest reference image has its label, beside `chance`
+                     (1 / classes), when the reference has labelled images.
+The reference is an ADM-style batch (`mu` / `sigma`, which take precedence for FID as in ADM's evaluator,
+and / or `arr_0` images with optional `arr_1` labels), or images of a dataset through the input pipeline
+(random training views or center crops). Small sets bias gFID upwards (the covariance of a few hundred
+2048-d features is far from the population's); compare gFIDs only at equal sample and reference counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from fvq_jax import config_lib
+from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.evaluation import neighbours, reports
+from fvq_jax.evaluation.feature_stats import FeatureStats, load_images, load_stats
+from fvq_jax.evaluation.fid import fid
+from fvq_jax.evaluation.inception_metrics import InceptionMetrics, metrics_from_images
+from fvq_jax.evaluation.inception_score import inception_score
+from fvq_jax.models.inception import InceptionV3, load_inception
+
+SAMPLE_FILES = "batch_*.npz"
+SCORES_FILE = "scores.json"
+CROPS = ("train", "center")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming the first bad field of the `score` and `reference` blocks."""
+    s, r = config.score, config.reference
+    for name in ("batch_size", "nearest_k", "chunk", "is_splits"):
+        config_lib.require_number(s[name], f"score.{name}", integer=True)
+    config_lib.require(isinstance(r.npz, str), "reference.npz", f"must be a path or '', got {r.npz!r}")
+    if r.npz:
+        return
+    config_lib.require_choice(r.source, "reference.source", data_pipeline.SOURCES)
+    config_lib.require_choice(r.crop, "reference.crop", CROPS)
+    config_lib.require_choice(r.train_crop, "reference.train_crop", data_pipeline.TRAIN_CROPS)
+    for name in ("image_size", "num_images", "seed", "num_workers", "read_threads"):
+        config_lib.require_number(r[name], f"reference.{name}", strict=False, integer=True)
+    config_lib.require_number(r.prefetch_buffer, "reference.prefetch_buffer", integer=True)
+    config_lib.require_number(r.max_resize_ratio, "reference.max_resize_ratio", minimum=1.0, strict=False)
+    config_lib.require(isinstance(r.flip, bool), "reference.flip", f"must be true or false, got {r.flip!r}")
+    config_lib.require(r.source != "folder" or bool(r.folder), "reference.folder",
+                       "must be set when reference.source='folder'")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def sample_files(directory) -> list[Path]:
+    """The sampling job's batch files in `directory`, in order; errors name the directory or the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no samples directory at {directory}")
+    files = sorted(directory.glob(SAMPLE_FILES))
+    if not files:
+        raise FileNotFoundError(f"no sample batches ({SAMPLE_FILES}) in {directory}: write them with "
+                                "`python -m fvq_jax.main --config=configs/sample.py --workdir=GPT_RUN`")
+    for path in files:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise ValueError(f"{path} holds no images ('arr_0'); keys: {data.files}")
+    return files
+
+
+def sample_labels(files: list[Path]) -> np.ndarray | None:
+    """The samples' labels (`arr_1` of every file, in order), or None when a file has none."""
+    labels = []
+    for path in files:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_1" not in data.files:
+                return None
+            labels.append(data["arr_1"])
+    return np.concatenate(labels)
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """What the scores need of a set of images. stats: pool-feature statistics; features: float32 [N, 2048];
+    labels: [N]; the last two None when unknown (a reference given as statistics only, unlabelled images)."""
+
+    stats: FeatureStats
+    features: np.ndarray | None
+    labels: np.ndarray | None
+    description: str
+
+
+def _image_set(metrics: InceptionMetrics, labels: np.ndarray | None, description: str) -> ImageSet:
+    return ImageSet(metrics.feature_stats(description), metrics.features(), labels, description)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def reference_set(config: ml_collections.ConfigDict, model: InceptionV3, *, image_size: int,
+                  num_samples: int) -> ImageSet:
+    """The reference of `config.reference`: an ADM-style batch, or a dataset's images at `image_size`."""
+    r, batch_size = config.reference, config.score.batch_size
+    if r.npz:
+        return npz_reference(r.npz, model, batch_size)
+    images, labels = dataset_images(r, image_size=r.image_size or image_size, num_images=r.num_images or (
+        num_samples if r.crop == "train" else 0), batch_size=batch_size)
+    metrics = metrics_from_images(images, model, batch_size=batch_size, keep_features=True)
+    what = "training views" if r.crop == "train" else "center crops"
+    return _image_set(metrics, np.concatenate(labels), f"{r.source} {r.split} {what}")
+
+
+def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:
+    """An ADM-style reference batch: its `mu` / `sigma` when present (ADM's evaluator prefers them), the
+    features of its `arr_0` images when present, its `arr_1` labels when present."""
+    path = Path(path)
+    if not path.is_file():
+        raise config_lib.ConfigError("reference.npz", f"no file at {path}")
+    with np.load(path, allow_pickle=False) as data:
+        keys = set(data.files)
+        labels = data["arr_1"] if "arr_1" in keys and "arr_0" in keys else None
+    if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+        raise ValueError(f"{path} holds neither images ('arr_0') nor statistics ('mu', 'sigma'); keys: {sorted(keys)}")
+    description = f"reference batch {path}"
+    if "arr_0" not in keys:
+        return ImageSet(load_stats(path), None, None, description)
+    image_set = _image_set(metrics_from_images([load_images(path)], model, batch_size=batch_size,
+                                               keep_features=True), labels, description)
+    if {"mu", "sigma"} <= keys:
+        image_set.stats = load_stats(path)
+    return image_set
+
+
+def dataset_images(r: ml_collections.ConfigDict, *, image_size: int,
+                   num_images: int, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(image arrays uint8 [b, S, S, 3], label arrays [b]) of the reference dataset `r`, on this process alone:
+    `num_images` random training views (crop train), or the first `num_images` center crops (0 = all)."""
+    data_cfg = ml_collections.ConfigDict(dict(
+        source=r.source, tfds_name=r.tfds_name, tfds_data_dir=r.tfds_data_dir, folder=r.folder,
+        train_split=r.split, eval_split=r.split, image_size=image_size, train_crop=r.train_crop,
+        max_resize_ratio=r.max_resize_ratio, flip=r.flip, num_workers=r.num_workers, read_threads=r.read_threads,
+        prefetch_buffer=r.prefetch_buffer))
+    if r.crop == "center":
+        batches = data_pipeline.eval_batches(data_cfg, batch_size=batch_size, num_images=num_images,
+                                             process_index=0, process_count=1)
+        kept = [(b["image"][b["mask"]], b["label"][b["mask"]]) for b in batches]
+    else:
+        batches = data_pipeline.train_iterator(data_cfg, global_batch=batch_size, seed=r.seed, process_index=0,
+                                               process_count=1)
+        kept = [next(batches) for _ in range(-(-num_images // batch_size))]
+        kept = [(b["image"], b["label"]) for b in kept]
+        kept[-1] = tuple(x[:num_images - (len(kept) - 1) * batch_size] for x in kept[-1])
+    return [images for images, _ in kept], [labels for _, labels in kept]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *, nearest_k: int, chunk: int,
+           is_splits: int) -> dict:
+    """Every score the two sets allow (see the module docstring)."""
+    results = dict(gfid=fid(samples.stats, reference.stats), num_samples=samples.stats.count)
+    if logits is None:
+        results["inception_score_note"] = ("these Inception weights have no classifier head; export weights "
+                                           "with it for the Inception Score (see README, Evaluation)")
+    else:
+        splits = min(is_splits, len(logits))
+        results["inception_score"], results["inception_score_std"] = inception_score(logits, splits)
+        results["inception_score_splits"] = splits
+    if reference.features is not None:
+        results["precision"], results["recall"] = neighbours.precision_recall(
+            reference.features, samples.features, k=nearest_k, chunk=chunk)
+        results["nearest_k"] = nearest_k
+    if reference.labels is not None and samples.labels is not None:
+        consistency = neighbours.class_consistency(samples.features, samples.labels, reference.features,
+                                                   reference.labels, chunk=chunk)
+        results.update(consistency, class_consistency_counted=consistency.pop("counted"))
+    return results
+
+
+def score_samples(config: ml_collections.ConfigDict, samples_dir) -> dict:
+    """Score the samples in `samples_dir` as `config` says; writes scores.json there and returns it."""
+    check_config(config)
+    samples_dir = Path(samples_dir)
+    files = sample_files(samples_dir)
+    model = load_inception(config.score.inception or None)
+    metrics = metrics_from_images(_images(files), model, batch_size=config.score.batch_size, keep_features=True)
+    samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
+    image_size = load_images(files[0]).shape[1]
+    reference = reference_set(config, model, image_size=image_size, num_samples=metrics.count)
+    logits = np.concatenate(metrics.logits) if model.with_logits else None
+    results = scores(samples, logits, reference, nearest_k=config.score.nearest_k, chunk=config.score.chunk,
+                     is_splits=config.score.is_splits)
+    results.update(reference=dict(description=reference.description, num_images=reference.stats.count,
+                                  stats=reference.stats.description),
+                   inception_sha256=model.weights_sha256, sampling=_sampling_record(samples_dir))
+    if jax.process_index() == 0:
+        reports.write_metrics_json(results, samples_dir / SCORES_FILE)
+    print(summary_line(results, samples_dir), flush=True)
+    return results
+
+
+def _images(files: list[Path]) -> Iterator[np.ndarray]:
+    for path in files:
+        yield load_images(path)
+
+
+def _sampling_record(samples_dir: Path) -> dict | None:
+    """sampling.json of the samples (the settings and checkpoints that made them), None when absent."""
+    path = samples_dir / "sampling.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summary_line(results: dict, samples_dir) -> str:
+    """One line: what was scored and every score present."""
+    parts = [f"gFID {results['gfid']:.2f}"]
+    if "inception_score" in results:
+        parts.append(f"IS {results['inception_score']:.2f} ± {results['inception_score_std']:.2f}")
+    if "precision" in results:
+        parts.append(f"precision {results['precision']:.3f}  recall {results['recall']:.3f}")
+    if "class_consistency" in results:
+        parts.append(f"class consistency {results['class_consistency']:.3f} "
+                     f"(chance {results['chance']:.3f}, {results['classes']} classes)")
+    return (f"{results['num_samples']} samples in {samples_dir} vs {results['reference']['num_images']} "
+            f"reference images: " + "  ".join(parts))
