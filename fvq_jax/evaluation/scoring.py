@@ -128,8 +128,6 @@ def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:
     """An ADM-style reference batch: its `mu` / `sigma` when present (ADM's evaluator prefers them), the
     features of its `arr_0` images when present, its `arr_1` labels when present."""
     path = Path(path)
-    if not path.is_file():
-        raise config_lib.ConfigError("reference.npz", f"no file at {path}")
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
         labels = data["arr_1"] if "arr_1" in keys and "arr_0" in keys else None
@@ -197,6 +195,8 @@ def score_samples(config: ml_collections.ConfigDict, samples_dir) -> dict:
     check_config(config)
     samples_dir = Path(samples_dir)
     files = sample_files(samples_dir)
+    if config.reference.npz and not Path(config.reference.npz).is_file():
+        raise config_lib.ConfigError("reference.npz", f"no file at {config.reference.npz}")
     model = load_inception(config.score.inception or None)
     metrics = metrics_from_images(_images(files), model, batch_size=config.score.batch_size, keep_features=True)
     samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")

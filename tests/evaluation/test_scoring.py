@@ -1,5 +1,8 @@
-"""Scoring a samples directory written by hand: against itself (FID 0, precision = recall = 1), against
-shifted statistics (FID = |shift|^2), against the built-in photos' training views, and errors naming the path."""
+"""Scoring a samples directory written by hand: against itself (FID 0, precision = recall = 1) and against the
+built-in photos' training views; the scores of a shifted set against numpy; errors naming the path or field.
+
+Each FID of 2048-d statistics costs two 2048 x 2048 eigendecompositions (~10-20 s on a 2-core CPU): few tests
+run the Inception end to end."""
 
 import json
 
@@ -8,9 +11,12 @@ import pytest
 
 from fvq_jax import config_lib, tasks
 from fvq_jax.evaluation import scoring
+from fvq_jax.evaluation.feature_stats import RunningStats
 from fvq_jax.evaluation.inception_metrics import metrics_from_images
+from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import load_inception
 from tests.conftest import ROOT
+from tests.evaluation.test_neighbours import brute_force_precision_recall
 from tests.inception_weights import export_with_head
 
 SAMPLING = {"sampling": {"cfg_scale": 2.0, "seed": 0}, "gpt": {"step": 40}}
@@ -23,7 +29,7 @@ def weights(tmp_path_factory):
 
 def score_config(weights, arg=""):
     config = config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg)
-    config.score.update(inception=weights, batch_size=5, is_splits=2, chunk=4)
+    config.score.update(inception=weights, batch_size=3, is_splits=2, chunk=4)
     return config
 
 
@@ -41,13 +47,20 @@ def write_samples(directory, images, labels, sizes):
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
+    """Six 16 x 16 images of three classes in files of 2 and 4 (the Inception batches of 3 straddle them)."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
-    labels = np.arange(12) % 4
-    return write_samples(tmp_path_factory.mktemp("samples") / "s", images, labels, (5, 7)), images, labels
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(6) % 3
+    return write_samples(tmp_path_factory.mktemp("samples") / "s", images, labels, (2, 4)), images, labels
 
 
-def test_samples_against_themselves(weights, samples, tmp_path):
+@pytest.fixture(scope="module")
+def direct(weights, samples):
+    """The samples' Inception outputs, computed in one batch."""
+    return metrics_from_images([samples[1]], load_inception(weights), batch_size=6)
+
+
+def test_samples_against_themselves(weights, samples, direct, tmp_path):
     directory, images, labels = samples
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=images, arr_1=labels)
@@ -55,33 +68,44 @@ def test_samples_against_themselves(weights, samples, tmp_path):
     written = json.loads((directory / "scores.json").read_text())
     assert abs(written["gfid"]) < 1e-3
     assert (written["precision"], written["recall"], written["class_consistency"]) == (1.0, 1.0, 1.0)
-    assert written["chance"] == 0.25 and written["num_samples"] == 12 and written["sampling"] == SAMPLING
-    # The Inception Score of the same logits, computed directly.
-    model = load_inception(weights)
-    direct = metrics_from_images([images], model, batch_size=12)
+    assert written["chance"] == pytest.approx(1 / 3) and written["num_samples"] == 6
+    assert written["sampling"] == SAMPLING
     assert written["inception_score"] == pytest.approx(direct.inception_score(splits=2)[0], rel=1e-5)
 
 
-def test_shifted_statistics_give_the_squared_shift(weights, samples, tmp_path):
-    directory, images, _ = samples
-    stats = metrics_from_images([images], load_inception(weights), batch_size=5).feature_stats("")
-    shift = np.full_like(stats.mu, 0.1)  # FID = |mu1 - mu2|^2 = 2048 x 0.01 when the covariances are equal
-    reference = tmp_path / "shifted.npz"
-    np.savez(reference, mu=stats.mu + shift, sigma=stats.sigma)
-    result = scoring.score_samples(score_config(weights, f"ref={reference}"), directory)
-    assert result["gfid"] == pytest.approx(20.48, abs=1e-3)
-    assert "precision" not in result and "class_consistency" not in result  # statistics only: no points
+def test_scores_of_a_shifted_set_match_numpy():
+    # Features of 8 dimensions stand in for Inception's: a translated copy has the same covariance, so
+    # FID = |shift|^2; precision / recall and class consistency against brute force.
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(40, 8)).astype(np.float32)
+    labels = np.arange(40) % 4
+    shift = np.full(8, 0.5, np.float32)
+    samples, reference = image_set(features, labels), image_set(features + shift, labels)
+    logits = rng.normal(size=(40, 10))
+    result = scoring.scores(samples, logits, reference, nearest_k=3, chunk=7, is_splits=4)
+    assert result["gfid"] == pytest.approx(8 * 0.25, rel=1e-6)
+    precision, recall = brute_force_precision_recall(features + shift, features, 3)
+    assert (result["precision"], result["recall"]) == pytest.approx((precision, recall), abs=1e-12)
+    nearest = np.argmin(np.sum((features[:, None] - (features + shift)[None]) ** 2, -1), axis=1)
+    assert result["class_consistency"] == pytest.approx(np.mean(labels[nearest] == labels), abs=1e-12)
+    assert result["inception_score"] == inception_score(logits, 4)[0] and result["chance"] == 0.25
+
+
+def image_set(features, labels):
+    stats = RunningStats(features.shape[1])
+    stats.update(features)
+    return scoring.ImageSet(stats.result(""), features, labels, "")
 
 
 def test_photo_views_against_the_same_views(weights, tmp_path):
-    config = score_config(weights, "images=10,res=16")
-    images, labels = scoring.dataset_images(config.reference, image_size=16, num_images=10, batch_size=5)
+    config = score_config(weights, "images=6,res=16")
+    images, labels = scoring.dataset_images(config.reference, image_size=16, num_images=6, batch_size=4)
     images, labels = np.concatenate(images), np.concatenate(labels)
-    assert images.shape == (10, 16, 16, 3) and set(labels) <= set(range(9))  # the nine training photos
-    directory = write_samples(tmp_path / "photos", images, labels, (10,))
+    assert images.shape == (6, 16, 16, 3) and set(labels) <= set(range(9))  # the nine training photos
+    directory = write_samples(tmp_path / "photos", images, labels, (6,))
     result = scoring.score_samples(config, directory)
     assert abs(result["gfid"]) < 1e-3 and result["class_consistency"] == 1.0
-    assert result["classes"] == len(set(labels)) and result["reference"]["num_images"] == 10
+    assert result["classes"] == len(set(labels)) and result["reference"]["num_images"] == 6
 
 
 def test_errors_name_the_path(weights, tmp_path):
