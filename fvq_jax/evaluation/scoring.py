@@ -30,7 +30,7 @@ from fvq_jax import config_lib
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.evaluation import neighbours, reports
 from fvq_jax.evaluation.feature_stats import FeatureStats, load_images, load_stats
-from fvq_jax.evaluation.fid import fid
+from fvq_jax.evaluation.fid import fid_of_features
 from fvq_jax.evaluation.inception_metrics import InceptionMetrics, metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import InceptionV3, load_inception
@@ -171,7 +171,7 @@ def dataset_images(r: ml_collections.ConfigDict, *, image_size: int,
 def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *, nearest_k: int, chunk: int,
            is_splits: int) -> dict:
     """Every score the two sets allow (see the module docstring)."""
-    results = dict(gfid=fid(samples.stats, reference.stats), num_samples=samples.stats.count)
+    results = dict(gfid=fid_of_features(samples.features, reference.stats), num_samples=samples.stats.count)
     if logits is None:
         results["inception_score_note"] = ("these Inception weights have no classifier head; export weights "
                                            "with it for the Inception Score (see README, Evaluation)")
@@ -190,28 +190,48 @@ def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *,
     return results
 
 
+class Scorer:
+    """The Inception and the reference, prepared once, for scoring any number of samples directories (a CFG
+    sweep scores one per scale against the same reference)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        check_config(config)
+        if config.reference.npz and not Path(config.reference.npz).is_file():
+            raise config_lib.ConfigError("reference.npz", f"no file at {config.reference.npz}")
+        self.config = config
+        self.model = load_inception(config.score.inception or None)
+        self._references: dict[tuple[int, int], ImageSet] = {}
+
+    def reference(self, *, image_size: int, num_samples: int) -> ImageSet:
+        """The reference for samples of this size and count (a dataset's defaults depend on both)."""
+        key = (image_size, num_samples)
+        if key not in self._references:
+            self._references[key] = reference_set(self.config, self.model, image_size=image_size,
+                                                  num_samples=num_samples)
+        return self._references[key]
+
+    def __call__(self, samples_dir) -> dict:
+        """Score the samples in `samples_dir`; writes scores.json there and returns it."""
+        s = self.config.score
+        samples_dir = Path(samples_dir)
+        files = sample_files(samples_dir)
+        metrics = metrics_from_images(_images(files), self.model, batch_size=s.batch_size, keep_features=True)
+        samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
+        reference = self.reference(image_size=load_images(files[0]).shape[1], num_samples=metrics.count)
+        logits = np.concatenate(metrics.logits) if self.model.with_logits else None
+        results = scores(samples, logits, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
+        results.update(reference=dict(description=reference.description, num_images=reference.stats.count,
+                                      stats=reference.stats.description),
+                       inception_sha256=self.model.weights_sha256, sampling=_sampling_record(samples_dir))
+        if jax.process_index() == 0:
+            reports.write_metrics_json(results, samples_dir / SCORES_FILE)
+        print(summary_line(results, samples_dir), flush=True)
+        return results
+
+
 def score_samples(config: ml_collections.ConfigDict, samples_dir) -> dict:
-    """Score the samples in `samples_dir` as `config` says; writes scores.json there and returns it."""
-    check_config(config)
-    samples_dir = Path(samples_dir)
-    files = sample_files(samples_dir)
-    if config.reference.npz and not Path(config.reference.npz).is_file():
-        raise config_lib.ConfigError("reference.npz", f"no file at {config.reference.npz}")
-    model = load_inception(config.score.inception or None)
-    metrics = metrics_from_images(_images(files), model, batch_size=config.score.batch_size, keep_features=True)
-    samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
-    image_size = load_images(files[0]).shape[1]
-    reference = reference_set(config, model, image_size=image_size, num_samples=metrics.count)
-    logits = np.concatenate(metrics.logits) if model.with_logits else None
-    results = scores(samples, logits, reference, nearest_k=config.score.nearest_k, chunk=config.score.chunk,
-                     is_splits=config.score.is_splits)
-    results.update(reference=dict(description=reference.description, num_images=reference.stats.count,
-                                  stats=reference.stats.description),
-                   inception_sha256=model.weights_sha256, sampling=_sampling_record(samples_dir))
-    if jax.process_index() == 0:
-        reports.write_metrics_json(results, samples_dir / SCORES_FILE)
-    print(summary_line(results, samples_dir), flush=True)
-    return results
+    """The score task: score the samples in `samples_dir` as `config` says (see Scorer)."""
+    return Scorer(config)(samples_dir)
 
 
 def _images(files: list[Path]) -> Iterator[np.ndarray]:

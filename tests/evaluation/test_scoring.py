@@ -109,7 +109,7 @@ def test_photo_views_against_the_same_views(weights, tmp_path):
 
 
 def test_errors_name_the_path(weights, tmp_path):
-    config = score_config(weights, f"ref={tmp_path / 'none.npz'}")
+    config = score_config(weights)
     with pytest.raises(FileNotFoundError, match=f"no samples directory at {tmp_path / 'missing'}"):
         scoring.score_samples(config, tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -120,12 +120,7 @@ def test_errors_name_the_path(weights, tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path / 'bad' / 'batch_00000_p000.npz'} holds no images"):
         scoring.score_samples(config, tmp_path / "bad")
     with pytest.raises(config_lib.ConfigError, match=f"reference.npz: no file at {tmp_path / 'none.npz'}"):
-        scoring.score_samples(config, samples_dir(tmp_path))
-
-
-def samples_dir(tmp_path):
-    images = np.zeros((3, 8, 8, 3), np.uint8)
-    return write_samples(tmp_path / "ok", images, np.zeros(3, int), (3,))
+        scoring.score_samples(score_config(weights, f"ref={tmp_path / 'none.npz'}"), tmp_path / "bad")
 
 
 @pytest.mark.parametrize("arg, field", [("crop=random", "reference.crop"), ("data=lmdb", "reference.source"),
