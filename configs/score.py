@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         batch_size=50,  # Inception batch
         nearest_k=3,  # precision / recall: the k-th neighbour sets each point's radius
         chunk=1000,  # rows of a distance matrix computed at a time ([chunk, N])
-        is_splits=10,  # Inception Score: parts (fewer when there are fewer samples)
+        is_splits=10,  # Inception Score: parts (fewer when a part would hold less than 2 samples)
         inception="",  # exported Inception weights (.npz); '' = $FVQ_INCEPTION_WEIGHTS or the cache
     )
     config.reference = dict(

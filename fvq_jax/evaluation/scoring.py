@@ -4,8 +4,8 @@ The samples are the sampling job's files (fvq_jax/sampling/job.py): batch_*.npz 
 [n, H, W, 3] and `arr_1` labels, and sampling.json. Every image goes once through the FID Inception;
 its pool features and logits give
   gfid               Fréchet distance to the reference's feature statistics (fid.py);
-  inception_score    IS with 10 splits (inception_score.py); needs Inception weights with the classifier
-                     head, else it is left out with a note;
+  inception_score    IS with 10 splits, fewer for fewer than 20 samples (inception_score.py); needs
+                     Inception weights with the classifier head, else it is left out with a note;
   precision, recall  k-NN manifolds of the pool features (neighbours.py), when the reference has images;
   class_consistency  how often a sample's nearest reference image has its label, beside `chance`
                      (1 / classes), when the reference has labelled images.
@@ -121,7 +121,7 @@ def reference_set(config: ml_collections.ConfigDict, model: InceptionV3, *, imag
         num_samples if r.crop == "train" else 0), batch_size=batch_size)
     metrics = metrics_from_images(images, model, batch_size=batch_size, keep_features=True)
     what = "training views" if r.crop == "train" else "center crops"
-    return _image_set(metrics, np.concatenate(labels), f"{r.source} {r.split} {what}")
+    return _image_set(metrics, np.concatenate(labels), f"{r.source}/{r.split} {what}")
 
 
 def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:
@@ -176,7 +176,7 @@ def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *,
         results["inception_score_note"] = ("these Inception weights have no classifier head; export weights "
                                            "with it for the Inception Score (see README, Evaluation)")
     else:
-        splits = min(is_splits, len(logits))
+        splits = max(1, min(is_splits, len(logits) // 2))  # a part of one sample always scores exactly 1
         results["inception_score"], results["inception_score_std"] = inception_score(logits, splits)
         results["inception_score_splits"] = splits
     if reference.features is not None:
