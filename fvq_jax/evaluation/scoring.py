@@ -117,9 +117,15 @@ def reference_set(config: ml_collections.ConfigDict, model: InceptionV3, *, imag
     r, batch_size = config.reference, config.score.batch_size
     if r.npz:
         return npz_reference(r.npz, model, batch_size)
-    images, labels = dataset_images(r, image_size=r.image_size or image_size, num_images=r.num_images or (
-        num_samples if r.crop == "train" else 0), batch_size=batch_size)
-    metrics = metrics_from_images(images, model, batch_size=batch_size, keep_features=True)
+    labels = []
+
+    def images():  # batch by batch: a whole split need not fit in memory, only its features
+        for batch_images, batch_labels in dataset_batches(r, image_size=r.image_size or image_size, num_images=(
+                r.num_images or (num_samples if r.crop == "train" else 0)), batch_size=batch_size):
+            labels.append(batch_labels)
+            yield batch_images
+
+    metrics = metrics_from_images(images(), model, batch_size=batch_size, keep_features=True)
     what = "training views" if r.crop == "train" else "center crops"
     return _image_set(metrics, np.concatenate(labels), f"{r.source}/{r.split} {what}")
 
@@ -143,9 +149,9 @@ def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:
     return image_set
 
 
-def dataset_images(r: ml_collections.ConfigDict, *, image_size: int,
-                   num_images: int, batch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(image arrays uint8 [b, S, S, 3], label arrays [b]) of the reference dataset `r`, on this process alone:
+def dataset_batches(r: ml_collections.ConfigDict, *, image_size: int, num_images: int,
+                    batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images uint8 [b, S, S, 3], labels [b]) of the reference dataset `r`, read by this process alone:
     `num_images` random training views (crop train), or the first `num_images` center crops (0 = all)."""
     data_cfg = ml_collections.ConfigDict(dict(
         source=r.source, tfds_name=r.tfds_name, tfds_data_dir=r.tfds_data_dir, folder=r.folder,
@@ -153,16 +159,15 @@ def dataset_images(r: ml_collections.ConfigDict, *, image_size: int,
         max_resize_ratio=r.max_resize_ratio, flip=r.flip, num_workers=r.num_workers, read_threads=r.read_threads,
         prefetch_buffer=r.prefetch_buffer))
     if r.crop == "center":
-        batches = data_pipeline.eval_batches(data_cfg, batch_size=batch_size, num_images=num_images,
-                                             process_index=0, process_count=1)
-        kept = [(b["image"][b["mask"]], b["label"][b["mask"]]) for b in batches]
-    else:
-        batches = data_pipeline.train_iterator(data_cfg, global_batch=batch_size, seed=r.seed, process_index=0,
-                                               process_count=1)
-        kept = [next(batches) for _ in range(-(-num_images // batch_size))]
-        kept = [(b["image"], b["label"]) for b in kept]
-        kept[-1] = tuple(x[:num_images - (len(kept) - 1) * batch_size] for x in kept[-1])
-    return [images for images, _ in kept], [labels for _, labels in kept]
+        for batch in data_pipeline.eval_batches(data_cfg, batch_size=batch_size, num_images=num_images,
+                                                process_index=0, process_count=1):
+            yield batch["image"][batch["mask"]], batch["label"][batch["mask"]]
+        return
+    batches = data_pipeline.train_iterator(data_cfg, global_batch=batch_size, seed=r.seed, process_index=0,
+                                           process_count=1)
+    for start in range(0, num_images, batch_size):
+        batch, count = next(batches), min(batch_size, num_images - start)
+        yield batch["image"][:count], batch["label"][:count]
 
 
 # ----------------------------------------------------------------------------- scores

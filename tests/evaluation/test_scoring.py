@@ -99,8 +99,8 @@ def image_set(features, labels):
 
 def test_photo_views_against_the_same_views(weights, tmp_path):
     config = score_config(weights, "images=6,res=16")
-    images, labels = scoring.dataset_images(config.reference, image_size=16, num_images=6, batch_size=4)
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    batches = list(scoring.dataset_batches(config.reference, image_size=16, num_images=6, batch_size=4))
+    images, labels = (np.concatenate(parts) for parts in zip(*batches))
     assert images.shape == (6, 16, 16, 3) and set(labels) <= set(range(9))  # the nine training photos
     directory = write_samples(tmp_path / "photos", images, labels, (6,))
     result = scoring.score_samples(config, directory)
