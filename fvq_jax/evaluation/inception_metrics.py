@@ -105,11 +105,13 @@ class InceptionMetrics:
 def fixed_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Arrays of any length [n_i, ...] (files of samples, a whole set) -> (batch [batch_size, ...], mask
     [batch_size]) in order; the last batch is zero-padded and masked, so one compiled program serves all."""
+    # Pieces of at most one batch: fewer than two batches are ever pending, and a large array is never copied whole.
+    pieces = (array[i:i + batch_size] for array in arrays for i in range(0, len(array), batch_size))
     pending, count = [], 0
-    for array in arrays:
-        pending.append(array)
-        count += len(array)
-        while count >= batch_size:
+    for piece in pieces:
+        pending.append(piece)
+        count += len(piece)
+        if count >= batch_size:
             joined = np.concatenate(pending)
             yield joined[:batch_size], np.ones((batch_size,), bool)
             pending, count = [joined[batch_size:]], count - batch_size

@@ -227,6 +227,7 @@ class Scorer:
         results = scores(samples, logits, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
         results.update(reference=dict(description=reference.description, num_images=reference.stats.count,
                                       stats=reference.stats.description),
+                       settings=dict(score=s.to_dict(), reference=self.config.reference.to_dict()),
                        inception_sha256=self.model.weights_sha256, sampling=_sampling_record(samples_dir))
         if jax.process_index() == 0:
             reports.write_metrics_json(results, samples_dir / SCORES_FILE)
