@@ -103,6 +103,11 @@ class ImageSet:
     labels: np.ndarray | None
     description: str
 
+    @property
+    def count(self) -> int:
+        """Images in the set; -1 when unknown (statistics from a file that does not say, as ADM's)."""
+        return len(self.features) if self.features is not None else self.stats.count
+
 
 def _image_set(metrics: InceptionMetrics, labels: np.ndarray | None, description: str) -> ImageSet:
     return ImageSet(metrics.feature_stats(description), metrics.features(), labels, description)
@@ -176,7 +181,7 @@ def dataset_batches(r: ml_collections.ConfigDict, *, image_size: int, num_images
 def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *, nearest_k: int, chunk: int,
            is_splits: int) -> dict:
     """Every score the two sets allow (see the module docstring)."""
-    results = dict(gfid=fid_of_features(samples.features, reference.stats), num_samples=samples.stats.count)
+    results = dict(gfid=fid_of_features(samples.features, reference.stats), num_samples=samples.count)
     if logits is None:
         results["inception_score_note"] = ("these Inception weights have no classifier head; export weights "
                                            "with it for the Inception Score (see README, Evaluation)")
@@ -225,7 +230,7 @@ class Scorer:
         reference = self.reference(image_size=load_images(files[0]).shape[1], num_samples=metrics.count)
         logits = np.concatenate(metrics.logits) if self.model.with_logits else None
         results = scores(samples, logits, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
-        results.update(reference=dict(description=reference.description, num_images=reference.stats.count,
+        results.update(reference=dict(description=reference.description, num_images=reference.count,
                                       stats=reference.stats.description),
                        settings=dict(score=s.to_dict(), reference=self.config.reference.to_dict()),
                        inception_sha256=self.model.weights_sha256, sampling=_sampling_record(samples_dir))

@@ -128,3 +128,13 @@ def test_errors_name_the_path(weights, tmp_path):
 def test_config_errors_name_the_field(arg, field):
     with pytest.raises(config_lib.ConfigError, match=f"config field {field}"):
         tasks.check_config(config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg))
+
+
+def test_reference_statistics_take_precedence_over_its_images(weights, tmp_path):
+    # ADM's files hold both: FID uses mu / sigma (as ADM's evaluator), precision / recall the images' features.
+    images = np.random.default_rng(2).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "adm.npz"
+    np.savez(path, arr_0=images, mu=np.ones(2048), sigma=np.eye(2048))
+    reference = scoring.npz_reference(path, load_inception(weights), batch_size=5)
+    assert reference.count == 5 and reference.features.shape == (5, 2048) and reference.labels is None
+    np.testing.assert_array_equal(reference.stats.mu, np.ones(2048))
