@@ -26,6 +26,7 @@ KEYS = {
     "crop": ("reference.crop", "train"),
     "images": ("reference.num_images", 0),
     "res": ("reference.image_size", 0),
+    "reconstruct": ("reference.reconstruct", False),
     "batch": ("score.batch_size", 50),
     "k": ("score.nearest_k", 3),
 }
@@ -53,6 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         image_size=0,  # 0 = the samples' resolution
         num_images=0,  # 0 = crop train: as many as there are samples; crop center: the whole split
         seed=0,  # the training views' randomness
+        reconstruct=False,  # true: encode and decode the reference by the samples' tokenizer (sampling.json) first
         train_crop="zoom",  # zoom | short_side (see configs/tokenizer.py)
         max_resize_ratio=1.25,
         flip=True,

@@ -11,7 +11,9 @@ its pool features and logits give
                      (1 / classes), when the reference has labelled images.
 The reference is an ADM-style batch (`mu` / `sigma`, which take precedence for FID as in ADM's evaluator,
 and / or `arr_0` images with optional `arr_1` labels), or images of a dataset through the input pipeline
-(random training views or center crops). Small sets bias gFID upwards (the covariance of a few hundred
+(random training views or center crops), optionally encoded and decoded by the samples' tokenizer first
+(`reference.reconstruct`): the scores then measure the GPT against what its tokenizer can show, not the
+tokenizer's own losses as well. Small sets bias gFID upwards (the covariance of a few hundred
 2048-d features is far from the population's); compare gFIDs only at equal sample and reference counts.
 """
 
@@ -20,20 +22,23 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.transforms import to_model_range
 from fvq_jax.evaluation import neighbours, reports
 from fvq_jax.evaluation.feature_stats import FeatureStats, load_images, load_stats
 from fvq_jax.evaluation.fid import fid_of_features
 from fvq_jax.evaluation.inception_metrics import InceptionMetrics, metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import InceptionV3, load_inception
+from fvq_jax.models.load import load_recorded_tokenizer
 
 SAMPLE_FILES = "batch_*.npz"
 SCORES_FILE = "scores.json"
@@ -49,7 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("batch_size", "nearest_k", "chunk", "is_splits"):
         config_lib.require_number(s[name], f"score.{name}", integer=True)
     config_lib.require(isinstance(r.npz, str), "reference.npz", f"must be a path or '', got {r.npz!r}")
+    config_lib.require(isinstance(r.reconstruct, bool), "reference.reconstruct",
+                       f"must be true or false, got {r.reconstruct!r}")
     if r.npz:
+        config_lib.require(not r.reconstruct, "reference.reconstruct", "needs a dataset reference, not reference.npz")
         return
     config_lib.require_choice(r.source, "reference.source", data_pipeline.SOURCES)
     config_lib.require_choice(r.crop, "reference.crop", CROPS)
@@ -116,23 +124,34 @@ def _image_set(metrics: InceptionMetrics, labels: np.ndarray | None, description
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_set(config: ml_collections.ConfigDict, model: InceptionV3, *, image_size: int,
-                  num_samples: int) -> ImageSet:
-    """The reference of `config.reference`: an ADM-style batch, or a dataset's images at `image_size`."""
+def reference_set(config: ml_collections.ConfigDict, model: InceptionV3, *, image_size: int, num_samples: int,
+                  tokenizer: dict | None = None) -> ImageSet:
+    """The reference of `config.reference`: an ADM-style batch, or a dataset's images at `image_size`, through
+    the tokenizer that `tokenizer` (sampling.json's record) names when given."""
     r, batch_size = config.reference, config.score.batch_size
     if r.npz:
         return npz_reference(r.npz, model, batch_size)
     labels = []
+    transform = reconstruction_fn(tokenizer) if tokenizer is not None else None
 
     def images():  # batch by batch: a whole split need not fit in memory, only its features
         for batch_images, batch_labels in dataset_batches(r, image_size=r.image_size or image_size, num_images=(
                 r.num_images or (num_samples if r.crop == "train" else 0)), batch_size=batch_size):
             labels.append(batch_labels)
-            yield batch_images
+            yield batch_images if transform is None else transform(batch_images)
 
     metrics = metrics_from_images(images(), model, batch_size=batch_size, keep_features=True)
     what = "training views" if r.crop == "train" else "center crops"
-    return _image_set(metrics, np.concatenate(labels), f"{r.source}/{r.split} {what}")
+    through = "" if tokenizer is None else f" through the tokenizer {tokenizer['path']} (step {tokenizer['step']})"
+    return _image_set(metrics, np.concatenate(labels), f"{r.source}/{r.split} {what}{through}")
+
+
+def reconstruction_fn(record: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images [b, S, S, 3] -> the same encoded to codes and decoded by the tokenizer `record` names, on
+    the samples' path (`decode_codes`), as uint8."""
+    tokenizer = load_recorded_tokenizer(record).model
+    reconstruct = nnx.jit(lambda m, x: m.decode_codes(m.encode(to_model_range(x))[1]))
+    return lambda images: reports.to_uint8(reconstruct(tokenizer, images))
 
 
 def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:
@@ -210,14 +229,15 @@ class Scorer:
             raise config_lib.ConfigError("reference.npz", f"no file at {config.reference.npz}")
         self.config = config
         self.model = load_inception(config.score.inception or None)
-        self._references: dict[tuple[int, int], ImageSet] = {}
+        self._references: dict[str, ImageSet] = {}
 
-    def reference(self, *, image_size: int, num_samples: int) -> ImageSet:
-        """The reference for samples of this size and count (a dataset's defaults depend on both)."""
-        key = (image_size, num_samples)
+    def reference(self, *, image_size: int, num_samples: int, tokenizer: dict | None) -> ImageSet:
+        """The reference for samples of this size and count (a dataset's defaults depend on both) and, with
+        reference.reconstruct, of this tokenizer."""
+        key = json.dumps([image_size, num_samples, tokenizer], sort_keys=True)
         if key not in self._references:
             self._references[key] = reference_set(self.config, self.model, image_size=image_size,
-                                                  num_samples=num_samples)
+                                                  num_samples=num_samples, tokenizer=tokenizer)
         return self._references[key]
 
     def __call__(self, samples_dir) -> dict:
@@ -227,17 +247,28 @@ class Scorer:
         files = sample_files(samples_dir)
         metrics = metrics_from_images(_images(files), self.model, batch_size=s.batch_size, keep_features=True)
         samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
-        reference = self.reference(image_size=load_images(files[0]).shape[1], num_samples=metrics.count)
+        record = _sampling_record(samples_dir)
+        reference = self.reference(image_size=load_images(files[0]).shape[1], num_samples=metrics.count,
+                                   tokenizer=self._tokenizer(record, samples_dir))
         logits = np.concatenate(metrics.logits) if self.model.with_logits else None
         results = scores(samples, logits, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
         results.update(reference=dict(description=reference.description, num_images=reference.count,
                                       stats=reference.stats.description),
                        settings=dict(score=s.to_dict(), reference=self.config.reference.to_dict()),
-                       inception_sha256=self.model.weights_sha256, sampling=_sampling_record(samples_dir))
+                       inception_sha256=self.model.weights_sha256, sampling=record)
         if jax.process_index() == 0:
             reports.write_metrics_json(results, samples_dir / SCORES_FILE)
         print(summary_line(results, samples_dir), flush=True)
         return results
+
+
+    def _tokenizer(self, record: dict | None, samples_dir: Path) -> dict | None:
+        """The tokenizer record to pass the reference through: sampling.json's, with reference.reconstruct."""
+        if not self.config.reference.reconstruct:
+            return None
+        config_lib.require(record is not None and "tokenizer" in record, "reference.reconstruct",
+                           f"needs the samples' tokenizer, which {samples_dir / 'sampling.json'} does not record")
+        return record["tokenizer"]
 
 
 def score_samples(config: ml_collections.ConfigDict, samples_dir) -> dict:

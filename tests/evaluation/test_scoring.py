@@ -6,6 +6,7 @@ run the Inception end to end."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from fvq_jax.evaluation.feature_stats import RunningStats
 from fvq_jax.evaluation.inception_metrics import metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import load_inception
+from fvq_jax.models.load import load_tokenizer
 from tests.conftest import ROOT
 from tests.evaluation.test_neighbours import brute_force_precision_recall
 from tests.inception_weights import export_with_head
@@ -124,7 +126,8 @@ def test_errors_name_the_path(weights, tmp_path):
 
 
 @pytest.mark.parametrize("arg, field", [("crop=random", "reference.crop"), ("data=lmdb", "reference.source"),
-                                        ("batch=0", "score.batch_size")])
+                                        ("batch=0", "score.batch_size"), ("ref=a.npz,reconstruct=true",
+                                                                          "reference.reconstruct")])
 def test_config_errors_name_the_field(arg, field):
     with pytest.raises(config_lib.ConfigError, match=f"config field {field}"):
         tasks.check_config(config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg))
@@ -138,3 +141,22 @@ def test_reference_statistics_take_precedence_over_its_images(weights, tmp_path)
     reference = scoring.npz_reference(path, load_inception(weights), batch_size=5)
     assert reference.count == 5 and reference.features.shape == (5, 2048) and reference.labels is None
     np.testing.assert_array_equal(reference.stats.mu, np.ones(2048))
+
+
+def test_reconstructed_reference_goes_through_the_samples_tokenizer(weights, tiny_run, tmp_path):
+    # Samples = the tiny tokenizer's reconstructions of the reference views: they score as the reference itself
+    # once the reference goes through the tokenizer that sampling.json names.
+    config = score_config(weights, "images=6,res=16,reconstruct=true")
+    batches = list(scoring.dataset_batches(config.reference, image_size=16, num_images=6, batch_size=3))
+    views, labels = (np.concatenate(parts) for parts in zip(*batches))
+    model = load_tokenizer(tiny_run[0], step=2, use_ema=True).model
+    decoded = model.decode_codes(model.encode(jnp.asarray(views, jnp.float32) / 127.5 - 1.0)[1])
+    samples = np.round((np.clip(np.asarray(decoded), -1, 1) + 1) * 127.5).astype(np.uint8)
+    directory = write_samples(tmp_path / "recon", samples, labels, (6,))
+    (directory / "sampling.json").write_text(json.dumps({"tokenizer": dict(path=tiny_run[0], step=2, weights="ema")}))
+    result = scoring.score_samples(config, directory)
+    assert abs(result["gfid"]) < 1e-3 and (result["precision"], result["recall"]) == (1.0, 1.0)
+    assert "through the tokenizer" in result["reference"]["description"]
+    (directory / "sampling.json").unlink()
+    with pytest.raises(config_lib.ConfigError, match="reference.reconstruct: needs the samples' tokenizer"):
+        scoring.score_samples(config, directory)
