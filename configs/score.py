@@ -3,6 +3,9 @@
   python -m fvq_jax.main --config=configs/score.py --workdir=workdir/gpt_photos/samples/NAME
       the toy chain: against random training views of the nine built-in photos (zoom crops at the
       samples' resolution, as many as there are samples), labels = the photos: class consistency;
+  python -m fvq_jax.main --config=configs/score.py:reconstruct=true --workdir=workdir/gpt_photos/samples/NAME
+      the same views encoded and decoded by the samples' tokenizer first: the GPT against what its tokenizer
+      can show (at toy scale a weak tokenizer otherwise dominates every score);
   python -m fvq_jax.main --config=configs/score.py:ref=VIRTUAL_imagenet256_labeled.npz --workdir=SAMPLES
       the gFID protocol: ADM's reference batch (its mu / sigma for FID, its images for precision / recall,
       its labels, when it has them, for class consistency);

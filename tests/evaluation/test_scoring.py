@@ -9,6 +9,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from fvq_jax import config_lib, tasks
 from fvq_jax.evaluation import scoring
@@ -150,7 +151,7 @@ def test_reconstructed_reference_goes_through_the_samples_tokenizer(weights, tin
     batches = list(scoring.dataset_batches(config.reference, image_size=16, num_images=6, batch_size=3))
     views, labels = (np.concatenate(parts) for parts in zip(*batches))
     model = load_tokenizer(tiny_run[0], step=2, use_ema=True).model
-    decoded = model.decode_codes(model.encode(jnp.asarray(views, jnp.float32) / 127.5 - 1.0)[1])
+    decoded = nnx.jit(lambda m, x: m.decode_codes(m.encode(x)[1]))(model, jnp.asarray(views, jnp.float32) / 127.5 - 1)
     samples = np.round((np.clip(np.asarray(decoded), -1, 1) + 1) * 127.5).astype(np.uint8)
     directory = write_samples(tmp_path / "recon", samples, labels, (6,))
     (directory / "sampling.json").write_text(json.dumps({"tokenizer": dict(path=tiny_run[0], step=2, weights="ema")}))
