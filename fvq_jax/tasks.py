@@ -10,7 +10,7 @@ import ml_collections
 
 from fvq_jax import config_lib
 
-TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample")
+TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample", "score")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -30,6 +30,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     elif task == "sample":
         from fvq_jax.sampling import job
         job.check_config(config)
+    elif task == "score":
+        from fvq_jax.evaluation import scoring
+        scoring.check_config(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -46,6 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     elif config.task == "sample":
         from fvq_jax.sampling import job
         job.sample_run(config, workdir)
+    elif config.task == "score":
+        from fvq_jax.evaluation import scoring
+        scoring.score_samples(config, workdir)
     else:
         from fvq_jax.evaluation import tokenizer_eval
         tokenizer_eval.evaluate_checkpoint(config, workdir)

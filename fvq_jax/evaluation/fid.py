@@ -9,6 +9,9 @@ R = S1^(1/2) has the same eigenvalues as the symmetric positive semi-definite R 
 tr((S1 S2)^(1/2)) = sum(sqrt(eig(R S2 R))): two symmetric eigendecompositions, real throughout,
 no offset. Eigenvalues below zero can only be round-off; larger negative ones mean an input was
 not a covariance matrix and raise.
+
+With the features of fewer samples than dimensions at hand (a few hundred generated samples of
+2048-d features), `fid_of_features` needs one small eigendecomposition instead (see there).
 """
 
 from __future__ import annotations
@@ -56,3 +59,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def fid(stats: FeatureStats, reference: FeatureStats) -> float:
     """FID between two sets of feature statistics."""
     return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+
+
+def fid_of_features(features, reference: FeatureStats) -> float:
+    """FID of the Gaussian fitted to features [n, F] (unbiased covariance, as np.cov) against `reference`.
+
+    For n <= F the covariance is A^T A with A = (x - mu) / sqrt(n - 1) [n, F], and S1 S2 = A^T (A S2) has
+    the nonzero eigenvalues of the symmetric n x n matrix A S2 A^T: one n x n eigendecomposition replaces
+    two F x F ones (seconds to milliseconds on a CPU for n = 500, F = 2048). Larger n go through the
+    statistics and `frechet_distance`.
+    """
+    x = np.asarray(features, np.float64)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+    mu = x.mean(axis=0)
+    if n > x.shape[1]:
+        return frechet_distance(mu, np.cov(x, rowvar=False), reference.mu, reference.sigma)
+    a = (x - mu) / np.sqrt(n - 1)
+    sigma2 = np.asarray(reference.sigma, np.float64)
+    w, _ = _psd_eigenvalues(a @ sigma2 @ a.T, "A sigma2 A^T")
+    diff = mu - reference.mu
+    return float(diff @ diff + np.sum(a * a) + np.trace(sigma2) - 2.0 * np.sum(np.sqrt(w)))

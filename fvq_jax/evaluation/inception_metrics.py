@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -38,10 +38,14 @@ def _forward(state, images, *, graphdef, data_range, quantize):
 
 
 class InceptionMetrics:
-    """Accumulates Inception pool features (FID) and logits (IS) batch by batch."""
+    """Accumulates Inception pool features (FID) and logits (IS) batch by batch.
+
+    With `keep_features` the pool features themselves are kept too (`features()`, float32 [N, 2048]):
+    precision / recall and nearest neighbours need the points, not only their mean and covariance.
+    """
 
     def __init__(self, model: InceptionV3, *, data_range: tuple[float, float] | None = (-1.0, 1.0),
-                 quantize: bool = True, mesh: jax.sharding.Mesh | None = None):
+                 quantize: bool = True, mesh: jax.sharding.Mesh | None = None, keep_features: bool = False):
         if data_range is not None:
             data_range = (float(data_range[0]), float(data_range[1]))
         graphdef, state = nnx.split(model)
@@ -55,6 +59,7 @@ class InceptionMetrics:
         self._state = state
         self.stats = RunningStats(NUM_FEATURES)
         self.logits: list[np.ndarray] = []
+        self._features: list[np.ndarray] | None = [] if keep_features else None
 
     @property
     def count(self) -> int:
@@ -65,7 +70,10 @@ class InceptionMetrics:
         out = _forward(self._state, images, graphdef=self._graphdef, data_range=self.data_range,
                        quantize=self.quantize)
         keep = None if mask is None else to_host(mask).reshape(-1).astype(bool)
-        self.stats.update(out["pool"], keep)
+        pool = to_host(out["pool"])
+        self.stats.update(pool, keep)
+        if self._features is not None:
+            self._features.append(pool if keep is None else pool[keep])
         if "logits" in out:
             logits = to_host(out["logits"])
             self.logits.append(logits if keep is None else logits[keep])
@@ -75,6 +83,12 @@ class InceptionMetrics:
         return self.stats.result(
             f"{description}; {self.count} images, data_range={self.data_range}, quantize={self.quantize}, "
             f"inception sha256 {self.weights_sha256}")
+
+    def features(self) -> np.ndarray:
+        """The pool features of every image so far, float32 [N, 2048] (needs keep_features=True)."""
+        if self._features is None:
+            raise ValueError("features are kept only with InceptionMetrics(..., keep_features=True)")
+        return np.concatenate(self._features or [np.zeros((0, NUM_FEATURES), np.float32)])
 
     def fid(self, reference: FeatureStats) -> float:
         return fid_lib.fid(self.stats.result(""), reference)
@@ -88,18 +102,38 @@ class InceptionMetrics:
         return inception_score(np.concatenate(self.logits), splits)
 
 
+def fixed_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Arrays of any length [n_i, ...] (files of samples, a whole set) -> (batch [batch_size, ...], mask
+    [batch_size]) in order; the last batch is zero-padded and masked, so one compiled program serves all."""
+    # Pieces of at most one batch: fewer than two batches are ever pending, and a large array is never copied whole.
+    pieces = (array[i:i + batch_size] for array in arrays for i in range(0, len(array), batch_size))
+    pending, count = [], 0
+    for piece in pieces:
+        pending.append(piece)
+        count += len(piece)
+        if count >= batch_size:
+            joined = np.concatenate(pending)
+            yield joined[:batch_size], np.ones((batch_size,), bool)
+            pending, count = [joined[batch_size:]], count - batch_size
+    if count:
+        joined = np.concatenate(pending)
+        padding = np.zeros((batch_size - count, *joined.shape[1:]), joined.dtype)
+        yield np.concatenate([joined, padding]), np.arange(batch_size) < count
+
+
+def metrics_from_images(arrays: Iterable[np.ndarray], model: InceptionV3, *, batch_size: int = 100,
+                        keep_features: bool = False) -> InceptionMetrics:
+    """InceptionMetrics over host images uint8 [n_i, H, W, 3], an iterable of arrays (see `fixed_batches`)."""
+    metrics = InceptionMetrics(model, data_range=(0.0, 255.0), keep_features=keep_features)
+    for batch, mask in fixed_batches(arrays, batch_size):
+        metrics.update(batch, mask=mask)
+    return metrics
+
+
 def stats_from_images(images: np.ndarray, model: InceptionV3, *, description: str,
                       batch_size: int = 100) -> FeatureStats:
-    """Statistics of host images uint8 [N, H, W, 3]; the last batch is padded and masked (one compile)."""
-    metrics = InceptionMetrics(model, data_range=(0.0, 255.0))
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        valid = len(batch)
-        pad = batch_size - valid
-        if pad:
-            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-        metrics.update(batch, mask=np.arange(batch_size) < valid)
-    return metrics.feature_stats(description)
+    """Statistics of host images uint8 [N, H, W, 3]."""
+    return metrics_from_images([images], model, batch_size=batch_size).feature_stats(description)
 
 
 def cached_stats(cache_path: str | os.PathLike, compute: Callable[[], FeatureStats], *,

@@ -88,8 +88,9 @@ class Sampler:
                      for x in out)
 
 
-def sample_run(config: ml_collections.ConfigDict, workdir) -> epath.Path:
-    """Sample the GPT run in `workdir` as `config.sample` says; returns the output directory."""
+def sample_run(config: ml_collections.ConfigDict, workdir, out=None) -> epath.Path:
+    """Sample the GPT run in `workdir` as `config.sample` says into `out` (None: workdir/samples/<name>);
+    returns the output directory."""
     sampling = check_config(config)
     s = config.sample
     mesh = sharding.make_mesh(config.mesh)
@@ -108,7 +109,7 @@ def sample_run(config: ml_collections.ConfigDict, workdir) -> epath.Path:
             tokenizer = load_recorded_tokenizer(record, mesh_cfg=config.mesh)
         num_classes = gpt.model.config.num_classes
         num_samples = s.num_samples or s.per_class * num_classes
-        out = epath.Path(workdir) / "samples" / output_name(s, gpt.step, num_samples)
+        out = epath.Path(out or epath.Path(workdir) / "samples" / output_name(s, gpt.step, num_samples))
         out.mkdir(parents=True, exist_ok=True)
         sampler = Sampler(gpt.model, tokenizer.model, sampling, seed=s.seed, num_samples=num_samples, mesh=mesh,
                           rules=sharding.rules_of(config.mesh))

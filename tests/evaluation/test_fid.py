@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 
 from fvq_jax.evaluation.feature_stats import FeatureStats
-from fvq_jax.evaluation.fid import fid, frechet_distance
+from fvq_jax.evaluation.fid import fid, fid_of_features, frechet_distance
 
 
 def scipy_reference(mu1, s1, mu2, s2):
@@ -58,3 +58,13 @@ def test_bad_inputs_raise():
         frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="shapes do not match"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+@pytest.mark.parametrize("samples", [20, 100])  # fewer than the 64 dimensions (the n x n form), and more
+def test_fid_of_features_matches_the_statistics(samples):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(samples, 64)) @ rng.normal(size=(64, 64)) + 1.0
+    mu2, s2 = random_stats(rng, 64, 30)
+    expected = frechet_distance(x.mean(0), np.cov(x, rowvar=False), mu2, s2)
+    # rel 1e-7: the F x F route rounds the square roots of the zero eigenvalues of a rank-deficient S1
+    assert fid_of_features(x, FeatureStats(mu2, s2, 30, "")) == pytest.approx(expected, rel=1e-7)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from fvq_jax.evaluation.feature_stats import FeatureStats
-from fvq_jax.evaluation.inception_metrics import InceptionMetrics, reference_stats, stats_from_images
+from fvq_jax.evaluation.inception_metrics import InceptionMetrics, fixed_batches, reference_stats, stats_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import InceptionV3, load_inception
 from tests.inception_weights import export_with_head
@@ -89,3 +89,12 @@ def test_sharded_batches_over_two_devices(weights, python_runner):
         print("sharded ok")
     """, num_devices=2, timeout=300)
     assert "sharded ok" in out
+
+
+def test_fixed_batches_keep_the_order_across_arrays():
+    arrays = [np.arange(n * 2).reshape(n, 2) + 100 * i for i, n in enumerate((2, 7, 0, 4))]
+    batches = list(fixed_batches(arrays, 3))
+    assert [int(mask.sum()) for _, mask in batches] == [3, 3, 3, 3, 1]
+    joined = np.concatenate([batch[mask] for batch, mask in batches])
+    np.testing.assert_array_equal(joined, np.concatenate(arrays))
+    assert not batches[-1][0][1:].any()  # zero padding
