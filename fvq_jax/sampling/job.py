@@ -68,10 +68,13 @@ class Sampler:
         tok_graph, self.tok_params, self.tok_rest = nnx.split(tokenizer, nnx.Param, ...)
         generate, decode = generation_fn(gpt_graph, config), decode_fn(tok_graph)
         classes, grid = self.num_classes, self.grid
+        # Labels are computed in int32 on the device (JAX's default integers): i * classes must fit.
+        config_lib.require(num_samples * classes < 2 ** 31, "sample.num_samples",
+                           f"{num_samples} samples x {classes} classes overflows the int32 label arithmetic")
 
         def step(gpt_params, tok_params, tok_rest, indices):
             with sharding.axis_rules(rules):
-                labels = (indices.astype(jnp.int64) * classes // num_samples).astype(jnp.int32)
+                labels = indices.astype(jnp.int32) * classes // num_samples
                 keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
                 codes = generate(gpt_params, labels, keys)
                 images = decode(tok_params, tok_rest, codes.reshape(-1, grid, grid))
