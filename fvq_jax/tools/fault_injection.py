@@ -41,9 +41,10 @@ def finalised_steps(workdir: str) -> set[int]:
     return {int(n) for n in names if n.isdigit() and os.path.exists(os.path.join(directory, n, "commit_success.txt"))}
 
 
-def writing(workdir: str) -> bool:
+def temporary_dirs(workdir: str) -> set[str]:
+    """Orbax's temporary checkpoint directories in workdir (a killed write leaves its own behind)."""
     directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any("tmp" in n for n in os.listdir(directory))
+    return {n for n in os.listdir(directory) if "tmp" in n} if os.path.isdir(directory) else set()
 
 
 def logged(workdir: str) -> dict[int, tuple]:
@@ -94,11 +95,15 @@ def main(argv=None) -> int:
         in_write = len(kills) % 2 == 0
         process = subprocess.Popen(command(faulty, args.steps, args.checkpoint_every), cwd=ROOT, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started, deadline = time.time(), time.time() + rng.uniform(0.2, 1.0) * seconds
-        while process.poll() is None and not (writing(faulty) if in_write else time.time() > deadline):
+        # A resumed run is shorter than the first (fewer steps left, compiled programs cached): kill
+        # early enough that it is still running, from start-up to a few steps in.
+        started, deadline = time.time(), time.time() + rng.uniform(0.02, 0.3) * seconds
+        leftovers = temporary_dirs(faulty)  # a write counts only if this process started it
+        writing = lambda: bool(temporary_dirs(faulty) - leftovers)  # noqa: E731
+        while process.poll() is None and not (writing() if in_write else time.time() > deadline):
             time.sleep(0.002)
         if process.poll() is not None:
-            print(f"run finished before kill {len(kills) + 1}; restarting it from the start", flush=True)
+            print(f"the run finished before kill {len(kills) + 1}: use more --steps for more kills", flush=True)
             break
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
         if lost:
             raise AssertionError(f"kill {len(kills) + 1} lost finalised checkpoints {lost}")
         seen |= now
-        kills.append(dict(after_s=round(time.time() - started, 2), during_checkpoint_write=in_write and writing(faulty),
+        kills.append(dict(after_s=round(time.time() - started, 2), during_checkpoint_write=in_write and writing(),
                           latest_step=max(now, default=None), logged_up_to=max(logged(faulty), default=None)))
         print(f"kill {len(kills)}: {kills[-1]}", flush=True)
     run_to_end(faulty, args.steps, args.checkpoint_every, env)
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k != "kills"}), flush=True)
-    ok = same_losses and same_params and not lost and report["logged_steps"]
+    ok = same_losses and same_params and not lost and report["logged_steps"] and len(kills) == args.kills
     return 0 if ok else 1
 
 
