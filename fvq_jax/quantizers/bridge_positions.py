@@ -7,8 +7,9 @@ head: kernel[:, j*D:(j+1)*D] and bias[j*D:(j+1)*D]. That row-group only gets gra
 selected codes, and the head starts at zero, so a position that is never selected never moves:
 its codes stay tied at one value and usage stops at (live positions) / p^2.
 
-`revive_dead_positions` re-seeds the row-groups of positions with no assignment in the (full)
-usage window from the most used position plus small noise, and zeroes their optimizer moments.
+`revive_dead_positions` re-seeds the row-groups of positions with no assignment among the latest
+assignments of the usage window from the most used position plus small noise, and zeroes their
+optimizer moments.
 It runs outside the train step, as a periodic update of the state (train.tokenizer), so the step
 program is the same whether it is on or off; it depends only on the checkpointed state and the
 step, so a resumed run repeats it exactly.
@@ -50,11 +51,18 @@ def position_metrics(counts: jax.Array, patch: int) -> dict[str, jax.Array]:
     return metrics
 
 
-def dead_positions(window: jax.Array, num_codes: int, patch: int) -> jax.Array:
-    """[p*p] bool: positions with no assignment in the window, once it has filled (before that,
-    nothing counts as dead)."""
-    filled = jnp.all(window >= 0)
-    return filled & (position_counts(window, num_codes, patch) == 0)
+def recent_assignments(window: jax.Array, position: jax.Array, recent: int) -> jax.Array:
+    """The `recent` most recently written slots of the usage ring buffer (`usage.push`: `position` is
+    the next slot to write), oldest first; -1 where not yet written."""
+    size = window.shape[0]
+    return window[(position - min(recent, size) + jnp.arange(min(recent, size))) % size]
+
+
+def dead_positions(assignments: jax.Array, num_codes: int, patch: int) -> jax.Array:
+    """[p*p] bool: positions with no assignment among `assignments` [N], once all N slots are written
+    (before that, nothing counts as dead)."""
+    filled = jnp.all(assignments >= 0)
+    return filled & (position_counts(assignments, num_codes, patch) == 0)
 
 
 def _rows(array: jax.Array, num_positions: int) -> jax.Array:
@@ -90,19 +98,23 @@ def map_head(tree: Any, fn: Callable[[str, jax.Array], jax.Array]) -> Any:
     return jax.tree_util.tree_map_with_path(visit, tree)
 
 
-def revive_dead_positions(state, step: jax.Array, *, num_codes: int, patch: int, noise: float,
+def revive_dead_positions(state, step: jax.Array, *, num_codes: int, patch: int, recent: int, noise: float,
                           seed: int) -> tuple[Any, jax.Array]:
     """Re-seed the head rows of the dead in-patch positions of a VQ tokenizer's bridge (see module doc).
 
     state: a TrainState whose model is the tokenizer (params, opt_state, ema_params, model_state).
+    recent: how many of the latest assignments in the usage window decide (the trainer passes
+    revive_every steps' worth): a position also dies during training, and the whole window (65,536
+    assignments, 128 steps at 512 tokens a step) would notice only that many steps later.
     Returns (state, dead [p*p] bool: the positions re-seeded). The source is the position with the
-    most assignments in the window; the noise key is fold_in(key(seed), step). Adam's moments of the
+    most of those assignments; the noise key is fold_in(key(seed), step). Adam's moments of the
     re-seeded rows restart from zero; the EMA, when kept, takes the re-seeded rows as they are (it
     would otherwise keep the dead tie for thousands of steps).
     """
-    window = state.model_state["quantizer"]["usage_buffer"][...]
-    dead = dead_positions(window, num_codes, patch)
-    source = jnp.argmax(position_counts(window, num_codes, patch))
+    quantizer = state.model_state["quantizer"]
+    assignments = recent_assignments(quantizer["usage_buffer"][...], quantizer["usage_position"][...], recent)
+    dead = dead_positions(assignments, num_codes, patch)
+    source = jnp.argmax(position_counts(assignments, num_codes, patch))
     keys = dict(zip(("kernel", "bias"), jax.random.split(jax.random.fold_in(jax.random.key(seed), step))))
     head = state.params[HEAD_PATH[0]][HEAD_PATH[1]][HEAD_PATH[2]]
     new = {field: replace_rows(head[field][...], dead, reseeded(head[field][...], source, dead.size, keys[field], noise))

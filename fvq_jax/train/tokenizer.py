@@ -26,7 +26,7 @@ from flax import nnx
 from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.models.factory import check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.factory import arch_from_config, check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import bridge_positions
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
@@ -107,6 +107,8 @@ def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLa
     if q.type != "vq" or q.projector not in BRIDGE_PRESETS:
         return None, None
     k, patch = q.codebook_size, BRIDGE_PRESETS[q.projector].patch
+    token_grid = config.data.image_size // arch_from_config(config.model).downsample_factor
+    tokens_per_step = config.train.global_batch * token_grid ** 2
 
     def position_metrics(model_state):
         counts = bridge_positions.position_counts(model_state["quantizer"]["usage_buffer"][...], k, patch)
@@ -115,8 +117,8 @@ def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLa
     revive = None
     if q.revive == "copy":
         revive = jax.jit(
-            functools.partial(bridge_positions.revive_dead_positions, num_codes=k, patch=patch, noise=q.revive_noise,
-                              seed=config.seed),
+            functools.partial(bridge_positions.revive_dead_positions, num_codes=k, patch=patch,
+                              recent=q.revive_every * tokens_per_step, noise=q.revive_noise, seed=config.seed),
             in_shardings=(layout.shardings, replicated), out_shardings=(layout.shardings, replicated),
             donate_argnums=(0,))
     return jax.jit(position_metrics), revive
@@ -179,9 +181,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     def revive(step, state):
         state, dead = trainer.revive(state, jnp.asarray(step, jnp.int32))
         dead = np.asarray(jax.device_get(dead))
-        if dead.any():
-            logging.info("step %d: re-seeded the bridge head rows of in-patch positions %s", step,
-                         np.flatnonzero(dead).tolist())
+        if dead.any() and jax.process_index() == 0:
+            print(f"step {step}: re-seeded the bridge head rows of in-patch positions {np.flatnonzero(dead).tolist()}",
+                  flush=True)
         return state
 
     metrics_log = loop.MetricsLog(workdir, int(state.step), enabled=is_chief)

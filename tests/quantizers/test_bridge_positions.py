@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fvq_jax.evaluation.codebook_health import bridge_position_usage
-from fvq_jax.quantizers import bridge_positions
+from fvq_jax.quantizers import bridge_positions, usage
 from fvq_jax.train.state import TrainState, model_fields
 from tests.quantizers import tiny_model
 
@@ -38,6 +38,17 @@ def test_position_counts_match_numpy(num_codes, patch):
     # The same live positions as codebook_health's per-position usage over the code counts.
     used = bridge_position_usage(np.bincount(window[window >= 0], minlength=num_codes), patch).reshape(-1)
     np.testing.assert_array_equal(used > 0, want > 0)
+
+
+def test_recent_assignments_are_the_latest_slots_of_the_ring_buffer():
+
+    buffer, position = usage.init_window(10)
+    for start in (0, 4, 8):  # 12 indices pushed into 10 slots: the buffer wraps
+        buffer, position = usage.push(buffer, position, jnp.arange(start, start + 4))
+    np.testing.assert_array_equal(np.asarray(bridge_positions.recent_assignments(buffer, position, 5)), [7, 8, 9, 10, 11])
+    np.testing.assert_array_equal(np.asarray(bridge_positions.recent_assignments(buffer, position, 99)), np.arange(2, 12))
+    fresh, position = usage.push(*usage.init_window(10), jnp.arange(3))
+    np.testing.assert_array_equal(np.asarray(bridge_positions.recent_assignments(fresh, position, 4)), [-1, 0, 1, 2])
 
 
 def test_dead_positions_wait_for_a_full_window():
@@ -78,7 +89,8 @@ def test_revive_reseeds_dead_positions_and_leaves_the_rest_untouched():
     window = np.concatenate([np.resize(np.array(cells), 300), np.zeros(100, int)])
     state = _state(window)
     d = state.params["quantizer"]["projector"]["head"]["kernel"].shape[-1] // (P * P)
-    new, dead = bridge_positions.revive_dead_positions(state, jnp.asarray(7), num_codes=K, patch=P, noise=0.01, seed=0)
+    new, dead = bridge_positions.revive_dead_positions(state, jnp.asarray(7), num_codes=K, patch=P, recent=len(window),
+                                                       noise=0.01, seed=0)
     np.testing.assert_array_equal(np.asarray(dead), [False, False, False, True])
     before, after = _head(state.params), _head(new.params)
     for field in ("kernel", "bias"):
@@ -102,14 +114,16 @@ def test_revive_reseeds_dead_positions_and_leaves_the_rest_untouched():
     for name in ("encoder", "decoder"):
         jax.tree.map(np.testing.assert_array_equal, new.params[name], state.params[name])
     # The noise depends on the step: another step re-seeds differently.
-    other, _ = bridge_positions.revive_dead_positions(state, jnp.asarray(8), num_codes=K, patch=P, noise=0.01, seed=0)
+    other, _ = bridge_positions.revive_dead_positions(state, jnp.asarray(8), num_codes=K, patch=P, recent=len(window),
+                                                       noise=0.01, seed=0)
     assert not np.array_equal(_head(other.params)["kernel"], after["kernel"])
 
 
 def test_revive_without_dead_positions_changes_nothing():
     window = np.arange(K).repeat(2)
     state = _state(window)
-    new, dead = bridge_positions.revive_dead_positions(state, jnp.asarray(3), num_codes=K, patch=P, noise=0.01, seed=0)
+    new, dead = bridge_positions.revive_dead_positions(state, jnp.asarray(3), num_codes=K, patch=P, recent=len(window),
+                                                       noise=0.01, seed=0)
     assert not np.asarray(dead).any()
     jax.tree.map(np.testing.assert_array_equal, (new.params, new.opt_state, new.ema_params),
                  (state.params, state.opt_state, state.ema_params))
