@@ -21,9 +21,9 @@ from fvq_jax import config_lib
 # The same small scale as ablation_small.py (sweep files load by path, not as a package).
 ablation_small = config_lib.load_file(pathlib.Path(__file__).with_name("ablation_small.py"), "ablation_small")
 
-RUNS = (  # (K, seed, steps)
+RUNS = (  # (K, seed, steps), in the order they run: every K before a second seed
     (1024, 0, 200),
-    (1024, 0, 1000), (1024, 1, 1000), (4096, 0, 1000), (16384, 0, 1000),
+    (1024, 0, 1000), (4096, 0, 1000), (1024, 1, 1000), (16384, 0, 1000),
 )
 REVIVE = {"config.quantizer.revive": "copy", "config.quantizer.revive_every": 25,
           "config.quantizer.revive_noise": 0.01}
