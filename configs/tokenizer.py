@@ -85,8 +85,8 @@ def paper_config() -> ml_collections.ConfigDict:
         # (benchmarks/RESULTS.md); same values up to float rounding.
         bridge_chunks=1,
         # Not in the paper (off): every revive_every steps, re-seed the bridge head rows of in-patch positions
-        # unused in the full usage window from the most used position (+ revive_noise x its RMS of noise), their
-        # Adam moments zeroed (fvq_jax/quantizers/bridge_positions.py). 'copy' needs type=vq with a VQBridge.
+        # unused in the last revive_every steps' assignments from the most used position (+ revive_noise x its RMS
+        # of noise), their Adam moments zeroed (fvq_jax/quantizers/bridge_positions.py). Needs type=vq + VQBridge.
         revive="off",  # off | copy
         revive_every=25,
         revive_noise=0.01,
