@@ -84,6 +84,12 @@ def paper_config() -> ml_collections.ConfigDict:
         # K = 262,144 (L/8, 8,192 tokens) from 3.5 to 1.5 GiB, 1.36 with search_token_chunk=2048
         # (benchmarks/RESULTS.md); same values up to float rounding.
         bridge_chunks=1,
+        # Not in the paper (off): every revive_every steps, re-seed the bridge head rows of in-patch positions
+        # unused in the last revive_every steps' assignments from the most used position (+ revive_noise x its RMS
+        # of noise), their Adam moments zeroed (fvq_jax/quantizers/bridge_positions.py). Needs type=vq + VQBridge.
+        revive="off",  # off | copy
+        revive_every=25,
+        revive_noise=0.01,
         residual_depth=4,  # type=residual: quantization depths sharing one codebook
         scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale
         ema_decay=0.99,  # type=ema: codebook EMA decay

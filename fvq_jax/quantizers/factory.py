@@ -21,7 +21,9 @@ from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
 # Fields added after checkpoints were first written: a saved config without them gets these, today's
 # defaults (an older bf16 run's bridge, which followed the model's precision, then computes in fp32).
-LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32"}
+LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32", "revive": "off", "revive_every": 25,
+                "revive_noise": 0.01}
+REVIVE_MODES = ("off", "copy")
 # The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
 BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -60,6 +62,11 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     config_lib.require_number(cfg.bridge_head_init_std, f("bridge_head_init_std"), strict=False)
     config_lib.require(not cfg.bridge_head_init_std or (cfg.type == "vq" and cfg.projector in vqbridge.BRIDGE_PRESETS),
                        f("bridge_head_init_std"), "applies to type=vq with a VQBridge projector only")
+    config_lib.require_choice(cfg.revive, f("revive"), REVIVE_MODES)
+    config_lib.require(cfg.revive == "off" or (cfg.type == "vq" and cfg.projector in vqbridge.BRIDGE_PRESETS),
+                       f("revive"), "applies to type=vq with a VQBridge projector only")
+    config_lib.require_number(cfg.revive_every, f("revive_every"), integer=True)
+    config_lib.require_number(cfg.revive_noise, f("revive_noise"), strict=False)
 
     if cfg.type in ("residual", "multiscale"):
         config_lib.require(not cfg.l2_norm, f("l2_norm"),

@@ -22,6 +22,19 @@ from flax import nnx
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
+# torch.nn.Linear's default kernel init, Kaiming-uniform with a = sqrt(5): gain^2 = 2 / (1 + a^2) = 1/3,
+# so the bound sqrt(3 * gain^2 / fan_in) is 1 / sqrt(fan_in).
+torch_linear_kernel = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_linear_bias(fan_in: int):
+    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (a bias init sees
+    only its own shape, so the fan-in comes in here)."""
+    bound = 1 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +229,16 @@ class Identity(nnx.Module):
 
 
 class LinearProjector(nnx.Module):
-    """`num_layers` D x D Linear layers with ReLU between (lin/1 is SimVQ-like, lin/5 an MLP)."""
+    """`num_layers` D x D Linear layers with ReLU between (lin/1 is SimVQ-like, lin/5 an MLP).
+
+    Initialised as torch.nn.Linear's defaults (kernel and bias U(+-1/sqrt(D))), as the ablation
+    baselines the paper compares with were run in PyTorch; only VQBridge has the paper's own init.
+    """
 
     def __init__(self, code_dim: int, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.layers = nnx.List([
-            nnx.Linear(code_dim, code_dim, kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+            nnx.Linear(code_dim, code_dim, kernel_init=torch_linear_kernel, bias_init=torch_linear_bias(code_dim),
+                       dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
 
     def __call__(self, embedding: jax.Array) -> jax.Array:

@@ -8,12 +8,16 @@ in-patch position (row % p, col % p) all come from the same row-group of that Li
 and only that row-group's own selected codes give it gradient. A position can therefore fall out
 of use as a whole, which caps usage at (live positions) / p^2. This prints, for the checkpoint's
 usage window (the most recent training assignments), the fraction of each position's codes in
-use as a p x p grid, the live positions, and the usage within them.
+use as a p x p grid, the live positions, and the usage within them; and, from the run's
+metrics.jsonl (the trainer logs each position's share of the window), the first logged step at
+which each position was selected.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import numpy as np
 
@@ -40,7 +44,30 @@ def position_report(workdir, *, step: int | None = None) -> dict:
     return {"step": loaded.step, "projector": projector, "patch": patch, "window": int(window.size),
             "usage": float(np.mean(counts > 0)), "per_position": per_position,
             "live_positions": int(live.sum()),
-            "usage_within_live": float(per_position[live].mean()) if live.any() else 0.0}
+            "usage_within_live": float(per_position[live].mean()) if live.any() else 0.0,
+            "first_live": _first_live(workdir, patch, loaded.step)}
+
+
+def first_live_steps(records: list[dict], patch: int) -> np.ndarray:
+    """[p, p] the first logged step at which each in-patch position had a share of the usage window
+    (`bridge_position_share/r{row}c{col}` > 0), -1 for never; records: metrics.jsonl lines."""
+    first = np.full((patch, patch), -1, np.int64)
+    for record in sorted(records, key=lambda r: r["step"]):
+        for r in range(patch):
+            for c in range(patch):
+                if first[r, c] < 0 and record.get(f"bridge_position_share/r{r}c{c}", 0) > 0:
+                    first[r, c] = record["step"]
+    return first
+
+
+def _first_live(workdir, patch: int, step: int) -> np.ndarray | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if r["step"] <= step]
+    return first_live_steps(records, patch) if any("bridge_live_positions" in r for r in records) else None
 
 
 def format_report(report: dict) -> str:
@@ -51,6 +78,9 @@ def format_report(report: dict) -> str:
     lines += ["  " + " ".join(f"{value:6.1%}" for value in row) for row in report["per_position"]]
     lines.append(f"live positions: {report['live_positions']}/{p * p}; usage within them: "
                  f"{report['usage_within_live']:.1%}")
+    if report.get("first_live") is not None:
+        lines.append("first logged step at which each position was selected (-1: never):")
+        lines += ["  " + " ".join(f"{value:6d}" for value in row) for row in report["first_live"]]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ COLUMNS = (  # (header, key in the row, format)
     ("usage, held-out (exact)", "usage", "{:.1%}"), ("dead codes", "dead_codes", "{:d}"),
     ("effective rank", "effective_rank", "{:.2f}"), ("near-duplicate codes", "near_duplicates", "{:d}"),
     ("bridge positions in use", "bridge_positions_in_use", "{}"),
+    ("bridge positions live, window (final)", "window_live_positions", "{}"),
     ("PSNR", "psnr", "{:.2f}"), ("LPIPS", "lpips", "{:.3f}"), ("rFID", "rfid", "{:.1f}"),
     ("wall time", "seconds", "{:.0f} s"),
 )
@@ -76,7 +77,17 @@ def load_run(entry: dict, method_of) -> dict[str, Any] | None:
                                  "psnr", "lpips", "rfid") if k in final},
         **({"bridge_positions_in_use": f"{final['bridge_positions_used']}/{final['bridge_positions']}"}
            if "bridge_positions" in final else {}),
+        **window_positions(curves[steps[-1]]),
     }
+
+
+def window_positions(record: dict) -> dict[str, str]:
+    """The live in-patch positions of a VQBridge in a logged record's usage window, as "live/p^2"
+    (empty for runs without a bridge, or logged before the trainer reported them)."""
+    shares = [k for k in record if k.startswith("bridge_position_share/")]
+    if "bridge_live_positions" not in record:
+        return {}
+    return {"window_live_positions": f"{int(record['bridge_live_positions'])}/{len(shares)}"}
 
 
 def markdown_table(rows: list[dict]) -> str:

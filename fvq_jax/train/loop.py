@@ -13,6 +13,9 @@ or sample grids); the loop owns the rest, the same for every model:
   * checkpoints every `checkpoint_every` steps and at the end; SIGTERM (preemption) saves at the next
     step boundary, which every process agrees on, and the loop returns `preempted=True` (main.py
     exits with PREEMPTED_EXIT_CODE so schedulers requeue the run);
+  * state updates (`updates`: `Periodic`s whose run returns the new state; periodic changes of the state outside the jitted step, e.g. reviving
+    dead bridge positions) run right after their step, before it is logged or saved, so a checkpoint
+    of step s holds them and a resumed run repeats the same ones;
   * metrics.jsonl stays consistent across a resume: lines of steps after the resumed checkpoint
     (the trajectory the crash abandoned) move to metrics.rolled_back.jsonl before logging restarts.
 """
@@ -144,6 +147,8 @@ def train_loop(
     console: Callable[[int, dict], str],
     rates: Mapping[str, float],
     periodic: Sequence[Periodic] = (),
+    updates: Sequence[Periodic] = (),
+    log_extras: Callable[[Any], Mapping[str, float]] = lambda state: {},
     data_skipped: Callable[[], int] = lambda: 0,
 ) -> LoopResult:
     """Run `train_step(state, batch)` from state.step to `total_steps`.
@@ -152,7 +157,8 @@ def train_loop(
     checkpointer.save besides step and state (data iterator, config). console(step, summary): the
     progress line's text before its throughput and ETA. rates: {name: units per step}, e.g.
     {"images_per_sec": global_batch}, logged beside steps_per_sec. The step's metrics must hold
-    "finite" (the guard's verdict) and the values it checked.
+    "finite" (the guard's verdict) and the values it checked. log_extras(state): values read from the
+    state at each logged step (not averaged), logged with the step's metrics.
     """
     step = start = int(state.step)
     preemption = Preemption()
@@ -190,6 +196,9 @@ def train_loop(
                 check(pending)
             step += 1
             pending = (step, metrics)
+            for update in updates:
+                if update.every and step % update.every == 0:
+                    state = update.run(step, state)
             progress(step)
             stop = step == total_steps or preemption.should_stop(step)
             if step % train_cfg.log_every == 0 or stop:
@@ -199,6 +208,7 @@ def train_loop(
                 summary["steps_per_sec"] = (step - step_log) / (time.time() - t_log)
                 summary.update({name: summary["steps_per_sec"] * per_step for name, per_step in rates.items()})
                 summary["data_skipped"] = float(data_skipped())
+                summary.update({k: float(v) for k, v in jax.device_get(log_extras(state)).items()})
                 writer.write_scalars(step, summary)
                 metrics_log.write(step, summary)
                 eta = (total_steps - step) / max(summary["steps_per_sec"], 1e-9)

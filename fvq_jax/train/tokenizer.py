@@ -11,10 +11,13 @@ Reads top to bottom: checks, mesh, input, model and update, checkpoint, evals, l
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -22,8 +25,10 @@ from flax import nnx
 from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.models.factory import check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.factory import arch_from_config, check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
 from fvq_jax.models.lpips import LPIPS
+from fvq_jax.quantizers import bridge_positions
+from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
 from fvq_jax.train import checks, loop, resume, schedules
 from fvq_jax.train.lock import WorkdirLock
 from fvq_jax.train.optimizer import make_optimizer
@@ -60,6 +65,10 @@ class Trainer:
     lpips_graph: nnx.GraphDef
     lpips_state: nnx.State  # replicated on the mesh
     batch_sharding: jax.sharding.NamedSharding
+    # For a type=vq quantizer with a VQBridge: jitted model_state -> in-patch position metrics of the usage window.
+    position_metrics: Callable | None = None
+    # With quantizer.revive='copy': jitted (state, step) -> (state, dead positions re-seeded); donates state.
+    revive: Callable | None = None
 
     @property
     def graphs(self) -> Graphs:
@@ -85,7 +94,34 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lp
         in_shardings=(layout.shardings, replicated, batch_sharding),
         out_shardings=(layout.shardings, replicated),
         donate_argnums=(0,))
-    return Trainer(layout, train_step, lpips_graph, jax.device_put(lpips_state, replicated), batch_sharding)
+    position_metrics, revive = _bridge_position_programs(config, layout, replicated)
+    return Trainer(layout, train_step, lpips_graph, jax.device_put(lpips_state, replicated), batch_sharding,
+                   position_metrics, revive)
+
+
+def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLayout,
+                              replicated: jax.sharding.NamedSharding) -> tuple[Callable | None, Callable | None]:
+    """(position metrics, revive) programs for a type=vq quantizer with a VQBridge, else Nones (revive
+    also None when quantizer.revive is 'off'). Separate programs, so the train step is the same either way."""
+    q = config.quantizer
+    if q.type != "vq" or q.projector not in BRIDGE_PRESETS:
+        return None, None
+    k, patch = q.codebook_size, BRIDGE_PRESETS[q.projector].patch
+    token_grid = config.data.image_size // arch_from_config(config.model).downsample_factor
+    tokens_per_step = config.train.global_batch * token_grid ** 2
+
+    def position_metrics(model_state):
+        counts = bridge_positions.position_counts(model_state["quantizer"]["usage_buffer"][...], k, patch)
+        return bridge_positions.position_metrics(counts, patch)
+
+    revive = None
+    if q.revive == "copy":
+        revive = jax.jit(
+            functools.partial(bridge_positions.revive_dead_positions, num_codes=k, patch=patch,
+                              recent=q.revive_every * tokens_per_step, noise=q.revive_noise, seed=config.seed),
+            in_shardings=(layout.shardings, replicated), out_shardings=(layout.shardings, replicated),
+            donate_argnums=(0,))
+    return jax.jit(position_metrics), revive
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -145,6 +181,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         return (f"loss {s['loss']:.4f}  rec {s['pixel_loss']:.4f}  lpips {s['perceptual_loss']:.4f}  "
                 f"usage {100 * s['usage']:.1f}%  lr {s['lr']:.2e}  {s['images_per_sec']:.1f} img/s")
 
+    def revive(step, state):
+        state, dead = trainer.revive(state, jnp.asarray(step, jnp.int32))
+        dead = np.asarray(jax.device_get(dead))
+        if dead.any() and jax.process_index() == 0:
+            print(f"step {step}: re-seeded the bridge head rows of in-patch positions {np.flatnonzero(dead).tolist()}",
+                  flush=True)
+        return state
+
     metrics_log = loop.MetricsLog(workdir, int(state.step), enabled=is_chief)
     try:
         result = loop.train_loop(
@@ -156,6 +200,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             writer=writer, metrics_log=metrics_log, console=console, rates={"images_per_sec": global_batch},
             periodic=[loop.Periodic(config.train.image_every, write_images),
                       loop.Periodic(config.train.eval_every, evaluate, skip_at_stop=True)],
+            updates=[loop.Periodic(config.quantizer.revive_every, revive)] if trainer.revive else [],
+            log_extras=lambda state: trainer.position_metrics(state.model_state) if trainer.position_metrics else {},
             data_skipped=lambda: train_iter.num_skipped)
         if result.preempted:
             return {"preempted_at_step": result.step}

@@ -43,7 +43,9 @@ def _model(fields):
     model = tiny_model.tiny_vqgan(**fields)
     if fields["projector"] in vqbridge.BRIDGE_PRESETS:
         tiny_model.randomize_bridge_head(model)
-    if fields["type"] == "ema":
+    # The raw codes start within 1/K of zero: spread them where nothing else would (EMA), and for the
+    # Linear projectors, whose torch-default bias would otherwise make every output code alike.
+    if fields["type"] == "ema" or fields["projector"] in ("lin/1", "lin/5"):
         model.quantizer.embedding[...] = jax.random.normal(jax.random.key(3), model.quantizer.embedding.shape)
     return model
 

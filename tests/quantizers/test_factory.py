@@ -17,6 +17,11 @@ from tests.quantizers import tiny_model
     (dict(bridge_chunks=3), "quantizer.bridge_chunks", "positive divisor of the 4 patch rows"),
     (dict(bridge_chunks=0), "quantizer.bridge_chunks", "must be an int > 0"),
     (dict(bridge_chunks=2, projector="lin/1"), "quantizer.bridge_chunks", "VQBridge projectors only"),
+    (dict(revive="on"), "quantizer.revive", "is not one of"),
+    (dict(revive="copy", projector="none"), "quantizer.revive", "VQBridge projector only"),
+    (dict(revive="copy", type="residual"), "quantizer.revive", "VQBridge projector only"),
+    (dict(revive_every=0), "quantizer.revive_every", "must be an int > 0"),
+    (dict(revive_noise=-0.1), "quantizer.revive_noise", "must be a number >= 0"),
 ])
 def test_bad_fields_are_named(fields, field, message):
     with pytest.raises(config_lib.ConfigError, match=message) as info:

@@ -19,6 +19,10 @@ def _quantizer(depth, projector="lin/1", beta=0.25):
     q = ResidualQuantizer(K, D, depth=depth, projector=projector, beta=beta, rngs=nnx.Rngs(0))
     # Spread the raw codes so that later depths pick different codes from earlier ones.
     q.embedding[...] = jax.random.normal(jax.random.key(1), (K, D))
+    if projector == "lin/1":
+        # Every code carries lin/1's bias (torch-default init), so each depth would add it again and the
+        # residual would stop shrinking: without it, the later depths refine.
+        q.projector.layers[0].bias[...] = jnp.zeros_like(q.projector.layers[0].bias[...])
     return q
 
 

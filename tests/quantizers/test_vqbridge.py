@@ -156,6 +156,26 @@ def test_ablation_projectors():
     assert _bridge("lin/1", 1000, 8)(jnp.ones((1000, 8))).shape == (1000, 8)
 
 
+@pytest.mark.parametrize("name,fan_in", [("lin/1", 256), ("lin/5", 48)])
+def test_linear_projectors_take_torch_linear_default_init(name, fan_in):
+    """Kernel and bias drawn as torch.nn.Linear's defaults: U(+-1/sqrt(fan_in)) each, not Xavier / zero."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(fan_in, fan_in)
+    want = {"kernel": reference.weight.detach().numpy(), "bias": reference.bias.detach().numpy()}
+    bound = 1 / np.sqrt(fan_in)
+    for layer in _bridge(name, 64, fan_in).layers:
+        for field in ("kernel", "bias"):
+            values, torch_values = np.asarray(getattr(layer, field)[...]), want[field]
+            for v in (values, torch_values):
+                assert np.abs(v).max() <= bound and np.abs(v).max() > 0.9 * bound
+            # The same uniform distribution: std bound / sqrt(3) (sampling error ~ 1/sqrt(n)).
+            rtol = 4 / np.sqrt(values.size)
+            np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=rtol)
+            np.testing.assert_allclose(values.std(), torch_values.std(), rtol=2 * rtol)
+            assert abs(values.mean()) < 4 * bound / np.sqrt(3 * values.size)
+
+
 def test_bad_codebook_sizes_name_both_numbers():
     with pytest.raises(ValueError, match=r"codebook_size=1000 is not a perfect square"):
         _bridge("L/4", 1000, 8)

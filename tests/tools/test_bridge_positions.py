@@ -32,7 +32,17 @@ def test_positions_of_the_saved_window_against_a_loop(tiny_run):
         bridge_positions.main([f"--workdir={workdir}"])
     text = out.getvalue()
     assert f"{report['window']:,} assignments" in text and f"live positions: {report['live_positions']}/4" in text
-    assert len([line for line in text.splitlines() if line.startswith("  ")]) == 2  # the 2 x 2 grid
+    # The 2 x 2 grid of usage, then the 2 x 2 grid of first steps from metrics.jsonl.
+    assert len([line for line in text.splitlines() if line.startswith("  ")]) == 4
+    assert report["first_live"].shape == (2, 2) and report["first_live"].max() <= report["step"]
+
+
+def test_first_live_steps_from_logged_shares():
+    share = "bridge_position_share/r{}c{}"
+    records = [{"step": 20, share.format(0, 0): 0.5, share.format(1, 0): 0.5, share.format(0, 1): 0.0},
+               {"step": 10, share.format(0, 0): 1.0, share.format(1, 0): 0.0},
+               {"step": 30, share.format(0, 1): 0.2, share.format(1, 0): 0.0}]
+    np.testing.assert_array_equal(bridge_positions.first_live_steps(records, 2), [[10, 30], [20, -1]])
 
 
 def test_cli_names_a_missing_run(tmp_path, capsys):
