@@ -47,8 +47,19 @@ def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
+def with_later_fields(saved: dict) -> dict:
+    """The saved config with the quantizer fields added since it was written read as the values that
+    reproduce it (quantizers.factory.LATER_FIELDS): a field that did not exist is not a change."""
+    from fvq_jax.quantizers.factory import LATER_FIELDS
+
+    if not isinstance(saved.get("quantizer"), dict):
+        return saved
+    return dict(saved, quantizer={**LATER_FIELDS, **saved["quantizer"]})
+
+
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
     """ConfigChanged listing every field that differs from the checkpoint's config and may not."""
+    saved = with_later_fields(saved)
     allowed = allowed_changes(config)
     changes = config_lib.config_changes(saved, config_json(config), ignore=RESUME_SAFE_FIELDS + allowed)
     if changes:

@@ -198,3 +198,14 @@ def test_a_preempted_run_exits_with_its_own_status(tmp_path):
     assert process.returncode == loop.PREEMPTED_EXIT_CODE == 75, output[-3000:]
     saved = steps(workdir)
     assert len(saved) == 1 and 2 <= saved[0] < 200 and not (workdir / "LOCK").exists()
+
+
+def test_fields_added_since_a_checkpoint_are_no_change_at_their_reproducing_values():
+    config = config_lib.load_file(os.path.join(ROOT, "configs", "tokenizer.py")).get_config("tiny")
+    saved = resume.config_json(config)
+    for field in ("revive", "revive_every", "revive_noise", "bridge_chunks"):
+        del saved["quantizer"][field]  # a run saved before these fields existed
+    resume.check_resume_config(saved, config, step=4)  # today's defaults reproduce it: no change
+    config.quantizer.revive = "copy"
+    with pytest.raises(resume.ConfigChanged, match=r"quantizer.revive: 'off' -> 'copy'"):
+        resume.check_resume_config(saved, config, step=4)
