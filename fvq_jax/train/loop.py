@@ -13,9 +13,9 @@ or sample grids); the loop owns the rest, the same for every model:
   * checkpoints every `checkpoint_every` steps and at the end; SIGTERM (preemption) saves at the next
     step boundary, which every process agrees on, and the loop returns `preempted=True` (main.py
     exits with PREEMPTED_EXIT_CODE so schedulers requeue the run);
-  * state updates (`updates`: `Periodic`s whose run returns the new state; periodic changes of the state outside the jitted step, e.g. reviving
-    dead bridge positions) run right after their step, before it is logged or saved, so a checkpoint
-    of step s holds them and a resumed run repeats the same ones;
+  * state updates (`updates`: `Periodic`s whose run returns the new state, i.e. periodic changes made
+    outside the jitted step, such as reviving dead bridge positions) run right after their step,
+    before it is logged or saved, so a checkpoint of step s holds them and a resumed run repeats them;
   * metrics.jsonl stays consistent across a resume: lines of steps after the resumed checkpoint
     (the trajectory the crash abandoned) move to metrics.rolled_back.jsonl before logging restarts.
 """
