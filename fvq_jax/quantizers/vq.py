@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fvq_jax.quantizers import ops, usage
+from fvq_jax.quantizers import restart
 from fvq_jax.quantizers.vqbridge import make_projector
 
 
@@ -56,6 +57,11 @@ class VectorQuantizer(nnx.Module):
     With projector="none" this is plain VQ; with a VQBridge preset ("L/4", ...) it is FVQ.
     dtype is the projector's compute dtype (bfloat16: bf16 activations, float32 parameters); the
     search and the losses run in float32 either way. bridge_chunks: see `vqbridge.VQBridge`.
+    code_offsets: keep per-code offsets [K, D] (model state, zero at the start) added to the
+    projector's output, for the dead-code restart (`restart.split_offsets`).
+    pull_weight: > 0 adds `restart.pull_loss` to the training loss: each code without an assignment
+    in the usage window is pulled toward its nearest token of the batch. With neither, the module is
+    the method's.
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class VectorQuantizer(nnx.Module):
         usage_window: int | None = None,
         bridge_head_init_std: float = 0.0,
         bridge_chunks: int = 1,
+        code_offsets: bool = False,
+        pull_weight: float = 0.0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -89,6 +97,16 @@ class VectorQuantizer(nnx.Module):
         buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
+        self.pull_weight = pull_weight
+        if code_offsets:
+            self.code_offset = restart.CodeOffset(jnp.zeros((codebook_size, code_dim), jnp.float32))
+
+    def unnormalized_codebook(self) -> jax.Array:
+        """projector(E), plus the restart's per-code offsets when kept, before any l2 normalisation."""
+        codes = self.projector(self.embedding[...])
+        if hasattr(self, "code_offset"):
+            codes = (codes.astype(jnp.float32) + self.code_offset[...]).astype(codes.dtype)
+        return codes
 
     def codebook(self, dtype=jnp.float32) -> jax.Array:
         """The searched codebook [K, D] (projector output, unit norm if l2_norm) as `dtype`.
@@ -96,7 +114,7 @@ class VectorQuantizer(nnx.Module):
         dtype=None keeps the projector's compute dtype (bfloat16 with a bf16 bridge): the same
         values at half the memory, which the search takes as they are (`ops.quantize`).
         """
-        codes = self.projector(self.embedding[...])
+        codes = self.unnormalized_codebook()
         if self.l2_norm:
             codes = ops.l2_normalize(codes.astype(jnp.float32))
         return codes if dtype is None else codes.astype(dtype)
@@ -119,10 +137,18 @@ class VectorQuantizer(nnx.Module):
     def __call__(self, z: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """z: [B, h, w, D] -> `ops.quantize` dict (z_q, indices [B, h, w], losses, perplexity).
 
-        With train=True the indices also enter the usage window and the dict gains `usage`.
+        With train=True the indices also enter the usage window and the dict gains `usage` (and, with
+        pull_weight > 0, `pull_loss`, already in `loss`, and `pulled_codes`).
         """
-        out = self.quantize(z, self.codebook(None))
+        codebook = self.codebook(None)
+        out = self.quantize(z, codebook)
         if train:
+            if self.pull_weight:
+                # The window before this batch's indices enter it: the codes dead so far.
+                dead = restart.dead_codes(self.usage_buffer[...], self.num_codes)
+                pull = self.pull_weight * restart.pull_loss(z.reshape(-1, z.shape[-1]), codebook, dead,
+                                                            l2_norm=self.l2_norm, precision=self.search.precision)
+                out.update(loss=out["loss"] + pull, pull_loss=pull, pulled_codes=jnp.sum(dead))
             out["usage"] = self.track_usage(out["indices"])
         return out
 

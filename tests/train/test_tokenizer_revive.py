@@ -1,4 +1,5 @@
-"""quantizer.revive: off leaves the train step's program as it was; on, a killed run resumes exactly."""
+"""quantizer.revive and quantizer.restart: off, the train step's program and state are as they were; on, a
+killed run resumes exactly."""
 
 import os
 import signal
@@ -17,6 +18,7 @@ from tests.train.tiny import tiny_config
 STEPS, EVERY = 12, 4  # checkpoint interval
 # A 64-index window fills in one step (4 images x 16 tokens), so revives start at the first revive step.
 REVIVE = dict(revive="copy", revive_every=3, revive_noise=0.01, usage_window=64)
+RESTART = dict(REVIVE, restart="split", restart_every=3, restart_noise=0.01)
 
 
 def revive_config(revive=REVIVE):
@@ -38,18 +40,24 @@ def test_revive_lives_outside_the_train_step():
     on, on_program = _step_program(revive_config())
     assert off.revive is None and on.revive is not None
     assert off_program == on_program
+    # The restart's offsets exist only with the restart on (its step program adds them to the codebook).
+    assert off.restart is None and on.restart is None
+    assert "code_offset" not in off.layout.abstract.model_state["quantizer"]
+    with_restart, _ = _step_program(revive_config(RESTART))
+    assert with_restart.restart is not None
+    assert with_restart.layout.abstract.model_state["quantizer"]["code_offset"].shape == (64, 8)
 
 
-def test_killed_run_with_revive_resumes_exactly(tmp_path):
+def test_killed_run_with_revive_and_restart_resumes_exactly(tmp_path):
     reference_dir, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
-    tokenizer.train_and_evaluate(revive_config(), reference_dir)
+    tokenizer.train_and_evaluate(revive_config(RESTART), reference_dir)
     reference = read_metrics(reference_dir)
     # The positions the revive acts on show in the log: some were dead and came to life.
     live = [reference[s][0]["bridge_live_positions"] for s in range(1, STEPS + 1)]
     assert min(live) < 4 and max(live) == 4, live
 
-    code = (f"from tests.train.test_tokenizer_revive import revive_config; from fvq_jax.train import tokenizer; "
-            f"tokenizer.train_and_evaluate(revive_config(), {workdir!r})")
+    code = (f"from tests.train.test_tokenizer_revive import RESTART, revive_config; "
+            f"from fvq_jax.train import tokenizer; tokenizer.train_and_evaluate(revive_config(RESTART), {workdir!r})")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(1),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_step(process, workdir, EVERY + 2)
@@ -57,11 +65,14 @@ def test_killed_run_with_revive_resumes_exactly(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=120)
     assert max(checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).all_steps()) < STEPS
-    tokenizer.train_and_evaluate(revive_config(), workdir)
+    tokenizer.train_and_evaluate(revive_config(RESTART), workdir)
 
     metrics = read_metrics(workdir)
     for step in range(1, STEPS + 1):
         for record in metrics[step]:
             for k in ("loss", "quantizer_loss", "usage", "grad_norm", "bridge_live_positions"):
                 assert record[k] == reference[step][0][k], (step, k)
-    jax.tree.map(np.testing.assert_array_equal, host_params(workdir), host_params(reference_dir))
+    saved, reference_saved = host_params(workdir), host_params(reference_dir)
+    jax.tree.map(np.testing.assert_array_equal, saved, reference_saved)
+    # Codes were restarted (their offsets are part of the checkpoint, and equal after the resume).
+    assert np.abs(reference_saved[2]["quantizer"]["code_offset"][...]).max() > 0

@@ -1,0 +1,37 @@
+"""tools/sample_folder: the second image source (scikit-image's greyscale textures, microscopy, scans)."""
+
+import numpy as np
+import pytest
+
+from fvq_jax.data.sources import FolderSource, load_image
+from fvq_jax.tools import sample_folder
+
+
+def test_split_keeps_validation_pixels_out_of_training():
+    pixels = np.arange(200 * 300).reshape(200, 300).astype(np.int64)
+    train, tiles = sample_folder.split_image(pixels)
+    np.testing.assert_array_equal(train, pixels[:, :200])
+    # The third is 100 wide: two 50-pixel tiles would be under MIN_TILE, so one column of 100-pixel tiles.
+    assert len(tiles) == 2
+    np.testing.assert_array_equal(tiles[1], pixels[100:200, 200:300])
+
+
+def test_split_tiles_are_the_right_third():
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 390, 3), np.uint8)
+    train, tiles = sample_folder.split_image(pixels)
+    assert train.shape == (300, 260, 3)
+    side = 65
+    assert len(tiles) == 2 * (300 // side) and all(t.shape == (side, side, 3) for t in tiles)
+    np.testing.assert_array_equal(tiles[0], pixels[:side, 260:260 + side])
+    np.testing.assert_array_equal(tiles[3], pixels[side:2 * side, 260 + side:260 + 2 * side])
+    with pytest.raises(ValueError, match="too small"):
+        sample_folder.split_image(pixels[:50, :150])
+
+
+def test_folder_reads_back_through_the_image_folder_source(tmp_path):
+    tiles = sample_folder.write_folder(str(tmp_path))
+    train, validation = FolderSource(str(tmp_path), "train"), FolderSource(str(tmp_path), "validation")
+    assert train.classes == sorted(sample_folder.IMAGES) == validation.classes
+    assert len(train) == len(sample_folder.IMAGES) and len(validation) == sum(tiles.values()) >= 60
+    image = load_image(validation[0])
+    assert image.mode == "RGB" and min(image.size) >= sample_folder.MIN_TILE
