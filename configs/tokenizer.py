@@ -90,14 +90,10 @@ def paper_config() -> ml_collections.ConfigDict:
         revive="off",  # off | copy
         revive_every=25,
         revive_noise=0.01,
-        # Not in the paper (off), for codes unused in the whole usage window (fvq_jax/quantizers/restart.py); type=vq:
-        #   split: every restart_every steps move each onto a busy code (drawn by its share of the window) +
-        #          restart_noise x its RMS of noise, through a per-code offset kept in the model state;
-        #   pull:  every step pull each toward its nearest token of the batch, a codebook-loss term of weight
-        #          restart_weight through the projector (no per-code state).
-        restart="off",  # off | split | pull
-        restart_every=25,
-        restart_noise=0.01,
+        # Not in the paper (off): 'pull' pulls every code unused in the whole usage window toward its nearest token
+        # of the batch in each step, a codebook-loss term of weight restart_weight that reaches the code through
+        # the projector (fvq_jax/quantizers/restart.py). Needs type=vq.
+        restart="off",  # off | pull
         restart_weight=1.0,
         residual_depth=4,  # type=residual: quantization depths sharing one codebook
         scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale

@@ -28,8 +28,6 @@ RUNS = (
     ("fvq-revive", 1024, 0, 200),
     ("fvq-revive", 1024, 0, 1000), ("fvq-revive", 4096, 0, 1000), ("fvq-revive", 1024, 1, 1000),
     ("fvq-revive", 16384, 0, 1000),
-    ("fvq-restart", 4096, 0, 1000), ("fvq-restart", 1024, 0, 1000), ("fvq-restart", 16384, 0, 1000),
-    ("fvq-restart", 1024, 1, 1000), ("fvq-restart", 4096, 1, 1000), ("fvq-restart", 16384, 1, 1000),
     ("fvq", 4096, 0, 1000), ("fvq", 16384, 0, 1000),
     ("fvq-pull", 4096, 0, 1000), ("fvq-pull", 1024, 0, 1000), ("fvq-pull", 16384, 0, 1000),
     ("fvq-pull", 1024, 1, 1000), ("fvq-pull", 4096, 1, 1000), ("fvq-pull", 16384, 1, 1000),
@@ -44,8 +42,6 @@ METHODS = {
     "fvq-revive": {"config.quantizer.revive": "copy", "config.quantizer.revive_every": 25,
                    "config.quantizer.revive_noise": 0.01},
 }
-METHODS["fvq-restart"] = dict(METHODS["fvq-revive"], **{
-    "config.quantizer.restart": "split", "config.quantizer.restart_every": 25, "config.quantizer.restart_noise": 0.01})
 METHODS["fvq-pull"] = dict(METHODS["fvq-revive"], **{"config.quantizer.restart": "pull",
                                                      "config.quantizer.restart_weight": 1.0})
 METHODS["fvq-pull-only"] = {"config.quantizer.restart": "pull", "config.quantizer.restart_weight": 1.0}
@@ -69,6 +65,11 @@ def get_sweep():
 
 
 def method_of(params) -> str:
+    """The method's name, with " (textures)" for runs on the second image source."""
+    return _method(params) + (" (textures)" if params.get("config.data.source") == "folder" else "")
+
+
+def _method(params) -> str:
     restart = params.get("config.quantizer.restart")
     if restart == "pull":
         return "fvq-pull" if params.get("config.quantizer.revive") == "copy" else "fvq-pull-only"
@@ -81,6 +82,6 @@ def name(params):
     """e.g. revive_k1024_s0 (1,000 steps), revive_k1024_s0_200, restart_k4096_s1, fvq_k4096_s0."""
     steps = params["config.train.num_steps"]
     prefix = {"fvq-pull-only": "pullonly", "fvq-pull": "pull", "fvq-restart": "restart", "fvq-revive": "revive",
-              "fvq": "fvq"}[method_of(params)]
+              "fvq": "fvq"}[_method(params)]
     return (f"{prefix}_k{params['config.quantizer.codebook_size']}_s{params['config.seed']}"
             + ("" if steps == 1000 else f"_{steps}") + ("_textures" if params.get("config.data.source") == "folder" else ""))

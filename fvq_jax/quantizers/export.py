@@ -33,8 +33,6 @@ def bake_codebook(quantizer: VectorQuantizer) -> VectorQuantizer:
     baked.projector_name = "none"
     # Written into the existing variable: a Param stays a Param, an EMA codebook stays EMA state.
     baked.embedding[...] = codes
-    if hasattr(baked, "code_offset"):  # the restart's offsets are in `codes` now
-        del baked.code_offset
     return baked
 
 

@@ -22,10 +22,9 @@ QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
 # Fields added after checkpoints were first written: a saved config without them gets these, today's
 # defaults (an older bf16 run's bridge, which followed the model's precision, then computes in fp32).
 LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32", "revive": "off", "revive_every": 25,
-                "revive_noise": 0.01, "restart": "off", "restart_every": 25, "restart_noise": 0.01,
-                "restart_weight": 1.0}
+                "revive_noise": 0.01, "restart": "off", "restart_weight": 1.0}
 REVIVE_MODES = ("off", "copy")
-RESTART_MODES = ("off", "split", "pull")
+RESTART_MODES = ("off", "pull")
 # The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
 BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -72,8 +71,6 @@ def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quanti
     config_lib.require_choice(cfg.restart, f("restart"), RESTART_MODES)
     config_lib.require(cfg.restart == "off" or cfg.type == "vq", f("restart"),
                        f"applies to type=vq only, got type={cfg.type!r}")
-    config_lib.require_number(cfg.restart_every, f("restart_every"), integer=True)
-    config_lib.require_number(cfg.restart_noise, f("restart_noise"), strict=False)
     config_lib.require_number(cfg.restart_weight, f("restart_weight"))
 
     if cfg.type in ("residual", "multiscale"):
@@ -123,5 +120,4 @@ def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mo
     if cfg.type == "ema":
         return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
     return VectorQuantizer(k, d, l2_norm=cfg.l2_norm, bridge_head_init_std=cfg.bridge_head_init_std,
-                           code_offsets=cfg.restart == "split", pull_weight=cfg.restart_weight if cfg.restart == "pull" else 0.0,
-                           **bridged, **common)
+                           pull_weight=cfg.restart_weight if cfg.restart == "pull" else 0.0, **bridged, **common)

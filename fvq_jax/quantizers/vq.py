@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fvq_jax.quantizers import ops, usage
-from fvq_jax.quantizers import restart
+from fvq_jax.quantizers import ops, restart, usage
 from fvq_jax.quantizers.vqbridge import make_projector
 
 
@@ -57,8 +56,6 @@ class VectorQuantizer(nnx.Module):
     With projector="none" this is plain VQ; with a VQBridge preset ("L/4", ...) it is FVQ.
     dtype is the projector's compute dtype (bfloat16: bf16 activations, float32 parameters); the
     search and the losses run in float32 either way. bridge_chunks: see `vqbridge.VQBridge`.
-    code_offsets: keep per-code offsets [K, D] (model state, zero at the start) added to the
-    projector's output, for the dead-code restart (`restart.split_offsets`).
     pull_weight: > 0 adds `restart.pull_loss` to the training loss: each code without an assignment
     in the usage window is pulled toward its nearest token of the batch. With neither, the module is
     the method's.
@@ -78,7 +75,6 @@ class VectorQuantizer(nnx.Module):
         usage_window: int | None = None,
         bridge_head_init_std: float = 0.0,
         bridge_chunks: int = 1,
-        code_offsets: bool = False,
         pull_weight: float = 0.0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -98,15 +94,6 @@ class VectorQuantizer(nnx.Module):
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
         self.pull_weight = pull_weight
-        if code_offsets:
-            self.code_offset = restart.CodeOffset(jnp.zeros((codebook_size, code_dim), jnp.float32))
-
-    def unnormalized_codebook(self) -> jax.Array:
-        """projector(E), plus the restart's per-code offsets when kept, before any l2 normalisation."""
-        codes = self.projector(self.embedding[...])
-        if hasattr(self, "code_offset"):
-            codes = (codes.astype(jnp.float32) + self.code_offset[...]).astype(codes.dtype)
-        return codes
 
     def codebook(self, dtype=jnp.float32) -> jax.Array:
         """The searched codebook [K, D] (projector output, unit norm if l2_norm) as `dtype`.
@@ -114,7 +101,7 @@ class VectorQuantizer(nnx.Module):
         dtype=None keeps the projector's compute dtype (bfloat16 with a bf16 bridge): the same
         values at half the memory, which the search takes as they are (`ops.quantize`).
         """
-        codes = self.unnormalized_codebook()
+        codes = self.projector(self.embedding[...])
         if self.l2_norm:
             codes = ops.l2_normalize(codes.astype(jnp.float32))
         return codes if dtype is None else codes.astype(dtype)

@@ -28,7 +28,7 @@ from fvq_jax import config_lib
 from fvq_jax.checkpointing import Checkpointer
 
 COLUMNS = (  # (header, key in the row, format)
-    ("K", "K", "{}"), ("method", "method", "{}"), ("LR schedule", "schedule", "{}"), ("steps", "num_steps", "{}"),
+    ("run", "name", "{}"), ("K", "K", "{}"), ("method", "method", "{}"), ("LR schedule", "schedule", "{}"), ("steps", "num_steps", "{}"),
     ("usage, window (final)", "window_usage", "{:.1%}"), ("usage, window (min of last 30%)", "window_usage_late_min",
                                                           "{:.1%}"),
     ("usage, held-out (exact)", "usage", "{:.1%}"), ("dead codes", "dead_codes", "{:d}"),

@@ -27,7 +27,7 @@ from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.evaluation import tokenizer_eval
 from fvq_jax.models.factory import arch_from_config, check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
 from fvq_jax.models.lpips import LPIPS
-from fvq_jax.quantizers import bridge_positions, restart
+from fvq_jax.quantizers import bridge_positions
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
 from fvq_jax.train import checks, loop, resume, schedules
 from fvq_jax.train.lock import WorkdirLock
@@ -69,8 +69,6 @@ class Trainer:
     position_metrics: Callable | None = None
     # With quantizer.revive='copy': jitted (state, step) -> (state, dead positions re-seeded); donates state.
     revive: Callable | None = None
-    # With quantizer.restart='split': jitted (state, step) -> (state, dead codes restarted); donates state.
-    restart: Callable | None = None
 
     @property
     def graphs(self) -> Graphs:
@@ -97,15 +95,8 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lp
         out_shardings=(layout.shardings, replicated),
         donate_argnums=(0,))
     position_metrics, revive = _bridge_position_programs(config, layout, replicated)
-    restart_program = None
-    if config.quantizer.restart == "split":  # a separate program too: the step is the same either way
-        restart_program = jax.jit(
-            functools.partial(restart.restart_dead_codes, graph=layout.graphs.generator,
-                              noise=config.quantizer.restart_noise, seed=config.seed),
-            in_shardings=(layout.shardings, replicated), out_shardings=(layout.shardings, replicated),
-            donate_argnums=(0,))
     return Trainer(layout, train_step, lpips_graph, jax.device_put(lpips_state, replicated), batch_sharding,
-                   position_metrics, revive, restart_program)
+                   position_metrics, revive)
 
 
 def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLayout,
@@ -198,18 +189,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                   flush=True)
         return state
 
-    def restart_codes(step, state):
-        state, dead = trainer.restart(state, jnp.asarray(step, jnp.int32))
-        count = int(np.asarray(jax.device_get(dead)).sum())
-        if count and jax.process_index() == 0:
-            print(f"step {step}: restarted {count} dead codes on busy ones", flush=True)
-        return state
-
-    updates = []
-    if trainer.revive:
-        updates.append(loop.Periodic(config.quantizer.revive_every, revive))
-    if trainer.restart:
-        updates.append(loop.Periodic(config.quantizer.restart_every, restart_codes))
     metrics_log = loop.MetricsLog(workdir, int(state.step), enabled=is_chief)
     try:
         result = loop.train_loop(
@@ -221,7 +200,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             writer=writer, metrics_log=metrics_log, console=console, rates={"images_per_sec": global_batch},
             periodic=[loop.Periodic(config.train.image_every, write_images),
                       loop.Periodic(config.train.eval_every, evaluate, skip_at_stop=True)],
-            updates=updates,
+            updates=[loop.Periodic(config.quantizer.revive_every, revive)] if trainer.revive else [],
             log_extras=lambda state: trainer.position_metrics(state.model_state) if trainer.position_metrics else {},
             data_skipped=lambda: train_iter.num_skipped)
         if result.preempted:
