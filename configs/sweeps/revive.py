@@ -1,13 +1,17 @@
-"""Reviving dead in-patch positions of the VQBridge head (quantizer.revive='copy'), issue 14.
+"""Every code alive at small scale (issue 14): VQBridge as published against the remedy, the position revive
+(quantizer.revive='copy') with the dead-code pull (quantizer.restart='pull').
 
 At the small CPU scale of ablation_small.py, VQBridge L/4 with learning annealing stops at 74-79%
-(K = 1,024), 55-61% (4,096) and 32-39% (16,384) windowed usage, whole in-patch positions of the
-head never selected. These runs are ablation_small's `fvq` / `fvq-long` runs (same scale, data,
-LR schedule 'lin', no GAN phase) with the revive on: every 25 steps, positions with no assignment
-in the full usage window get the head rows of the most used position plus 1% noise.
-
-A 200-step check at K = 1,024 (`_200` in the name), then 1,000 steps at K = 1,024 (seeds 0 and 1),
-4,096 and 16,384 (seed 0):
+(K = 1,024), 55-61% (4,096) and 32-39% (16,384) windowed usage. These runs are ablation_small's
+`fvq` runs (same scale, photos at 32x32, batch 8, LR schedule 'lin', no GAN phase) for 1,000 steps:
+  fvq          VQBridge as published;
+  fvq-revive   + every 25 steps, in-patch positions unused in the latest 25 steps get the head rows
+               of the most used position plus 1% noise (the first round);
+  fvq-pull     + the revive and, in every step, codes unused in the whole usage window pulled toward
+               their nearest token of the batch (the remedy);
+  (textures)   the same on the second kind of image, tools/sample_folder's greyscale textures,
+               microscopy and scans: python -m fvq_jax.tools.sample_folder --out=$FVQ_TEXTURES first
+               (default workdir/textures).
 
   JAX_COMPILATION_CACHE_DIR=/tmp/fvq_jit_cache \\
       python launch/sweep.py --sweep=configs/sweeps/revive.py --workdir_root=/tmp/fvq_revive [--only=REGEX]
@@ -22,16 +26,15 @@ from fvq_jax import config_lib
 # The same small scale as ablation_small.py (sweep files load by path, not as a package).
 ablation_small = config_lib.load_file(pathlib.Path(__file__).with_name("ablation_small.py"), "ablation_small")
 
-# (method, K, seed, steps), in the order they run. fvq-revive: the position revive alone (first round);
-# fvq-restart: the revive plus the per-code restart (quantizer.restart='split'); fvq: VQBridge as published.
+# (method, K, seed, steps[, data]), in the order they run (a 200-step check of the revive first).
 RUNS = (
     ("fvq-revive", 1024, 0, 200),
     ("fvq-revive", 1024, 0, 1000), ("fvq-revive", 4096, 0, 1000), ("fvq-revive", 1024, 1, 1000),
     ("fvq-revive", 16384, 0, 1000),
-    ("fvq", 4096, 0, 1000), ("fvq", 16384, 0, 1000),
+    ("fvq", 4096, 0, 1000), ("fvq", 16384, 0, 1000), ("fvq", 1024, 0, 1000),
     ("fvq-pull", 4096, 0, 1000), ("fvq-pull", 1024, 0, 1000), ("fvq-pull", 16384, 0, 1000),
     ("fvq-pull", 1024, 1, 1000), ("fvq-pull", 4096, 1, 1000), ("fvq-pull", 16384, 1, 1000),
-    ("fvq-pull-only", 4096, 0, 1000),
+    ("fvq-pull-only", 4096, 0, 1000), ("fvq-pull-w4", 16384, 0, 1000),
     # The second kind of image (tools/sample_folder: greyscale textures, microscopy, scans), with and without.
     ("fvq", 4096, 0, 1000, "textures"), ("fvq-pull", 4096, 0, 1000, "textures"),
 )
@@ -45,6 +48,7 @@ METHODS = {
 METHODS["fvq-pull"] = dict(METHODS["fvq-revive"], **{"config.quantizer.restart": "pull",
                                                      "config.quantizer.restart_weight": 1.0})
 METHODS["fvq-pull-only"] = {"config.quantizer.restart": "pull", "config.quantizer.restart_weight": 1.0}
+METHODS["fvq-pull-w4"] = dict(METHODS["fvq-pull"], **{"config.quantizer.restart_weight": 4.0})
 
 
 def get_sweep():
@@ -72,16 +76,19 @@ def method_of(params) -> str:
 def _method(params) -> str:
     restart = params.get("config.quantizer.restart")
     if restart == "pull":
-        return "fvq-pull" if params.get("config.quantizer.revive") == "copy" else "fvq-pull-only"
-    if restart == "split":
-        return "fvq-restart"
+        if params.get("config.quantizer.revive") != "copy":
+            return "fvq-pull-only"
+        return "fvq-pull" if params.get("config.quantizer.restart_weight", 1.0) == 1.0 else "fvq-pull-w4"
+    if restart == "split":  # the rejected candidate of revive.md, measured at commit d824952
+        return "fvq-split"
     return "fvq-revive" if params.get("config.quantizer.revive") == "copy" else "fvq"
 
 
 def name(params):
-    """e.g. revive_k1024_s0 (1,000 steps), revive_k1024_s0_200, restart_k4096_s1, fvq_k4096_s0."""
+    """e.g. pull_k4096_s1 (1,000 steps), revive_k1024_s0_200, fvq_k4096_s0_textures."""
     steps = params["config.train.num_steps"]
-    prefix = {"fvq-pull-only": "pullonly", "fvq-pull": "pull", "fvq-restart": "restart", "fvq-revive": "revive",
+    prefix = {"fvq-pull-only": "pullonly", "fvq-pull": "pull", "fvq-pull-w4": "pullw4", "fvq-split": "restart", "fvq-revive": "revive",
               "fvq": "fvq"}[_method(params)]
     return (f"{prefix}_k{params['config.quantizer.codebook_size']}_s{params['config.seed']}"
-            + ("" if steps == 1000 else f"_{steps}") + ("_textures" if params.get("config.data.source") == "folder" else ""))
+            + ("" if steps == 1000 else f"_{steps}")
+            + ("_textures" if params.get("config.data.source") == "folder" else ""))

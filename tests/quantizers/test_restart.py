@@ -47,6 +47,11 @@ def test_pull_loss_against_numpy_and_its_gradient():
     np.testing.assert_allclose(g_codes[dead], 2 * (codebook[dead] - z[nearest[dead]]) / z.size, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(g_z), 0.0)
     assert float(restart.pull_loss(jnp.asarray(z), jnp.asarray(codebook), jnp.zeros(K, bool))) == 0.0
+    # More dead codes than tokens: the pull is shared out, in all as strong as one batch's codebook loss.
+    many = np.arange(K) < 50
+    want_many = sum(((codebook[n] - z[nearest[n]]) ** 2).sum() for n in range(50)) / (50 * D)
+    np.testing.assert_allclose(float(restart.pull_loss(jnp.asarray(z), jnp.asarray(codebook), jnp.asarray(many))),
+                               want_many, rtol=1e-5)
 
 
 def test_pull_enters_the_quantizer_loss_only_when_on():
