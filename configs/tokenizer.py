@@ -90,10 +90,12 @@ def paper_config() -> ml_collections.ConfigDict:
         revive="off",  # off | copy
         revive_every=25,
         revive_noise=0.01,
-        # Not in the paper (off): 'pull' pulls every code unused in the whole usage window toward its nearest token
-        # of the batch in each step, a codebook-loss term of weight restart_weight that reaches the code through
-        # the projector (fvq_jax/quantizers/restart.py). Needs type=vq.
-        restart="off",  # off | pull
+        # Not in the paper (off), for codes unused in the whole usage window, in every step, through the projector
+        # (a codebook-loss term of weight restart_weight; fvq_jax/quantizers/restart.py). Needs type=vq.
+        #   pull:  each such code toward its nearest token of the batch (with revive='copy': every code alive at
+        #          K = 1,024 / 4,096 in the CPU ablation, configs/sweeps/results/revive.md);
+        #   claim: each token also picks its nearest such code and pulls it (at most one batch's worth of codes).
+        restart="off",  # off | pull | claim
         restart_weight=1.0,
         residual_depth=4,  # type=residual: quantization depths sharing one codebook
         scales=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # type=multiscale: token grid per scale

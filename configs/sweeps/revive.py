@@ -34,7 +34,7 @@ RUNS = (
     ("fvq", 4096, 0, 1000), ("fvq", 16384, 0, 1000), ("fvq", 1024, 0, 1000),
     ("fvq-pull", 4096, 0, 1000), ("fvq-pull", 1024, 0, 1000), ("fvq-pull", 16384, 0, 1000),
     ("fvq-pull", 1024, 1, 1000), ("fvq-pull", 4096, 1, 1000), ("fvq-pull", 16384, 1, 1000),
-    ("fvq-pull-only", 4096, 0, 1000), ("fvq-pull-w4", 16384, 0, 1000),
+    ("fvq-pull-only", 4096, 0, 1000), ("fvq-pull-w4", 16384, 0, 1000), ("fvq-claim", 16384, 0, 1000),
     # The second kind of image (tools/sample_folder: greyscale textures, microscopy, scans), with and without.
     ("fvq", 4096, 0, 1000, "textures"), ("fvq-pull", 4096, 0, 1000, "textures"),
 )
@@ -49,6 +49,8 @@ METHODS["fvq-pull"] = dict(METHODS["fvq-revive"], **{"config.quantizer.restart":
                                                      "config.quantizer.restart_weight": 1.0})
 METHODS["fvq-pull-only"] = {"config.quantizer.restart": "pull", "config.quantizer.restart_weight": 1.0}
 METHODS["fvq-pull-w4"] = dict(METHODS["fvq-pull"], **{"config.quantizer.restart_weight": 4.0})
+METHODS["fvq-claim"] = dict(METHODS["fvq-revive"], **{"config.quantizer.restart": "claim",
+                                                      "config.quantizer.restart_weight": 1.0})
 
 
 def get_sweep():
@@ -75,6 +77,8 @@ def method_of(params) -> str:
 
 def _method(params) -> str:
     restart = params.get("config.quantizer.restart")
+    if restart == "claim":
+        return "fvq-claim"
     if restart == "pull":
         if params.get("config.quantizer.revive") != "copy":
             return "fvq-pull-only"
@@ -87,7 +91,7 @@ def _method(params) -> str:
 def name(params):
     """e.g. pull_k4096_s1 (1,000 steps), revive_k1024_s0_200, fvq_k4096_s0_textures."""
     steps = params["config.train.num_steps"]
-    prefix = {"fvq-pull-only": "pullonly", "fvq-pull": "pull", "fvq-pull-w4": "pullw4", "fvq-split": "restart", "fvq-revive": "revive",
+    prefix = {"fvq-claim": "claim", "fvq-pull-only": "pullonly", "fvq-pull": "pull", "fvq-pull-w4": "pullw4", "fvq-split": "restart", "fvq-revive": "revive",
               "fvq": "fvq"}[_method(params)]
     return (f"{prefix}_k{params['config.quantizer.codebook_size']}_s{params['config.seed']}"
             + ("" if steps == 1000 else f"_{steps}")

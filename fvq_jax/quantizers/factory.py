@@ -24,7 +24,7 @@ QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
 LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32", "revive": "off", "revive_every": 25,
                 "revive_noise": 0.01, "restart": "off", "restart_weight": 1.0}
 REVIVE_MODES = ("off", "copy")
-RESTART_MODES = ("off", "pull")
+RESTART_MODES = ("off", "pull", "claim")
 # The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
 BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -120,4 +120,5 @@ def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mo
     if cfg.type == "ema":
         return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
     return VectorQuantizer(k, d, l2_norm=cfg.l2_norm, bridge_head_init_std=cfg.bridge_head_init_std,
-                           pull_weight=cfg.restart_weight if cfg.restart == "pull" else 0.0, **bridged, **common)
+                           pull_weight=cfg.restart_weight if cfg.restart != "off" else 0.0,
+                           pull_mode=cfg.restart if cfg.restart != "off" else "pull", **bridged, **common)

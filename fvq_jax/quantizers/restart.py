@@ -69,3 +69,27 @@ def pull_loss(z: jax.Array, codebook: jax.Array, dead: jax.Array, *, l2_norm: bo
     squared = jnp.sum(jnp.square(codes - target), axis=-1)
     num_tokens, dim = tokens.shape
     return jnp.sum(jnp.where(dead, squared, 0.0)) / (jnp.maximum(jnp.sum(dead), num_tokens) * dim)
+
+
+FAR = 1e6  # where live codes sit for the search among dead codes only: no token is ever nearer to them
+
+
+def claim_loss(z: jax.Array, codebook: jax.Array, dead: jax.Array, *, l2_norm: bool = False,
+               precision: ops.Precision = "fp32", tile_size: int | None = None) -> jax.Array:
+    """sum over tokens t of [d(t) dead] ||codebook[d(t)] - sg(z[t])||^2 / (N * D), d(t) = the dead code
+    nearest to token t.
+
+    The other direction of `pull_loss`: every token also picks its nearest dead code, which is pulled
+    toward it as if the token had picked it in the search. At most N dead codes move per step, each
+    toward the tokens nearest to it, so many dead codes are never pulled onto the same few tokens,
+    and the whole term is never larger than the batch's codebook loss.
+    """
+    tokens = jax.lax.stop_gradient(z.astype(jnp.float32))
+    codes = codebook.astype(jnp.float32)
+    if l2_norm:
+        tokens, codes = ops.l2_normalize(tokens), ops.l2_normalize(codes)
+    searched = jnp.where(dead[:, None], jax.lax.stop_gradient(codes), FAR)
+    nearest = ops.nearest_code(tokens, searched, precision=precision, tile_size=tile_size)
+    claimed = jnp.take(codes, nearest, axis=0)
+    squared = jnp.sum(jnp.square(claimed - tokens), axis=-1)
+    return jnp.sum(jnp.where(jnp.take(dead, nearest), squared, 0.0)) / tokens.size

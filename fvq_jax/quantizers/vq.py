@@ -7,6 +7,7 @@ projector), the usage window, and the reshaping.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,7 @@ class VectorQuantizer(nnx.Module):
         bridge_head_init_std: float = 0.0,
         bridge_chunks: int = 1,
         pull_weight: float = 0.0,
+        pull_mode: str = "pull",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -94,6 +96,7 @@ class VectorQuantizer(nnx.Module):
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
         self.pull_weight = pull_weight
+        self.pull_mode = pull_mode
 
     def codebook(self, dtype=jnp.float32) -> jax.Array:
         """The searched codebook [K, D] (projector output, unit norm if l2_norm) as `dtype`.
@@ -133,8 +136,12 @@ class VectorQuantizer(nnx.Module):
             if self.pull_weight:
                 # The window before this batch's indices enter it: the codes dead so far.
                 dead = restart.dead_codes(self.usage_buffer[...], self.num_codes)
-                pull = self.pull_weight * restart.pull_loss(z.reshape(-1, z.shape[-1]), codebook, dead,
-                                                            l2_norm=self.l2_norm, precision=self.search.precision)
+                if self.pull_mode == "claim":
+                    loss = functools.partial(restart.claim_loss, tile_size=self.search.tile_size)
+                else:
+                    loss = restart.pull_loss
+                pull = self.pull_weight * loss(z.reshape(-1, z.shape[-1]), codebook, dead, l2_norm=self.l2_norm,
+                                               precision=self.search.precision)
                 out.update(loss=out["loss"] + pull, pull_loss=pull, pulled_codes=jnp.sum(dead))
             out["usage"] = self.track_usage(out["indices"])
         return out

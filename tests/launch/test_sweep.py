@@ -281,3 +281,22 @@ def test_paper_scaling_sweeps_expand_and_pass_the_config_checks(monkeypatch, whi
         assert names == ["k16384_d256_L4", "k65536_d256_L8", "k262144_d256_L8"]
     if which == "width":
         assert names == ["k16384_d8_L4", "k16384_d32_L4", "k16384_d256_L4"]
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("configs/sweeps/revive.py", {"pull_k16384_s1": ("config.quantizer.restart", "pull"),
+                                  "fvq_k4096_s0_textures": ("config.data.source", "folder"),
+                                  "revive_k1024_s0_200": ("config.train.num_steps", "200")}),
+    ("configs/sweeps/factors.py", {"factor_batch32": ("config", "configs/tokenizer.py:local,res=32,batch=32,steps=200"),
+                                   "factor_patch2": ("config.quantizer.projector", "L/2"),
+                                   "factor_dim8": ("config.quantizer.code_dim", "8")}),
+])
+def test_issue14_sweeps_expand_and_pass_the_config_checks(monkeypatch, path, expected):
+    """The remedy's and the factors' sweep files: every run passes the checks, under a unique name, with the
+    field it changes on its command line."""
+    monkeypatch.chdir(ROOT)
+    runs = sweep.load_sweep(path)
+    by_name = {run.name: run for run in runs}
+    assert len(by_name) == len(runs)
+    for name, (flag, value) in expected.items():
+        assert by_name[name].args[flag] == value, (name, flag)

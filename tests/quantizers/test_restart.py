@@ -77,3 +77,26 @@ def test_nearest_tokens_in_blocks_matches_one_search(monkeypatch):
     want = np.argmin(((codes[:, None] - tokens[None]) ** 2).sum(-1), axis=1)
     monkeypatch.setattr(restart, "PULL_CODE_CHUNK", 128)  # 8 blocks, the last one padded
     np.testing.assert_array_equal(np.asarray(restart.nearest_tokens(jnp.asarray(codes), jnp.asarray(tokens))), want)
+
+
+def test_claim_loss_against_numpy_and_its_gradient():
+    """'claim': each token picks its nearest dead code, which is pulled toward it (tiled search included)."""
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(40, D)).astype(np.float32)
+    codebook = rng.normal(size=(K, D)).astype(np.float32) * 2
+    dead = np.zeros(K, bool)
+    dead[[3, 10, 20, 33, 60]] = True
+    distances = ((z[:, None] - codebook[None]) ** 2).sum(-1)
+    distances[:, ~dead] = np.inf
+    picked = distances.argmin(1)
+    want = ((codebook[picked] - z) ** 2).sum() / z.size
+    for tile in (None, 16):
+        got = restart.claim_loss(jnp.asarray(z), jnp.asarray(codebook), jnp.asarray(dead), tile_size=tile)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    grad = np.asarray(jax.grad(lambda c: restart.claim_loss(jnp.asarray(z), c, jnp.asarray(dead)))(jnp.asarray(codebook)))
+    want_grad = np.zeros_like(codebook)
+    np.add.at(want_grad, picked, 2 * (codebook[picked] - z) / z.size)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+    assert not grad[~dead].any()
+    # No dead code: nothing to claim.
+    assert float(restart.claim_loss(jnp.asarray(z), jnp.asarray(codebook), jnp.zeros(K, bool))) == 0.0
