@@ -35,6 +35,7 @@ RUNS = (
     ("fvq-pull", 4096, 0, 1000), ("fvq-pull", 1024, 0, 1000), ("fvq-pull", 16384, 0, 1000),
     ("fvq-pull", 1024, 1, 1000), ("fvq-pull", 4096, 1, 1000), ("fvq-pull", 16384, 1, 1000),
     ("fvq-pull-only", 4096, 0, 1000), ("fvq-pull-w4", 16384, 0, 1000), ("fvq-claim", 16384, 0, 1000),
+    ("fvq-claim", 16384, 1, 1000), ("fvq-claim", 4096, 0, 1000), ("fvq-claim", 4096, 1, 1000),
     # The second kind of image (tools/sample_folder: greyscale textures, microscopy, scans), with and without.
     ("fvq", 4096, 0, 1000, "textures"), ("fvq-pull", 4096, 0, 1000, "textures"),
 )

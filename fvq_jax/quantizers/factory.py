@@ -120,5 +120,4 @@ def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mo
     if cfg.type == "ema":
         return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
     return VectorQuantizer(k, d, l2_norm=cfg.l2_norm, bridge_head_init_std=cfg.bridge_head_init_std,
-                           pull_weight=cfg.restart_weight if cfg.restart != "off" else 0.0,
-                           pull_mode=cfg.restart if cfg.restart != "off" else "pull", **bridged, **common)
+                           restart=cfg.restart, restart_weight=cfg.restart_weight, **bridged, **common)

@@ -57,9 +57,9 @@ class VectorQuantizer(nnx.Module):
     With projector="none" this is plain VQ; with a VQBridge preset ("L/4", ...) it is FVQ.
     dtype is the projector's compute dtype (bfloat16: bf16 activations, float32 parameters); the
     search and the losses run in float32 either way. bridge_chunks: see `vqbridge.VQBridge`.
-    pull_weight: > 0 adds `restart.pull_loss` to the training loss: each code without an assignment
-    in the usage window is pulled toward its nearest token of the batch. With neither, the module is
-    the method's.
+    restart: 'off' (the method) | 'pull' | 'claim': in training, codes without an assignment in the
+    usage window are pulled toward the batch's tokens (`restart.pull_loss` / `restart.claim_loss`,
+    times restart_weight, added to the quantizer loss).
     """
 
     def __init__(
@@ -76,8 +76,8 @@ class VectorQuantizer(nnx.Module):
         usage_window: int | None = None,
         bridge_head_init_std: float = 0.0,
         bridge_chunks: int = 1,
-        pull_weight: float = 0.0,
-        pull_mode: str = "pull",
+        restart: str = "off",
+        restart_weight: float = 1.0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -95,8 +95,10 @@ class VectorQuantizer(nnx.Module):
         buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
-        self.pull_weight = pull_weight
-        self.pull_mode = pull_mode
+        if restart not in ("off", "pull", "claim"):
+            raise ValueError(f"restart must be 'off', 'pull' or 'claim', got {restart!r}")
+        self.restart = restart
+        self.restart_weight = restart_weight
 
     def codebook(self, dtype=jnp.float32) -> jax.Array:
         """The searched codebook [K, D] (projector output, unit norm if l2_norm) as `dtype`.
@@ -128,20 +130,20 @@ class VectorQuantizer(nnx.Module):
         """z: [B, h, w, D] -> `ops.quantize` dict (z_q, indices [B, h, w], losses, perplexity).
 
         With train=True the indices also enter the usage window and the dict gains `usage` (and, with
-        pull_weight > 0, `pull_loss`, already in `loss`, and `pulled_codes`).
+        a restart, `pull_loss`, already in `loss`, and `pulled_codes`: the dead codes it acted on).
         """
         codebook = self.codebook(None)
         out = self.quantize(z, codebook)
         if train:
-            if self.pull_weight:
+            if self.restart != "off":
                 # The window before this batch's indices enter it: the codes dead so far.
                 dead = restart.dead_codes(self.usage_buffer[...], self.num_codes)
-                if self.pull_mode == "claim":
+                if self.restart == "claim":
                     loss = functools.partial(restart.claim_loss, tile_size=self.search.tile_size)
                 else:
                     loss = restart.pull_loss
-                pull = self.pull_weight * loss(z.reshape(-1, z.shape[-1]), codebook, dead, l2_norm=self.l2_norm,
-                                               precision=self.search.precision)
+                pull = self.restart_weight * loss(z.reshape(-1, z.shape[-1]), codebook, dead, l2_norm=self.l2_norm,
+                                                  precision=self.search.precision)
                 out.update(loss=out["loss"] + pull, pull_loss=pull, pulled_codes=jnp.sum(dead))
             out["usage"] = self.track_usage(out["indices"])
         return out

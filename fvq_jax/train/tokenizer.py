@@ -178,7 +178,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
 
     # ------------------------------------------------------------------ loop
     def console(step, s):
-        pulled = f"  pulled {int(s['pulled_codes'])}" if "pulled_codes" in s else ""  # quantizer.restart='pull'
+        pulled = f"  pulled {int(s['pulled_codes'])}" if "pulled_codes" in s else ""  # quantizer.restart 'pull' / 'claim'
         return (f"loss {s['loss']:.4f}  rec {s['pixel_loss']:.4f}  lpips {s['perceptual_loss']:.4f}  "
                 f"usage {100 * s['usage']:.1f}%{pulled}  lr {s['lr']:.2e}  {s['images_per_sec']:.1f} img/s")
 

@@ -93,7 +93,7 @@ def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, config: ml_collec
                 "gen_gan_loss": gen_gan_loss, "adaptive_weight": adaptive, "perplexity": q["perplexity"],
                 "usage": q["usage"],
             }
-            metrics.update({k: q[k] for k in ("pull_loss", "pulled_codes") if k in q})  # quantizer.restart='pull'
+            metrics.update({k: q[k] for k in ("pull_loss", "pulled_codes") if k in q})  # quantizer.restart 'pull' / 'claim'
             return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)), recon)
 
         (_, (metrics, model_state, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
