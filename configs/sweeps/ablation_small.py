@@ -55,6 +55,11 @@ def _base():
     })
 
 
+def fvq_base() -> dict:
+    """`_base()` with VQBridge L/4 and learning annealing: the `fvq` runs that revive.py and factors.py vary."""
+    return dict(_base(), **METHODS["fvq"], **{"config.optim.schedule": "lin"})
+
+
 def get_sweep():
     runs = []
     for k in CODEBOOK_SIZES:

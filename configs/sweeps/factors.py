@@ -33,16 +33,7 @@ FACTORS = {
 
 
 def get_sweep():
-    base = dict(ablation_small.SCALES["cpu"], **{
-        "config.loss.disc_start": 10 ** 9,  # no GAN phase, as ablation_small
-        "config.train.checkpoint_every": 10 ** 9,
-        "config.train.image_every": 0,
-        "config.optim.schedule": "lin",
-        "config.quantizer.type": "vq",
-        "config.quantizer.projector": "L/4",
-        "config.quantizer.codebook_size": 1024,
-        "config.seed": 0,
-    })
+    base = dict(ablation_small.fvq_base(), **{"config.quantizer.codebook_size": 1024})
     return [dict(base, **overrides) for overrides in FACTORS.values()]
 
 

@@ -55,14 +55,7 @@ METHODS["fvq-claim"] = dict(METHODS["fvq-revive"], **{"config.quantizer.restart"
 
 
 def get_sweep():
-    base = dict(ablation_small.SCALES["cpu"], **{
-        "config.loss.disc_start": 10 ** 9,  # no GAN phase, as ablation_small
-        "config.train.checkpoint_every": 10 ** 9,
-        "config.train.image_every": 0,
-        "config.optim.schedule": "lin",
-        "config.quantizer.type": "vq",
-        "config.quantizer.projector": "L/4",
-    })
+    base = ablation_small.fvq_base()  # the small CPU scale, no GAN phase, L/4, 'lin'
     runs = []
     for method, k, seed, steps, *data in RUNS:
         run = dict(base, **METHODS[method], **{"config.quantizer.codebook_size": k, "config.seed": seed,
