@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fvq_jax.quantizers import restart
+from tests.nearest_codes import assert_same_codes
 from tests.quantizers import tiny_model
 
 K, D = 64, 8  # tiny_model's quantizer
@@ -76,7 +77,9 @@ def test_nearest_tokens_in_blocks_matches_one_search(monkeypatch):
     codes, tokens = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(37, 8)).astype(np.float32)
     want = np.argmin(((codes[:, None] - tokens[None]) ** 2).sum(-1), axis=1)
     monkeypatch.setattr(restart, "PULL_CODE_CHUNK", 128)  # 8 blocks, the last one padded
-    np.testing.assert_array_equal(np.asarray(restart.nearest_tokens(jnp.asarray(codes), jnp.asarray(tokens))), want)
+    got = np.asarray(restart.nearest_tokens(jnp.asarray(codes), jnp.asarray(tokens)))
+    # Exact where the nearest token is clear; a near-tie may go either way on another CPU's float path.
+    assert_same_codes(got, want, codes, tokens)
 
 
 def test_claim_loss_against_numpy_and_its_gradient():
