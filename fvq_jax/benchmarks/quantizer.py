@@ -228,7 +228,7 @@ def agreement_on_run(run: str, args, out=None) -> None:
     data config, its trained bridge and codebook (EMA weights), the bridge evaluated once in fp32 and
     once with bf16 activations (the same parameters)."""
     from fvq_jax.data import pipeline
-    from fvq_jax.data.transforms import to_model_range
+    from fvq_jax.data.value_range import to_model_range
     from fvq_jax.models.load import load_tokenizer
 
     loaded = load_tokenizer(run)

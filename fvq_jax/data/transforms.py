@@ -1,7 +1,7 @@
 """Image transforms: PIL in, uint8 [S, S, 3] out; randomness only from the `rng` argument.
 
 Images stay uint8 through the input pipeline (4x less host memory and transfer than float32);
-`to_model_range` maps them to [-1, 1] on the device, inside the jitted step.
+`value_range.to_model_range` maps them to [-1, 1] on the device, inside the jitted step.
 
 Random draws, in order (so a resumed or re-run pipeline crops identically):
   random_resize_crop: short side, top, left;  random_zoom_crop: side, top, left;  random_flip: flip.
@@ -122,9 +122,3 @@ def random_zoom_crop(image: Image.Image, size: int, rng: np.random.Generator) ->
 def random_flip(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Mirror left-right with probability 1/2.  pixels: [H, W, C]."""
     return pixels[:, ::-1] if rng.random() < 0.5 else pixels
-
-
-def to_model_range(images: jnp.ndarray) -> jnp.ndarray:
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1] (0 -> -1, 255 -> 1), on the device."""
-    # Centred before scaling: the endpoints come out exactly -1 and 1 (x / 127.5 - 1 gives 1.0000001).
-    return (images.astype(jnp.float32) - 127.5) / 127.5

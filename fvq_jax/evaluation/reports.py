@@ -16,20 +16,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from fvq_jax.data.value_range import to_uint8
 from fvq_jax.evaluation.host import to_host
 
 
-def to_uint8(images, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """Images in `data_range` -> uint8 [..., H, W, C], clipped and rounded."""
-    low, high = data_range
-    x = (to_host(images).astype(np.float64) - low) / (high - low)
-    return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+def host_uint8(images) -> np.ndarray:
+    """uint8 images, or floats in [-1, 1] (any device layout) -> uint8 numpy [..., H, W, C]."""
+    images = to_host(images)
+    return images if images.dtype == np.uint8 else to_uint8(images)
 
 
-def image_grid(images, *, columns: int, pad: int = 2, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """images [B, H, W, C] (uint8, or floats in data_range) -> uint8 grid of `columns` per row, row-major,
+def image_grid(images, *, columns: int, pad: int = 2) -> np.ndarray:
+    """images [B, H, W, C] (uint8, or floats in [-1, 1]) -> uint8 grid of `columns` per row, row-major,
     separated by `pad` white pixels: [r H + (r + 1) pad, columns W + (columns + 1) pad, C]."""
-    images = np.asarray(images) if np.asarray(images).dtype == np.uint8 else to_uint8(images, data_range)
+    images = host_uint8(images)
     if images.ndim != 4:
         raise ValueError(f"images must be [B, H, W, C], got {images.shape}")
     n, h, w, c = images.shape
@@ -41,14 +41,13 @@ def image_grid(images, *, columns: int, pad: int = 2, data_range: tuple[float, f
     return grid
 
 
-def reconstruction_grid(inputs, reconstructions, *, data_range: tuple[float, float] = (-1.0, 1.0),
-                        max_images: int = 8, pad: int = 2) -> np.ndarray:
+def reconstruction_grid(inputs, reconstructions, *, max_images: int = 8, pad: int = 2) -> np.ndarray:
     """inputs, reconstructions: [B, H, W, 3] -> uint8 grid, inputs on the top row, reconstructions below.
 
     Shows the first min(B, max_images) pairs, separated by `pad` white pixels:
     [2 H + 3 pad, n W + (n + 1) pad, 3].
     """
-    top, bottom = to_uint8(inputs, data_range)[:max_images], to_uint8(reconstructions, data_range)[:max_images]
+    top, bottom = host_uint8(inputs)[:max_images], host_uint8(reconstructions)[:max_images]
     if top.shape != bottom.shape or top.ndim != 4:
         raise ValueError(f"inputs {top.shape} and reconstructions {bottom.shape} must be matching [B, H, W, C]")
     return image_grid(np.concatenate([top, bottom]), columns=top.shape[0], pad=pad)

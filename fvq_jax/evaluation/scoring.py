@@ -31,7 +31,7 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.data import pipeline as data_pipeline
-from fvq_jax.data.transforms import to_model_range
+from fvq_jax.data.value_range import to_model_range, to_uint8
 from fvq_jax.evaluation import neighbours, reports
 from fvq_jax.evaluation.feature_stats import FeatureStats, load_images, load_stats
 from fvq_jax.evaluation.fid import fid_of_features
@@ -151,7 +151,7 @@ def reconstruction_fn(record: dict) -> Callable[[np.ndarray], np.ndarray]:
     the samples' path (`decode_codes`), as uint8."""
     tokenizer = load_recorded_tokenizer(record).model
     reconstruct = nnx.jit(lambda m, x: m.decode_codes(m.encode(to_model_range(x))[1]))
-    return lambda images: reports.to_uint8(reconstruct(tokenizer, images))
+    return lambda images: np.asarray(to_uint8(reconstruct(tokenizer, images)))
 
 
 def npz_reference(path, model: InceptionV3, batch_size: int) -> ImageSet:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
-from fvq_jax.data.transforms import to_model_range
+from fvq_jax.data.value_range import to_model_range, to_pixel_levels
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
 from fvq_jax.models.factory import compute_dtype
@@ -66,11 +66,6 @@ def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
     return counts
 
 
-def _to_uint8_range(images: jax.Array) -> jax.Array:
-    """[-1, 1] -> rounded [0, 255] as float32."""
-    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5)
-
-
 class TokenizerEvaluator:
     """Evaluates a tokenizer train state on `config.data`'s eval split, with `config.eval`."""
 
@@ -101,7 +96,7 @@ class TokenizerEvaluator:
             recon = jnp.clip(recon, -1.0, 1.0)
             w = mask.astype(jnp.float32)
             target = images_u8.astype(jnp.float32)
-            rounded = _to_uint8_range(recon)
+            rounded = to_pixel_levels(recon)
             sums = {
                 "count": jnp.sum(w),
                 "psnr": jnp.sum(w * image_metrics.psnr(rounded, target, data_range=255.0)),

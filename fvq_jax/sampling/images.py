@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fvq_jax.data.value_range import to_uint8
 from fvq_jax.sampling.sampler import SamplingConfig, generation_fn, sample_keys
 
 
@@ -17,11 +18,6 @@ def balanced_labels(indices, num_samples: int, num_classes: int) -> np.ndarray:
     contiguous runs, whatever batch or device a sample lands on."""
     indices = np.asarray(indices, np.int64)
     return (indices * num_classes // num_samples).astype(np.int32)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] float -> uint8 [0, 255] (rounded, clipped)."""
-    return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
 def decode_fn(tokenizer_graph: nnx.GraphDef) -> Callable:

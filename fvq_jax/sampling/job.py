@@ -26,7 +26,7 @@ from fvq_jax.evaluation import reports
 from fvq_jax.models.load import load_gpt, load_recorded_tokenizer, load_tokenizer, tokenizer_record
 from fvq_jax.sampling.images import decode_fn
 from fvq_jax.sampling.sampler import SamplingConfig, generation_fn
-from fvq_jax.train.loop import format_eta
+from fvq_jax.progress import format_eta
 
 
 def check_config(config: ml_collections.ConfigDict) -> SamplingConfig:

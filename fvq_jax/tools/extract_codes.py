@@ -66,12 +66,13 @@ from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import codes as codes_format
 from fvq_jax.data.pipeline import SOURCES, TRAIN_CROPS, TrainExample, local_batch_size, prefetch
 from fvq_jax.data.sources import Record, class_names, split_source
-from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, ten_crop, to_model_range
+from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, ten_crop
+from fvq_jax.data.value_range import to_model_range
 from fvq_jax.data.unreadable import SkipLog, Unreadable, read_image
 from fvq_jax.models.factory import arch_from_config
 from fvq_jax.models.load import is_run, load_tokenizer, saved_config
 from fvq_jax.train.lock import WorkdirLock
-from fvq_jax.train.loop import format_eta
+from fvq_jax.progress import format_eta
 
 AUGMENTS = ("tencrop", "center", "random")
 SINGLE_LEVEL_QUANTIZERS = ("vq", "ema")

@@ -35,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from fvq_jax import checkpointing
+from fvq_jax.progress import format_eta
 from fvq_jax.train.update import parameter_norms
 
 # EX_TEMPFAIL ("try again later"): a preempted run saved its checkpoint and should be started again.
@@ -126,11 +127,6 @@ class MetricsLog:
     def close(self) -> None:
         if self._file:
             self._file.close()
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def train_loop(

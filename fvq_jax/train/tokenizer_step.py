@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from fvq_jax import losses
-from fvq_jax.data.transforms import to_model_range
+from fvq_jax.data.value_range import to_model_range
 from fvq_jax.train.optimizer import ema_update
 from fvq_jax.train.tokenizer_state import Graphs, TokenizerState
 from fvq_jax.train.update import apply_gradients, keep_if_finite
