@@ -8,6 +8,7 @@ anything is built, and a bad value raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import os
@@ -28,6 +29,13 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str | None = None):
         super().__init__(field if message is None else f"config field {field}: {message}")
         self.field = None if message is None else field
+        self.detail = message  # the message without the field
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error for the field inside block `prefix` ("" = unchanged): sampling's `top_k` -> `sample.top_k`."""
+        if not prefix or self.field is None:
+            return self
+        return ConfigError(f"{prefix}.{self.field}", self.detail)
 
 
 def load_file(path, name: str | None = None) -> types.ModuleType:
@@ -95,6 +103,25 @@ def _coerce(key: str, raw: str, default: Any) -> Any:
     if isinstance(default, tuple) and isinstance(value, (list, int)):
         return tuple(value) if isinstance(value, list) else (value,)
     return value
+
+
+class Spec:
+    """A config block resolved once: a frozen dataclass whose `__post_init__` validates every field (the only
+    place each is checked, with `require*` below, naming the field as the dataclass calls it).
+
+    `Spec.from_config(block, "sample")` builds one from a ConfigDict block (or a dict), taking the fields the
+    dataclass declares, and reports a bad value under its dotted config name (`sample.top_k`); code below
+    takes the spec, never the ConfigDict, and checks nothing again.
+    """
+
+    @classmethod
+    def from_config(cls, block, prefix: str = "", **overrides):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        values = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
+        try:
+            return cls(**{k: v for k, v in values.items() if k in names}, **overrides)
+        except ConfigError as error:
+            raise error.under(prefix) from None
 
 
 def require(condition: bool, field: str, message: str) -> None:

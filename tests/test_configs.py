@@ -85,3 +85,29 @@ def test_parse_arg_keeps_brackets_together():
     flags, values = config_lib.parse_arg("a,x=(1,2,3),y=L/4,z=true", flags=("a",),
                                          keys={"x": (1,), "y": "", "z": False})
     assert flags == {"a"} and values == {"x": (1, 2, 3), "y": "L/4", "z": True}
+
+
+def test_spec_from_config_names_the_dotted_field():
+    import dataclasses
+
+    import ml_collections
+    import pytest
+
+    from fvq_jax import config_lib
+
+    @dataclasses.dataclass(frozen=True)
+    class Block(config_lib.Spec):
+        size: int = 1
+        name: str = "a"
+
+        def __post_init__(self):
+            config_lib.require_number(self.size, "size", integer=True)
+
+    block = ml_collections.ConfigDict(dict(size=3, name="b", other=1.5))
+    assert Block.from_config(block, "outer") == Block(3, "b")  # fields the spec does not declare are not its own
+    with pytest.raises(config_lib.ConfigError, match=r"config field outer\.size: must be an int > 0.0, got 0") as info:
+        Block.from_config(dict(size=0), "outer")
+    assert info.value.field == "outer.size"
+    with pytest.raises(config_lib.ConfigError) as info:
+        Block(size=-1)
+    assert info.value.field == "size"
