@@ -8,7 +8,7 @@ Evaluation, per process: the first num_images records, strided across processes,
 same number of fixed-size batches on every process, with 'mask' False on padding.
 
 Batches are numpy, images uint8 [B, S, S, 3]; `to_global_batch` makes global jax.Arrays and
-`transforms.to_model_range` maps images to [-1, 1] inside the jitted step.
+`value_range.to_model_range` maps images to [-1, 1] inside the jitted step.
 
 Determinism: a batch depends only on (data config, seed, process_index, process_count, num_workers)
 and its position. num_workers matters because grain deals the record stream out to the workers, each
@@ -29,24 +29,11 @@ from PIL import Image
 
 from fvq_jax import config_lib
 from fvq_jax.data.sources import Record, make_source
+from fvq_jax.data.spec import DataSpec
 from fvq_jax.data.transforms import center_crop, random_flip, random_resize_crop, random_zoom_crop
 from fvq_jax.data.unreadable import DropUnreadable, SkipLog, Unreadable, read_image
 
-SOURCES = ("tfds", "folder", "photos")
-TRAIN_CROPS = ("short_side", "zoom")
 _PADDING: Record = {"padding": True}
-
-
-def check_data_config(data_cfg) -> None:
-    """Raise ConfigError naming the first bad field of the `data` block."""
-    config_lib.require_choice(data_cfg.source, "data.source", SOURCES)
-    config_lib.require_choice(data_cfg.train_crop, "data.train_crop", TRAIN_CROPS)
-    config_lib.require_number(data_cfg.image_size, "data.image_size", integer=True)
-    config_lib.require_number(data_cfg.max_resize_ratio, "data.max_resize_ratio", minimum=1.0, strict=False)
-    config_lib.require(isinstance(data_cfg.flip, bool), "data.flip", f"must be true or false, got {data_cfg.flip!r}")
-    config_lib.require_number(data_cfg.num_workers, "data.num_workers", strict=False, integer=True)
-    config_lib.require_number(data_cfg.read_threads, "data.read_threads", strict=False, integer=True)
-    config_lib.require_number(data_cfg.prefetch_buffer, "data.prefetch_buffer", integer=True)
 
 
 def local_batch_size(global_batch: int, process_count: int, field: str) -> int:
@@ -219,7 +206,7 @@ class ProcessShare(grain.MapDataset):
         return f"ProcessShare(index={self._index}, count={self._count}, local_batch={self._local})"
 
 
-def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int | None = None,
+def train_iterator(data_cfg: DataSpec, *, global_batch: int, seed: int, process_index: int | None = None,
                    process_count: int | None = None) -> TrainIterator:
     """This process's endless, shuffled, augmented training batches (see TrainIterator).
 
@@ -227,7 +214,6 @@ def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int
     `seed`) is cut into global batches; each process decodes only its columns of every batch, so
     the global batches do not depend on the process count.
     """
-    check_data_config(data_cfg)
     index, count = process_slot(process_index, process_count)
     batch = local_batch_size(global_batch, count, "train.global_batch")
     source = make_source(data_cfg, train=True)
@@ -242,14 +228,13 @@ def train_iterator(data_cfg, *, global_batch: int, seed: int, process_index: int
     return TrainIterator(iter(dataset))
 
 
-def eval_batches(data_cfg, *, batch_size: int, num_images: int = 0, process_index: int | None = None,
+def eval_batches(data_cfg: DataSpec, *, batch_size: int, num_images: int = 0, process_index: int | None = None,
                  process_count: int | None = None) -> EvalBatches:
     """Center-cropped eval batches of batch_size / process_count images (batch_size is global).
 
     The first num_images records of the eval split (0 = all) are dealt out process_index::process_count;
     every process pads its share to the same number of batches, marking padding with mask False.
     """
-    check_data_config(data_cfg)
     config_lib.require_number(num_images, "eval.num_images", strict=False, integer=True)
     index, count = process_slot(process_index, process_count)
     batch = local_batch_size(batch_size, count, "eval.batch_size")

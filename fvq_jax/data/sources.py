@@ -205,7 +205,6 @@ def split_source(data_cfg, split: str) -> Sequence[Record]:
     if data_cfg.source == "tfds":
         return TfdsSource(data_cfg.tfds_name, split, data_cfg.tfds_data_dir)
     if data_cfg.source == "folder":
-        config_lib.require(bool(data_cfg.folder), "data.folder", "must be set when data.source='folder'")
         return FolderSource(data_cfg.folder, split)
     splits = (data_cfg.train_split, data_cfg.eval_split)
     config_lib.require(split in splits, "data.split", f"the photos have the splits {list(splits)}, not {split!r}")

@@ -31,6 +31,7 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.spec import SOURCES, TRAIN_CROPS
 from fvq_jax.data.value_range import to_model_range, to_uint8
 from fvq_jax.evaluation import neighbours, reports
 from fvq_jax.evaluation.feature_stats import FeatureStats, load_images, load_stats
@@ -59,9 +60,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if r.npz:
         config_lib.require(not r.reconstruct, "reference.reconstruct", "needs a dataset reference, not reference.npz")
         return
-    config_lib.require_choice(r.source, "reference.source", data_pipeline.SOURCES)
+    config_lib.require_choice(r.source, "reference.source", SOURCES)
     config_lib.require_choice(r.crop, "reference.crop", CROPS)
-    config_lib.require_choice(r.train_crop, "reference.train_crop", data_pipeline.TRAIN_CROPS)
+    config_lib.require_choice(r.train_crop, "reference.train_crop", TRAIN_CROPS)
     for name in ("image_size", "num_images", "seed", "num_workers", "read_threads"):
         config_lib.require_number(r[name], f"reference.{name}", strict=False, integer=True)
     config_lib.require_number(r.prefetch_buffer, "reference.prefetch_buffer", integer=True)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.spec import DataSpec
 from fvq_jax.data.value_range import to_model_range, to_pixel_levels
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
@@ -50,11 +51,6 @@ def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
     config_lib.require(not unknown, "eval.metrics", f"unknown {unknown}; choose from {METRICS}")
     config_lib.require_number(eval_cfg.batch_size, "eval.batch_size", integer=True)
     config_lib.require_number(eval_cfg.num_images, "eval.num_images", strict=False, integer=True)
-
-
-def dataset_name(data_cfg: ml_collections.ConfigDict) -> str:
-    """What the eval images are, for reports: the TFDS name, the image folder, or 'photos'."""
-    return {"tfds": data_cfg.tfds_name, "folder": data_cfg.folder}.get(data_cfg.source, data_cfg.source)
 
 
 def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
@@ -183,7 +179,8 @@ class TokenizerEvaluator:
             if projector in BRIDGE_PRESETS:
                 results.update(codebook_health.bridge_position_summary(counter.counts,
                                                                        BRIDGE_PRESETS[projector].patch))
-        protocol = {"dataset": dataset_name(self.config.data), "split": self.config.data.eval_split,
+        data = DataSpec.from_config(self.config.data, "data")
+        protocol = {"dataset": data.name, "split": data.eval_split,
                     "image_size": self.config.data.image_size, "num_images": int(n),
                     "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",
                     "weights": weights, "step": step}
@@ -234,7 +231,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     step = config.eval.step or None
     run_config = eval_run_config(saved_config(workdir, step), config)
     check_eval_config(run_config.eval)
-    data_pipeline.check_data_config(run_config.data)
+    DataSpec.from_config(run_config.data, "data")
     loaded = load_tokenizer(workdir, step=step, use_ema=config.eval.use_ema, mesh_cfg=config.mesh)
     run_config.mesh = config.mesh
     lpips_graph = lpips_state = None

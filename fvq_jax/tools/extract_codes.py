@@ -64,7 +64,8 @@ from PIL import Image
 import fvq_jax
 from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import codes as codes_format
-from fvq_jax.data.pipeline import SOURCES, TRAIN_CROPS, TrainExample, local_batch_size, prefetch
+from fvq_jax.data.pipeline import TrainExample, local_batch_size, prefetch
+from fvq_jax.data.spec import SOURCES, TRAIN_CROPS
 from fvq_jax.data.sources import Record, class_names, split_source
 from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, ten_crop
 from fvq_jax.data.value_range import to_model_range

@@ -24,6 +24,7 @@ from flax import nnx
 
 from fvq_jax import checkpointing, config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
+from fvq_jax.data.spec import DataSpec
 from fvq_jax.evaluation import tokenizer_eval
 from fvq_jax.models.factory import arch_from_config, check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
 from fvq_jax.models.lpips import LPIPS
@@ -50,7 +51,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     config_lib.require_number(config.loss.disc_start, "loss.disc_start", strict=False, integer=True)
     for name in ("pixel_weight", "perceptual_weight", "codebook_weight", "disc_weight"):
         config_lib.require_number(config.loss[name], f"loss.{name}", strict=False)
-    data_pipeline.check_data_config(config.data)
+    DataSpec.from_config(config.data, "data")
     tokenizer_eval.check_eval_config(config.eval)
     if num_devices is not None:
         checks.check_batch_split(config, config.eval.batch_size, "eval.batch_size", num_devices)

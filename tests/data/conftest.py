@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from fvq_jax import config_lib
+from fvq_jax.data.spec import DataSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -16,11 +17,11 @@ def tokenizer_config(arg: str = ""):
     return config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config(arg)
 
 
-def local_data_config(**overrides):
-    """The default config's `data` block (sample photos), with overrides."""
+def local_data_config(**overrides) -> DataSpec:
+    """The default config's `data` block (sample photos), with overrides, resolved."""
     data = tokenizer_config().data
     data.update(overrides)
-    return data
+    return DataSpec.from_config(data, "data")
 
 
 def write_jpegs(split_dir: pathlib.Path, per_class: list[int], size=(40, 30), seed=0) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fvq_jax import config_lib
 from fvq_jax.data import pipeline, sources, transforms
+from fvq_jax.data.spec import DataSpec
 from tests.data.conftest import ROOT, local_data_config, tokenizer_config
 
 
@@ -72,12 +73,15 @@ def test_global_batches_do_not_depend_on_the_process_count(image_folder):
 
 
 def test_both_presets_have_valid_data_blocks():
-    pipeline.check_data_config(tokenizer_config().data)
-    pipeline.check_data_config(tokenizer_config("paper").data)
-    with pytest.raises(config_lib.ConfigError, match="data.max_resize_ratio"):
-        pipeline.check_data_config(local_data_config(max_resize_ratio=0.9))
-    with pytest.raises(config_lib.ConfigError, match="data.source"):
-        pipeline.check_data_config(local_data_config(source="imagenet"))
+    for config in (tokenizer_config(), tokenizer_config("paper")):
+        DataSpec.from_config(config.data, "data")
+    for field, value in (("max_resize_ratio", 0.9), ("source", "imagenet"), ("train_crop", "random"),
+                         ("flip", "yes"), ("folder", "")):
+        data = tokenizer_config().data.to_dict()
+        data.update({field: value, "source": "folder"} if field == "folder" else {field: value})
+        with pytest.raises(config_lib.ConfigError) as info:
+            DataSpec.from_config(data, "data")
+        assert info.value.field == f"data.{field}"
 
 
 def test_batch_sizes_must_divide_across_processes():
@@ -86,9 +90,6 @@ def test_batch_sizes_must_divide_across_processes():
         pipeline.train_iterator(cfg, global_batch=6, seed=0, process_index=0, process_count=4)
     with pytest.raises(config_lib.ConfigError, match="eval.batch_size"):
         pipeline.eval_batches(cfg, batch_size=6, process_index=0, process_count=4)
-    with pytest.raises(config_lib.ConfigError, match="data.train_crop"):
-        pipeline.train_iterator(local_data_config(train_crop="random"), global_batch=4, seed=0, process_index=0,
-                                process_count=1)
 
 
 def test_resume_from_state_yields_the_same_batches():

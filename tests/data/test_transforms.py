@@ -142,10 +142,3 @@ def test_random_flip_is_a_fair_mirror():
         flips += flipped
     assert 160 < flips < 240
 
-
-def test_to_model_range():
-    values = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
-    out = jax.jit(transforms.to_model_range)(jnp.asarray(values))
-    assert out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), values.astype(np.float64) * 2 / 255 - 1, atol=1e-6)
-    assert float(out.min()) == -1.0 and float(out.max()) == 1.0

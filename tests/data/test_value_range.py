@@ -26,3 +26,10 @@ def test_host_and_device_agree_and_clip():
     expected = np.round((np.clip(x.astype(np.float64), -1, 1) + 1) * 127.5)
     assert np.abs(host - expected).max() <= 1.0
     assert to_uint8(x).dtype == np.uint8 and isinstance(to_uint8(jnp.asarray(x)), jax.Array)
+
+
+def test_to_model_range_is_the_affine_map():
+    values = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+    out = jax.jit(to_model_range)(jnp.asarray(values))
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), values.astype(np.float64) * 2 / 255 - 1, atol=1e-6)

@@ -13,7 +13,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fvq_jax.config_lib import ConfigError
 from fvq_jax.data import pipeline as data_pipeline
-from fvq_jax.data.transforms import to_model_range
+from fvq_jax.data.value_range import to_model_range
 from fvq_jax.evaluation import tokenizer_eval
 from fvq_jax.models.load import load_tokenizer
 from tests.test_configs import load_config_module

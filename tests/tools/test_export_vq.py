@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from fvq_jax.data import pipeline as data_pipeline
-from fvq_jax.data.transforms import to_model_range
+from fvq_jax.data.value_range import to_model_range
 from fvq_jax.models.factory import build_tokenizer
 from fvq_jax.models.vqgan import count_params
 from fvq_jax.quantizers import vqbridge

@@ -22,7 +22,8 @@ from fvq_jax import checkpointing, tasks
 from fvq_jax.config_lib import ConfigError
 from fvq_jax.data import codes, sources
 from fvq_jax.data.pipeline import TrainExample
-from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, to_model_range
+from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop
+from fvq_jax.data.value_range import to_model_range
 from fvq_jax.models.load import load_tokenizer, saved_config
 from fvq_jax.tools import extract_codes
 from tests.conftest import ROOT, run_python, subprocess_env
