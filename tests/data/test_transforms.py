@@ -1,4 +1,4 @@
-"""Crops, flip and the [-1, 1] mapping against numpy / PIL references written out here."""
+"""Crops and flip against numpy / PIL references written out here."""
 
 import math
 
