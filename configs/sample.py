@@ -7,10 +7,15 @@
   python -m fvq_jax.main --config=configs/sample.py:n=1000,cfg=1.5,top_k=500,seed=1 --workdir=RUN
 
 Writes RUN/samples/<name>/: batch_BBBBB_pPPP.npz (ADM layout: `arr_0` uint8 [n, H, W, 3], `arr_1` labels,
-plus the samples' global `indices`), grid.png (the first classes' first samples), sampling.json (the
-sampling settings and the GPT and tokenizer checkpoints that made them). Each sample's randomness comes
-from (seed, its global index), so the same seed gives the same images on 1 or 256 devices and at any
-batch size; a rerun skips the batches already written.
+plus the samples' global `indices` and their `codes`), grid.png (the first samples of every class, up to
+`grid_classes` classes: one row each), sampling.json (the sampling settings and the GPT and tokenizer
+checkpoints that made them). Each sample's randomness comes from (seed, its global index), so the same seed
+gives the same images on 1 or 256 devices and at any batch size. A folder holds one setting: a rerun completes
+it (batches are written to a temporary name and renamed; the ones already there are read back first) and a rerun
+with other settings is refused, naming them. The default folder name lists every setting that changes the
+pixels (step, n, cfg, seed, schedule, interval, temperature, top-k, top-p, raw weights, another tokenizer).
+
+CFG: cfg_scale >= 1, 1 = no guidance (LlamaGen guides only above 1; scales below 1 are refused).
 """
 
 import ml_collections
@@ -32,6 +37,7 @@ KEYS = {
     "step": ("sample.step", 0),
     "ema": ("sample.use_ema", True),
     "name": ("sample.name", ""),
+    "grid": ("sample.grid_classes", 100),
 }
 
 
@@ -52,10 +58,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         seed=0,
         step=0,  # GPT checkpoint step; 0 = the latest
         use_ema=True,
-        tokenizer="",  # '' = the tokenizer that made the run's codes (recorded in its config)
+        tokenizer="",  # '' = the tokenizer that made the run's codes (recorded in its config); else its K and
+        # downsampling must be that one's
         name="",  # the output folder under RUN/samples/; '' = derived from the settings
-        grid_classes=8,  # grid.png: this many classes ...
-        grid_per_class=8,  # ... of this many samples each
+        grid_classes=100,  # grid.png: every class of the GPT (its codes' classes) up to this many ...
+        grid_per_class=8,  # ... with this many samples each
     )
     if "imagenet" in flags:
         config.sample.update(num_samples=50_000, per_class=50, batch_size=256, cfg_scale=1.75)

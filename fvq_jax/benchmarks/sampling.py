@@ -42,10 +42,10 @@ def random_model(preset: str, *, vocab: int, classes: int, grid: int, precision:
 
 def measure(model: GPT, batch: int, sampling: SamplingConfig, *, use_cache: bool, iters: int) -> dict:
     graph, params = nnx.split(model)
-    generate = jax.jit(generation_fn(graph, sampling, use_cache=use_cache))
+    generate = jax.jit(generation_fn(graph, guided=sampling.guided, use_cache=use_cache))
     labels = jnp.arange(batch, dtype=jnp.int32) % model.config.num_classes
     keys = sample_keys(0, 0, batch)
-    timing = time_fn(generate, params, labels, keys, warmup=1, iters=iters)
+    timing = time_fn(generate, params, labels, keys, sampling.rows(batch), warmup=1, iters=iters)
     seconds = timing["median_ms"] / 1e3
     return dict(timing, sequences_per_sec=batch / seconds, codes_per_sec=batch * model.config.seq_len / seconds)
 

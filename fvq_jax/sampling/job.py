@@ -1,177 +1,274 @@
 """The sampling job (configs/sample.py): class-conditional samples of a GPT run, decoded, written as ADM .npz.
 
 Work is split by global sample index: batch b holds indices [b B, (b + 1) B) of the global batch B, cut
-over every device of every host (data x fsdp); its labels (class-balanced: floor(i C / N)) and keys
-(fold_in(key(seed), i)) are computed from the indices on the device, so a sample does not depend on
-the batch it lands in or the number of devices. Each process writes the rows it holds; a batch is
-skipped on a rerun when every process has written it.
+over every device of every host (data x fsdp); labels are class-balanced (`balanced_labels`: floor(i C / N))
+and keys come from (seed, index), so a sample does not depend on the batch it lands in or the number of
+devices (the front end, sampling/images.py). Each process writes the rows it holds, to a temporary name
+that is renamed when complete.
+
+A samples folder holds one setting: sampling.json records it (`identity`), and a rerun into the folder with
+a setting that changes the pixels (sampling numbers, seed, sample count, batch layout, GPT or tokenizer
+checkpoint) is refused, naming each field. A rerun skips the batches every process has written, after
+reading each back; a file that does not read back with its expected samples is sampled again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
+import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.evaluation import reports
-from fvq_jax.models.load import load_gpt, load_recorded_tokenizer, load_tokenizer, tokenizer_record
-from fvq_jax.sampling.images import decode_fn
-from fvq_jax.sampling.sampler import SamplingConfig, generation_fn
-from fvq_jax.progress import format_eta
+from fvq_jax.models.factory import arch_from_config
+from fvq_jax.models.load import (Loaded, load_gpt, load_recorded_tokenizer, load_tokenizer, saved_config,
+                                 tokenizer_record)
+from fvq_jax.progress import Progress
+from fvq_jax.sampling.images import MAX_SEED, Painter, balanced_labels, first_of_class
+from fvq_jax.sampling.sampler import SamplingConfig
+
+# The fields of sampling.json that decide the pixels (and the batch files' layout); the rest is description.
+IDENTITY = ("sampling.temperature", "sampling.top_k", "sampling.top_p", "sampling.cfg_scale", "sampling.cfg_schedule",
+            "sampling.cfg_interval", "sampling.seed", "sampling.batch_size", "num_samples", "processes",
+            "gpt.path", "gpt.step", "gpt.weights", "tokenizer.path", "tokenizer.step", "tokenizer.weights")
 
 
-def check_config(config: ml_collections.ConfigDict) -> SamplingConfig:
-    s = config.sample
-    for name in ("num_samples", "step"):
-        config_lib.require_number(s[name], f"sample.{name}", strict=False, integer=True)
-    for name in ("per_class", "batch_size", "grid_classes", "grid_per_class"):
-        config_lib.require_number(s[name], f"sample.{name}", integer=True)
-    config_lib.require(isinstance(s.use_ema, bool), "sample.use_ema", f"must be true or false, got {s.use_ema!r}")
-    try:
-        return SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
-                              cfg_schedule=s.cfg_schedule, cfg_interval=tuple(s.cfg_interval))
-    except ValueError as e:
-        raise config_lib.ConfigError("sample", str(e)) from None
+@dataclasses.dataclass(frozen=True)
+class SampleSpec(config_lib.Spec):
+    """configs/sample.py's `sample` block, resolved once (`resolve`); `sampling` holds the sampling numbers."""
+
+    sampling: SamplingConfig
+    num_samples: int  # 0: per_class x the GPT's classes
+    per_class: int
+    batch_size: int  # global: split over every device of every host
+    seed: int
+    step: int  # 0: the newest
+    use_ema: bool
+    tokenizer: str  # "": the tokenizer recorded with the GPT
+    name: str  # "": `output_name`
+    grid_classes: int  # grid.png: every class up to this many (0: no grid)
+    grid_per_class: int
+
+    def __post_init__(self):
+        config_lib.require_number(self.num_samples, "num_samples", strict=False, integer=True)
+        config_lib.require(self.num_samples < MAX_SEED, "num_samples", f"must be < {MAX_SEED}, got {self.num_samples}")
+        for name in ("per_class", "batch_size", "grid_per_class"):
+            config_lib.require_number(getattr(self, name), name, integer=True)
+        for name in ("step", "grid_classes"):
+            config_lib.require_number(getattr(self, name), name, strict=False, integer=True)
+        config_lib.require_number(self.seed, "seed", strict=False, integer=True)
+        config_lib.require(self.seed < MAX_SEED, "seed", f"must be < {MAX_SEED}, got {self.seed}")
+        config_lib.require(isinstance(self.use_ema, bool), "use_ema", f"must be true or false, got {self.use_ema!r}")
+        for name in ("tokenizer", "name"):
+            config_lib.require(isinstance(getattr(self, name), str), name, f"must be a string, got {getattr(self, name)!r}")
+        config_lib.require("/" not in self.name and self.name not in (".", ".."), "name",
+                           f"must be a folder name under RUN/samples/, got {self.name!r}")
+
+    def record(self) -> dict:
+        """The settings as sampling.json's `sampling` entry."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
+        return dict(dataclasses.asdict(self.sampling), **fields)
 
 
-def output_name(s: ml_collections.ConfigDict, step: int, num_samples: int) -> str:
-    if s.name:
-        return s.name
-    parts = [f"step{step}", f"n{num_samples}", f"cfg{s.cfg_scale:g}", f"seed{s.seed}"]
+def resolve(config: ml_collections.ConfigDict) -> SampleSpec:
+    """The `sample` block as a SampleSpec; ConfigError naming `sample.<field>` for a bad value."""
+    return SampleSpec.from_config(config.sample, "sample", sampling=SamplingConfig.from_config(config.sample, "sample"))
+
+
+def check_config(config: ml_collections.ConfigDict) -> SampleSpec:
+    return resolve(config)
+
+
+def output_name(spec: SampleSpec, gpt: Loaded, tokenizer: Loaded, num_samples: int) -> str:
+    """The samples folder's name: `spec.name`, else every setting that changes the pixels away from its default."""
+    if spec.name:
+        return spec.name
+    s = spec.sampling
+    parts = [f"step{gpt.step}", f"n{num_samples}", f"cfg{s.cfg_scale:g}", f"seed{spec.seed}"]
     if s.cfg_schedule != "constant":
         parts.append(s.cfg_schedule)
-    if tuple(s.cfg_interval) != (0.0, 1.0):
+    if s.cfg_interval != (0.0, 1.0):
         parts.append("interval{:g}-{:g}".format(*s.cfg_interval))
-    parts += [f"{k}{s[k]:g}" for k, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)) if s[k] != default]
+    parts += [f"{k}{getattr(s, k):g}" for k, default in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
+              if getattr(s, k) != default]
+    if not spec.use_ema:
+        parts.append("raw")
+    if spec.tokenizer:
+        step = "" if tokenizer.step is None else f"-step{tokenizer.step}"
+        parts.append(f"tok-{epath.Path(tokenizer.source).name}{step}-{tokenizer.weights}")
     return "-".join(parts)
 
 
-class Sampler:
-    """The sharded generate-and-decode step of a GPT and its tokenizer on one mesh."""
+def sample_tokenizer(spec: SampleSpec, gpt: Loaded, mesh_cfg) -> Loaded:
+    """The tokenizer that decodes the samples: `sample.tokenizer`, else the one recorded with the GPT.
 
-    def __init__(self, gpt: nnx.Module, tokenizer: nnx.Module, config: SamplingConfig, *, seed: int,
-                 num_samples: int, mesh: jax.sharding.Mesh, rules):
-        self.grid = gpt.config.grid
-        self.num_classes = gpt.config.num_classes
-        self.batch_sharding = sharding.data_sharding(mesh)
-        self.mesh = mesh
-        gpt_graph, self.gpt_params = nnx.split(gpt)
-        tok_graph, self.tok_params, self.tok_rest = nnx.split(tokenizer, nnx.Param, ...)
-        generate, decode = generation_fn(gpt_graph, config), decode_fn(tok_graph)
-        classes, grid = self.num_classes, self.grid
-        # Labels are computed in int32 on the device (JAX's default integers): i * classes must fit.
-        config_lib.require(num_samples * classes < 2 ** 31, "sample.num_samples",
-                           f"{num_samples} samples x {classes} classes overflows the int32 label arithmetic")
+    `sample.tokenizer` must have the GPT's K codes and, when the GPT records the tokenizer that made its codes,
+    the same downsampling, so the GPT's token grid decodes to the images it was trained on.
+    """
+    record = gpt.config.get("codes", {}).get("tokenizer")
+    if not spec.tokenizer:
+        config_lib.require(record is not None, "sample.tokenizer",
+                           f"the run in {gpt.source} records no tokenizer; name one (a run or an export)")
+        return load_recorded_tokenizer(record, mesh_cfg=mesh_cfg)
+    tokenizer = load_tokenizer(spec.tokenizer, mesh_cfg=mesh_cfg)
+    codes, vocab = int(tokenizer.model.quantizer.num_codes), gpt.config.model.vocab_size
+    config_lib.require(codes == vocab, "sample.tokenizer",
+                       f"{spec.tokenizer} has K = {codes} codes and the GPT predicts {vocab}")
+    if record is not None:
+        grid, factor = gpt.config.model.grid, arch_from_config(tokenizer.config.model).downsample_factor
+        made = arch_from_config(saved_config(record["path"], record.get("step")).model).downsample_factor
+        config_lib.require(factor == made, "sample.tokenizer",
+                           f"{spec.tokenizer} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x "
+                           f"{grid * factor} images (downsampling {factor}); the tokenizer that made its codes "
+                           f"({record['path']}) into {grid * made} x {grid * made}")
+    return tokenizer
 
-        def step(gpt_params, tok_params, tok_rest, indices):
-            with sharding.axis_rules(rules):
-                labels = indices.astype(jnp.int32) * classes // num_samples
-                keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
-                codes = generate(gpt_params, labels, keys)
-                images = decode(tok_params, tok_rest, codes.reshape(-1, grid, grid))
-            return codes, images, labels
 
-        self._step = jax.jit(step, out_shardings=(self.batch_sharding,) * 3)
-
-    def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global sample indices [B] (this process passes its share) -> this process's (codes, uint8 images,
-        labels) as numpy."""
-        global_indices = jax.make_array_from_process_local_data(self.batch_sharding, indices.astype(np.int32))
-        out = self._step(self.gpt_params, self.tok_params, self.tok_rest, global_indices)
-        return tuple(np.asarray(multihost_utils.global_array_to_host_local_array(x, self.mesh, self.batch_sharding.spec))
-                     for x in out)
+def identity(record: dict) -> dict:
+    """{field: value} of sampling.json's IDENTITY fields."""
+    flat = config_lib.flat_fields(record)
+    return {field: flat.get(field, config_lib.MISSING) for field in IDENTITY}
 
 
 def sample_run(config: ml_collections.ConfigDict, workdir, out=None) -> epath.Path:
     """Sample the GPT run in `workdir` as `config.sample` says into `out` (None: workdir/samples/<name>);
     returns the output directory."""
-    sampling = check_config(config)
-    s = config.sample
+    spec = resolve(config)
     mesh = sharding.make_mesh(config.mesh)
     shards = sharding.batch_shards(config.mesh, jax.device_count())
-    config_lib.require(s.batch_size % shards == 0 and s.batch_size % jax.process_count() == 0, "sample.batch_size",
-                       f"{s.batch_size} does not split over the {shards} data-parallel devices and "
-                       f"{jax.process_count()} processes")
+    config_lib.require(spec.batch_size % shards == 0 and spec.batch_size % jax.process_count() == 0,
+                       "sample.batch_size", f"{spec.batch_size} does not split over the {shards} data-parallel "
+                       f"devices and {jax.process_count()} processes")
     with jax.set_mesh(mesh):
-        gpt = load_gpt(workdir, step=s.step or None, use_ema=s.use_ema, mesh_cfg=config.mesh)
-        if s.tokenizer:
-            tokenizer = load_tokenizer(s.tokenizer, mesh_cfg=config.mesh)
-        else:
-            record = gpt.config.codes.get("tokenizer")
-            config_lib.require(record is not None, "sample.tokenizer",
-                               f"the run in {workdir} records no tokenizer; name one (a run or an export)")
-            tokenizer = load_recorded_tokenizer(record, mesh_cfg=config.mesh)
+        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
+        tokenizer = sample_tokenizer(spec, gpt, config.mesh)
         num_classes = gpt.model.config.num_classes
-        num_samples = s.num_samples or s.per_class * num_classes
-        out = epath.Path(out or epath.Path(workdir) / "samples" / output_name(s, gpt.step, num_samples))
-        out.mkdir(parents=True, exist_ok=True)
-        sampler = Sampler(gpt.model, tokenizer.model, sampling, seed=s.seed, num_samples=num_samples, mesh=mesh,
-                          rules=sharding.rules_of(config.mesh))
-        _write_manifest(out, config, gpt, tokenizer, num_samples, num_classes)
-        _sample_batches(sampler, out, num_samples, s.batch_size)
-        _write_grid(sampler, out, num_samples, num_classes, s)
+        num_samples = spec.num_samples or spec.per_class * num_classes
+        config_lib.require(num_samples < MAX_SEED, "sample.per_class",
+                           f"{spec.per_class} x {num_classes} classes exceeds {MAX_SEED - 1} samples")
+        out = epath.Path(out or epath.Path(workdir) / "samples" / output_name(spec, gpt, tokenizer, num_samples))
+        _claim(out, _record(spec, gpt, tokenizer, num_samples, num_classes))
+        painter = Painter(gpt.model, tokenizer.model, spec.sampling, mesh=mesh, rules=sharding.rules_of(config.mesh))
+        _sample_batches(painter, out, spec, num_samples)
+        _write_grid(painter, out, spec, num_samples)
     print(f"{num_samples} samples of step {gpt.step} ({gpt.weights} weights) in {out}", flush=True)
     return out
 
 
-def _sample_batches(sampler: Sampler, out: epath.Path, num_samples: int, batch_size: int) -> None:
-    p, count = jax.process_index(), jax.process_count()
-    local = batch_size // count
-    num_batches = -(-num_samples // batch_size)
-    start, done = time.time(), 0
-    for b in range(num_batches):
-        path = out / f"batch_{b:05d}_p{p:03d}.npz"
-        if bool(multihost_utils.process_allgather(np.asarray(path.exists())).all()) if count > 1 else path.exists():
-            continue
-        indices = b * batch_size + p * local + np.arange(local)
-        codes, images, labels = sampler(indices)
-        keep = indices < num_samples  # the last batch runs padded
-        with path.open("wb") as f:
-            np.savez(f, arr_0=images[keep], arr_1=labels[keep], indices=indices[keep], codes=codes[keep])
-        done += 1
-        rate = done / (time.time() - start)
-        if p == 0:
-            print(f"batch {b + 1}/{num_batches}  {rate * batch_size:.1f} img/s  "
-                  f"ETA {format_eta((num_batches - b - 1) / max(rate, 1e-9))}", flush=True)
-
-
-def _write_grid(sampler: Sampler, out: epath.Path, num_samples: int, num_classes: int, s) -> None:
-    """grid.png: the first samples of the first classes, regenerated from their indices (the same images)."""
-    classes = min(s.grid_classes, num_classes)
-    per_class = max(1, min(s.grid_per_class, num_samples // num_classes))
-    firsts = [-(-c * num_samples // num_classes) for c in range(classes)]  # the first index of class c
-    wanted = np.array([f + j for f in firsts for j in range(per_class)])
-    p, count = jax.process_index(), jax.process_count()
-    local = s.batch_size // count
-    padded = np.resize(wanted, -(-wanted.size // s.batch_size) * s.batch_size)
-    images = []
-    for chunk in padded.reshape(-1, s.batch_size):
-        _, batch_images, _ = sampler(chunk[p * local:(p + 1) * local])
-        images.append(multihost_utils.process_allgather(batch_images, tiled=True) if count > 1 else batch_images)
-    if p == 0:
-        grid = reports.image_grid(np.concatenate(images)[:wanted.size], columns=per_class)
-        reports.save_png(grid, out / "grid.png")
-
-
-def _write_manifest(out: epath.Path, config, gpt, tokenizer, num_samples: int, num_classes: int) -> None:
-    if jax.process_index():
-        return
-    record = dict(
-        sampling=config.sample.to_dict(), num_samples=num_samples, num_classes=num_classes,
+def _record(spec: SampleSpec, gpt: Loaded, tokenizer: Loaded, num_samples: int, num_classes: int) -> dict:
+    return dict(
+        sampling=spec.record(), num_samples=num_samples, num_classes=num_classes,
         labels="floor(index * num_classes / num_samples)",
         gpt=dict(path=str(epath.Path(gpt.source).absolute()), step=gpt.step, weights=gpt.weights,
                  preset=gpt.config.model.preset),
         tokenizer=dict(tokenizer_record(tokenizer), codebook_size=int(tokenizer.model.quantizer.num_codes)),
         devices=jax.device_count(), processes=jax.process_count(), device_kind=jax.devices()[0].device_kind,
         jax_version=jax.__version__)
-    (out / "sampling.json").write_text(json.dumps(record, indent=1, default=str))
-    logging.info("sampling settings in %s", out / "sampling.json")
+
+
+def _everyone(ok: bool) -> bool:
+    """True when `ok` holds on every process."""
+    return bool(multihost_utils.process_allgather(np.asarray(ok)).all()) if jax.process_count() > 1 else ok
+
+
+def _claim(out: epath.Path, record: dict) -> None:
+    """Make `out` the folder of `record`'s setting: refuse one that holds another setting (naming every field),
+    else write sampling.json (process 0, atomically)."""
+    path = out / "sampling.json"
+    changes = []
+    if jax.process_index() == 0 and path.exists():
+        changes = config_lib.config_changes(identity(json.loads(path.read_text())), identity(record))
+    if not _everyone(not changes):
+        lines = "\n".join(f"  {field}: {old!r} -> {new!r}" for field, old, new in changes)
+        raise config_lib.ConfigError("sample.name", f"{out} holds samples of another setting:\n{lines}\nRerun with "
+                                     "the same settings to complete it, or name another folder (sample.name)")
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_atomically(path, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
+        logging.info("sampling settings in %s", path)
+
+
+def _write_atomically(path: epath.Path, write) -> None:
+    """write(file) into a temporary name beside `path`, renamed to `path` once complete: a run cut short leaves
+    no partial file under the final name."""
+    partial = path.parent / f".{path.name}.{os.getpid()}.partial"
+    with partial.open("wb") as f:
+        write(f)
+    partial.rename(path)
+
+
+def _batch_problem(path: epath.Path, indices: np.ndarray, num_samples: int, num_classes: int,
+                   seq_len: int) -> str | None:
+    """Why the batch file at `path` does not hold the samples `indices` (None: it does)."""
+    if not path.exists():
+        return "missing"
+    try:
+        with path.open("rb") as f, np.load(f) as data:
+            arrays = {k: data[k] for k in ("arr_0", "arr_1", "indices", "codes")}
+    except Exception as error:  # noqa: BLE001 - any unreadable file is sampled again
+        return f"unreadable ({type(error).__name__}: {error})"
+    n = indices.size
+    if not np.array_equal(arrays["indices"], indices):
+        return f"holds samples {arrays['indices'][:4].tolist()}..., expected {indices[:4].tolist()}..."
+    if not np.array_equal(arrays["arr_1"], balanced_labels(indices, num_samples, num_classes)):
+        return "labels differ from the indices' classes"
+    if arrays["arr_0"].dtype != np.uint8 or arrays["arr_0"].ndim != 4 or len(arrays["arr_0"]) != n:
+        return f"images {arrays['arr_0'].dtype} {arrays['arr_0'].shape}, expected uint8 [{n}, H, W, 3]"
+    if arrays["codes"].shape != (n, seq_len):
+        return f"codes {arrays['codes'].shape}, expected ({n}, {seq_len})"
+    return None
+
+
+def _sample_batches(painter: Painter, out: epath.Path, spec: SampleSpec, num_samples: int) -> None:
+    p, count = jax.process_index(), jax.process_count()
+    local = spec.batch_size // count
+    num_batches = -(-num_samples // spec.batch_size)
+    todo = []
+    for b in range(num_batches):
+        path = out / f"batch_{b:05d}_p{p:03d}.npz"
+        indices = b * spec.batch_size + p * local + np.arange(local)
+        kept = indices[indices < num_samples]  # the last batch runs padded
+        problem = _batch_problem(path, kept, num_samples, painter.num_classes, painter.seq_len)
+        if problem not in (None, "missing"):
+            logging.warning("%s: %s; sampling it again", path, problem)
+        if not _everyone(problem is None):
+            todo.append((b, path, indices))
+    progress = Progress("sample", num_samples, done=min(num_samples, (num_batches - len(todo)) * spec.batch_size))
+    for b, path, indices in todo:
+        labels = balanced_labels(np.minimum(indices, num_samples - 1), num_samples, painter.num_classes)
+        codes, images = painter(labels, np.full(local, spec.seed), indices)
+        keep = indices < num_samples
+        _write_atomically(path, lambda f: np.savez(f, arr_0=images[keep], arr_1=labels[keep], indices=indices[keep],
+                                                   codes=codes[keep]))
+        progress.update(min(num_samples, (b + 1) * spec.batch_size) - b * spec.batch_size)
+
+
+def _write_grid(painter: Painter, out: epath.Path, spec: SampleSpec, num_samples: int) -> None:
+    """grid.png: the first samples of every class up to `grid_classes`, one row per class, regenerated from their
+    indices (the same images as in the batch files)."""
+    classes = min(spec.grid_classes, painter.num_classes)
+    if not classes:
+        return
+    per_class = max(1, min(spec.grid_per_class, num_samples // painter.num_classes))
+    wanted = (first_of_class(np.arange(classes), num_samples, painter.num_classes)[:, None]
+              + np.arange(per_class)).ravel()
+    wanted = np.minimum(wanted, num_samples - 1)
+    p, count = jax.process_index(), jax.process_count()
+    local = spec.batch_size // count
+    padded = np.resize(wanted, -(-wanted.size // spec.batch_size) * spec.batch_size)
+    images = []
+    for chunk in padded.reshape(-1, spec.batch_size):
+        indices = chunk[p * local:(p + 1) * local]
+        labels = balanced_labels(indices, num_samples, painter.num_classes)
+        _, batch_images = painter(labels, np.full(local, spec.seed), indices)
+        images.append(multihost_utils.process_allgather(batch_images, tiled=True) if count > 1 else batch_images)
+    if p == 0:
+        grid = reports.image_grid(np.concatenate(images)[:wanted.size], columns=per_class)
+        reports.save_png(grid, out / "grid.png")

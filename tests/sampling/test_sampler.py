@@ -1,14 +1,20 @@
 """Sampling: CFG mixing and schedules, temperature / top-k / top-p against numpy; the KV-cache sampler
-against the naive one and a step-by-step reference; per-sample keys independent of the batch size."""
+against the naive one and a step-by-step reference; per-sample keys independent of the batch size; per-sample
+settings (traced) against the sampler with static settings that came before them (core_sampler_tokens.npz)."""
+
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from fvq_jax import config_lib
 from fvq_jax.sampling import sampler
 from fvq_jax.sampling.sampler import SamplingConfig
-from tests.models.tiny_gpt import TINY, forward, random_gpt
+from tests.models.tiny_gpt import TINY, fixture_gpt, forward, random_gpt
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def _np_scale(t, n, scale, schedule, interval):
 @pytest.mark.parametrize("interval", [(0.0, 1.0), (0.2, 0.6)])
 def test_cfg_scale_at(schedule, interval):
     n = 16
-    got = jax.jit(jax.vmap(lambda t: sampler.cfg_scale_at(t, n, 3.0, schedule, interval)))(jnp.arange(n))
+    got = jax.jit(jax.vmap(lambda t: sampler.cfg_scale_at(t, n, 3.0, schedule == "linear", *interval)))(jnp.arange(n))
     want = [_np_scale(t, n, 3.0, schedule, interval) for t in range(n)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
     if schedule == "linear" and interval == (0.0, 1.0):
@@ -72,8 +78,7 @@ def _np_filter(logits, temperature, top_k, top_p):
                                                      (1.0, 1, 1.0), (1.0, 100, 0.01)])
 def test_filter_logits_matches_numpy(temperature, top_k, top_p):
     logits = np.random.default_rng(1).normal(size=(4, 3, 50)).astype(np.float32) * 2
-    got = np.asarray(jax.jit(sampler.filter_logits, static_argnums=(1, 2, 3))(jnp.asarray(logits), temperature,
-                                                                               top_k, top_p))
+    got = np.asarray(jax.jit(sampler.filter_logits)(jnp.asarray(logits), temperature, top_k, top_p))
     want = _np_filter(logits, temperature, top_k, top_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
@@ -92,15 +97,30 @@ def test_filter_logits_ties_and_the_exact_top_p_boundary():
                                   [[1, 0, 1, 1]])
 
 
+def test_filter_logits_takes_one_setting_per_row():
+    logits = np.random.default_rng(2).normal(size=(3, 40)).astype(np.float32) * 2
+    settings = [(0.7, 5, 1.0), (1.0, 0, 0.8), (1.3, 10, 0.6)]
+    got = np.asarray(jax.jit(sampler.filter_logits)(jnp.asarray(logits), *map(jnp.asarray, zip(*settings))))
+    for row, (temperature, top_k, top_p) in enumerate(settings):
+        want = _np_filter(logits[row:row + 1], temperature, top_k, top_p)[0]
+        np.testing.assert_array_equal(np.isinf(got[row]), np.isinf(want))
+        np.testing.assert_allclose(got[row][~np.isinf(want)], want[~np.isinf(want)], rtol=1e-6)
+
+
 def test_sampling_config_checks():
-    for bad in (dict(top_p=0.0), dict(top_k=-1), dict(temperature=-1.0), dict(cfg_schedule="cosine"),
-                dict(cfg_interval=(0.8, 0.2))):
-        with pytest.raises(ValueError):
+    for bad, field in ((dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                       (dict(top_k=2.5), "top_k"), (dict(temperature=-1.0), "temperature"),
+                       (dict(temperature=float("nan")), "temperature"), (dict(cfg_schedule="cosine"), "cfg_schedule"),
+                       (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"), (dict(cfg_interval=(0.0, 1.5)), "cfg_interval"),
+                       (dict(cfg_scale=-1.0), "cfg_scale"), (dict(cfg_scale=0.5), "cfg_scale"),
+                       (dict(cfg_scale=float("inf")), "cfg_scale")):
+        with pytest.raises(config_lib.ConfigError, match=f"^config field {field}: "):
             SamplingConfig(**bad)
-    with pytest.raises(ValueError, match="greedy"):
-        sampler.filter_logits(jnp.zeros((1, 4)), temperature=0.0)
+    with pytest.raises(config_lib.ConfigError, match="config field sample.cfg_scale: must be a number >= 1.0"):
+        SamplingConfig.from_config(dict(cfg_scale=-1.0), "sample")
     assert SamplingConfig(temperature=0.0).greedy and SamplingConfig(top_k=1).greedy
     assert not SamplingConfig(top_k=2).greedy and not SamplingConfig().guided
+    assert SamplingConfig(cfg_interval=[0, 1]).cfg_interval == (0.0, 1.0)
 
 
 def test_sample_keys_are_fold_ins_of_the_global_index():
@@ -178,3 +198,52 @@ def test_temperature_zero_is_greedy(model):
     np.testing.assert_array_equal(np.asarray(sampler.sample_tokens(model, LABELS, sampler.sample_keys(9, 0, 4),
                                                                    SamplingConfig(temperature=0.0))),
                                   np.asarray(greedy))
+
+
+def test_labels_out_of_range_are_refused(model):
+    """Today the null class (5) samples unconditionally without a word, larger ids give all-zero codes and -1 the
+    last class: refused, the null class only where asked for."""
+    keys = sampler.sample_keys(0, 0, 2)
+    for bad in ([0, 5], [0, 6], [-1, 0]):
+        with pytest.raises(ValueError, match=r"labels: classes must be in 0 ... 4"):
+            sampler.sample_tokens(model, jnp.asarray(bad), keys, CONFIGS["greedy"])
+    with pytest.raises(ValueError, match="labels: must be a 1-D array of integer"):
+        sampler.sample_tokens(model, np.array([0.0, 1.0]), keys, CONFIGS["greedy"])
+    unconditional = sampler.sample_tokens(model, jnp.asarray([5, 5]), keys, CONFIGS["greedy"], allow_null=True)
+    tokens = np.zeros((1, TINY.seq_len), np.int32)
+    for t in range(TINY.seq_len):  # the null class's own greedy continuation
+        tokens[:, t] = np.asarray(forward(model, jnp.asarray(tokens[:, :-1]), jnp.asarray([5])))[:, t].argmax(-1)
+    np.testing.assert_array_equal(np.asarray(unconditional), np.repeat(tokens, 2, axis=0))
+
+
+CORE = pathlib.Path(__file__).with_name("core_sampler_tokens.npz")
+# The settings of CORE's rows. CORE holds what the sampler with static settings (commit a6bc22a,
+# fvq_jax/sampling/sampler.py: SamplingConfig compiled into the program) sampled for them with
+# sample_tokens(fixture_gpt(), labels, sample_keys(11, 100, 8), SamplingConfig(**settings)).
+CORE_SETTINGS = json.loads("""{"greedy": {"top_k": 1}, "greedy_cfg2.5": {"top_k": 1, "cfg_scale": 2.5},
+ "t1": {"temperature": 1.0}, "t0.7_k20": {"temperature": 0.7, "top_k": 20},
+ "p0.8_cfg3_linear_interval": {"top_p": 0.8, "cfg_scale": 3.0, "cfg_schedule": "linear", "cfg_interval": [0.1, 0.7]},
+ "cfg1.75_k50_p0.95": {"cfg_scale": 1.75, "top_k": 50, "top_p": 0.95}, "t1.3_cfg4": {"temperature": 1.3, "cfg_scale": 4.0},
+ "cfg2.3_linear_t0.9": {"temperature": 0.9, "cfg_scale": 2.3, "cfg_schedule": "linear"}}""")
+
+
+def test_traced_settings_sample_what_the_static_sampler_sampled():
+    """Each setting alone, and all of them as the rows of one guided batch (settings traced per sample: the
+    server's case), give the tokens the sampler with compiled-in settings gave."""
+    gpt = fixture_gpt()
+    with np.load(CORE) as data:
+        core = {k: data[k] for k in data.files}
+    labels = core["labels"]
+    for name, settings in CORE_SETTINGS.items():
+        got = sampler.sample_tokens(gpt, labels, sampler.sample_keys(11, 100, 8), SamplingConfig(**settings))
+        np.testing.assert_array_equal(np.asarray(got), core[name], err_msg=name)
+    names = list(CORE_SETTINGS)
+    # Row r of the mixed batch: sample r % 8 of setting r // 8 (the settings alternate within one program).
+    rows = [SamplingConfig(**CORE_SETTINGS[names[r // 8]]) for r in range(8 * len(names))]
+    indices = 100 + np.arange(len(rows)) % 8
+    graph, params = nnx.split(gpt)
+    mixed = jax.jit(sampler.generation_fn(graph, guided=True))(params, jnp.asarray(labels[indices - 100]),
+                                                                sampler.index_keys(11, indices),
+                                                                sampler.settings_of(rows))
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(np.asarray(mixed[8 * i:8 * i + 8]), core[name], err_msg=name)
