@@ -201,7 +201,7 @@ def _write_atomically(path: epath.Path, write) -> None:
     partial = path.parent / f".{path.name}.{os.getpid()}.partial"
     with partial.open("wb") as f:
         write(f)
-    partial.rename(path)
+    partial.replace(path)
 
 
 def _batch_problem(path: epath.Path, indices: np.ndarray, num_samples: int, num_classes: int,
