@@ -1,6 +1,6 @@
 """Entry point: `python -m fvq_jax.main --config=configs/tokenizer.py --workdir=DIR`.
 
-The config's `task` field picks the job (tokenizer | eval_tokenizer | extract_codes | gpt | sample | score).
+The config's `task` field picks the job (tokenizer | eval_tokenizer | extract_codes | gpt | sample | score | serve).
 A training run stopped by SIGTERM (preemption) saves a checkpoint and exits with status 75 (EX_TEMPFAIL: start
 it again to resume); a finished run exits 0. Multi-host runs call
 `jax.distributed.initialize` before anything touches the backend: with --coordinator_address

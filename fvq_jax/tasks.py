@@ -10,7 +10,7 @@ import ml_collections
 
 from fvq_jax import config_lib
 
-TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample", "score")
+TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample", "score", "serve")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -33,6 +33,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     elif task == "score":
         from fvq_jax.evaluation import scoring
         scoring.check_config(config)
+    elif task == "serve":
+        from fvq_jax.serving import server
+        server.check_config(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -52,6 +55,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     elif config.task == "score":
         from fvq_jax.evaluation import scoring
         scoring.score_samples(config, workdir)
+    elif config.task == "serve":
+        from fvq_jax.serving import server
+        server.serve(config, workdir)
     else:
         from fvq_jax.evaluation import tokenizer_eval
         tokenizer_eval.evaluate_checkpoint(config, workdir)

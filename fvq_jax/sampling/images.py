@@ -4,7 +4,8 @@
 GPT trainer's sample grids (`class_grid`) and the benchmarks. A batch is given as per-sample rows: label,
 seed, global index and settings. Sample i of seed s draws from fold_in(key(s), i) (sampler.index_keys), so a
 sample's codes depend on (seed, index, settings) only, never on the batch, its other rows, or the devices;
-each image is decoded on its own (`decode_fn`), so its pixels do not depend on them either.
+each image is decoded on its own (`per_image`), so its pixels do not depend on them either. It also encodes
+images into codes (the server's encode and reconstruct).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from fvq_jax import sharding
-from fvq_jax.data.value_range import to_uint8
+from fvq_jax import config_lib, sharding
+from fvq_jax.data.value_range import to_model_range, to_uint8
+from fvq_jax.models.factory import arch_from_config
+from fvq_jax.models.load import Loaded, load_recorded_tokenizer, load_tokenizer, saved_config
 from fvq_jax.sampling.sampler import SamplingConfig, Settings, check_labels, decoding_fns, index_keys
 
 MAX_SEED = 2 ** 31  # jax.random.key of an int32
@@ -38,22 +41,47 @@ def first_of_class(classes, num_samples: int, num_classes: int) -> np.ndarray:
     return -(-np.asarray(classes, np.int64) * num_samples // num_classes)
 
 
-def decode_fn(tokenizer_graph: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """(tokenizer params, tokenizer other state, codes [B, h, w]) -> uint8 images [B, H, W, 3]; jit it.
+def decoding_tokenizer(path: str, gpt: Loaded, mesh_cfg, *, field: str) -> Loaded:
+    """The tokenizer that decodes `gpt`'s codes: the one at `path` (a run or an export), else ("") the one recorded
+    with the GPT. ConfigError naming `field` when none is recorded, or when `path`'s tokenizer has not the GPT's K
+    codes or, where the GPT records the tokenizer that made its codes, not that one's downsampling (the GPT's token
+    grid would decode into images of another size than it was trained on)."""
+    record = gpt.config.get("codes", {}).get("tokenizer")
+    if not path:
+        config_lib.require(record is not None, field, f"the GPT in {gpt.source} records no tokenizer; name one (a run "
+                           "or an export)")
+        return load_recorded_tokenizer(record, mesh_cfg=mesh_cfg)
+    tokenizer = load_tokenizer(path, mesh_cfg=mesh_cfg)
+    codes, vocab = int(tokenizer.model.quantizer.num_codes), gpt.config.model.vocab_size
+    config_lib.require(codes == vocab, field, f"{path} has K = {codes} codes and the GPT predicts {vocab}")
+    if record is not None:
+        grid, factor = gpt.config.model.grid, arch_from_config(tokenizer.config.model).downsample_factor
+        made = arch_from_config(saved_config(record["path"], record.get("step")).model).downsample_factor
+        config_lib.require(factor == made, field,
+                           f"{path} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x {grid * factor} "
+                           f"images (downsampling {factor}); the tokenizer that made its codes ({record['path']}) into "
+                           f"{grid * made} x {grid * made}")
+    return tokenizer
+
+
+def per_image(fn: Callable, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """(tokenizer params, other state, x [B, ...]) -> fn(tokenizer, x[i:i+1])[0] for each i, stacked; jit it.
 
     One image at a time (lax.map): a batched decode rounds differently at different batch sizes (one uint8
-    level here and there), a decode of one image gives the same pixels in any batch. With a mesh, each device
-    decodes its own rows (the batch split over the data axes, as `sharding.data_sharding`).
+    level here and there), one image alone gives the same pixels in any batch. With a mesh, each device takes
+    its own rows (the batch split over the data axes, as `sharding.data_sharding`).
     """
+    def each(graph):
+        def run(params, rest, x):
+            model = nnx.merge(graph, params, rest)
+            return jax.lax.map(lambda one: fn(model, one[None])[0], x)
 
-    def decode(params, rest, codes):
-        model = nnx.merge(tokenizer_graph, params, rest)
-        return jax.lax.map(lambda c: to_uint8(model.decode_codes(c[None]))[0], codes)
+        if mesh is None:
+            return run
+        batch = P(sharding.BATCH_AXES)
+        return jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), batch), out_specs=batch)
 
-    if mesh is None:
-        return decode
-    batch = P(sharding.BATCH_AXES)
-    return jax.shard_map(decode, mesh=mesh, in_specs=(P(), P(), batch), out_specs=batch)
+    return each
 
 
 class Painter:
@@ -70,12 +98,15 @@ class Painter:
         self.config = config
         self.guided = config.guided if guided is None else guided
         self.num_classes, self.grid, self.seq_len = gpt.config.num_classes, gpt.config.grid, gpt.config.seq_len
+        self.codebook_size = gpt.config.vocab_size
         self.mesh = mesh
         self._batch_sharding = None if mesh is None else sharding.data_sharding(mesh)
         gpt_graph, self._gpt_params = nnx.split(gpt)
         tok_graph, self._tok_params, self._tok_rest = nnx.split(tokenizer, nnx.Param, ...)
         start, advance = decoding_fns(gpt_graph, guided=self.guided)
-        decode = decode_fn(tok_graph, mesh)
+        decode = per_image(lambda model, codes: to_uint8(model.decode_codes(codes)), mesh)(tok_graph)
+        encode = per_image(lambda model, images: model.encode(to_model_range(images))[1], mesh)(tok_graph)
+        self.image_size = self.grid * tokenizer.arch.downsample_factor
 
         def under_rules(fn):
             def traced(*args):
@@ -90,6 +121,8 @@ class Painter:
         self._advance = jax.jit(under_rules(advance_rows), donate_argnums=(1,))
         self._decode = jax.jit(under_rules(lambda params, rest, codes: decode(
             params, rest, codes.reshape(-1, self.grid, self.grid))))
+        self._encode = jax.jit(under_rules(lambda params, rest, images: encode(params, rest, images).reshape(
+            images.shape[0], self.seq_len).astype(jnp.int32)))
 
     def __call__(self, labels, seeds, indices, settings: Settings | None = None, *,
                  progress: Callable[[int, int], None] | None = None,
@@ -118,6 +151,14 @@ class Painter:
         codes = state[0]
         images = self._decode(self._tok_params, self._tok_rest, codes)
         return self._get(codes), self._get(images)
+
+    def decode(self, codes) -> np.ndarray:
+        """codes [B, N] (this process's rows) -> uint8 images [B, H, W, 3]."""
+        return self._get(self._decode(self._tok_params, self._tok_rest, self._put(np.asarray(codes, np.int32))))
+
+    def encode(self, images) -> np.ndarray:
+        """uint8 images [B, S, S, 3], S = image_size (this process's rows) -> the tokenizer's codes [B, N] int32."""
+        return self._get(self._encode(self._tok_params, self._tok_rest, self._put(np.asarray(images, np.uint8))))
 
     def class_grid(self, classes: int, per_class: int, seed: int) -> np.ndarray:
         """uint8 [classes * per_class, H, W, 3]: row c holds `per_class` samples of class c (sample indices

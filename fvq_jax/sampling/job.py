@@ -27,11 +27,9 @@ from jax.experimental import multihost_utils
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.evaluation import reports
-from fvq_jax.models.factory import arch_from_config
-from fvq_jax.models.load import (Loaded, load_gpt, load_recorded_tokenizer, load_tokenizer, saved_config,
-                                 tokenizer_record)
+from fvq_jax.models.load import Loaded, load_gpt, tokenizer_record
 from fvq_jax.progress import Progress
-from fvq_jax.sampling.images import MAX_SEED, Painter, balanced_labels, first_of_class
+from fvq_jax.sampling.images import MAX_SEED, Painter, balanced_labels, decoding_tokenizer, first_of_class
 from fvq_jax.sampling.sampler import SamplingConfig
 
 # The fields of sampling.json that decide the pixels (and the batch files' layout); the rest is description.
@@ -106,31 +104,6 @@ def output_name(spec: SampleSpec, gpt: Loaded, tokenizer: Loaded, num_samples: i
     return "-".join(parts)
 
 
-def sample_tokenizer(spec: SampleSpec, gpt: Loaded, mesh_cfg) -> Loaded:
-    """The tokenizer that decodes the samples: `sample.tokenizer`, else the one recorded with the GPT.
-
-    `sample.tokenizer` must have the GPT's K codes and, when the GPT records the tokenizer that made its codes,
-    the same downsampling, so the GPT's token grid decodes to the images it was trained on.
-    """
-    record = gpt.config.get("codes", {}).get("tokenizer")
-    if not spec.tokenizer:
-        config_lib.require(record is not None, "sample.tokenizer",
-                           f"the run in {gpt.source} records no tokenizer; name one (a run or an export)")
-        return load_recorded_tokenizer(record, mesh_cfg=mesh_cfg)
-    tokenizer = load_tokenizer(spec.tokenizer, mesh_cfg=mesh_cfg)
-    codes, vocab = int(tokenizer.model.quantizer.num_codes), gpt.config.model.vocab_size
-    config_lib.require(codes == vocab, "sample.tokenizer",
-                       f"{spec.tokenizer} has K = {codes} codes and the GPT predicts {vocab}")
-    if record is not None:
-        grid, factor = gpt.config.model.grid, arch_from_config(tokenizer.config.model).downsample_factor
-        made = arch_from_config(saved_config(record["path"], record.get("step")).model).downsample_factor
-        config_lib.require(factor == made, "sample.tokenizer",
-                           f"{spec.tokenizer} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x "
-                           f"{grid * factor} images (downsampling {factor}); the tokenizer that made its codes "
-                           f"({record['path']}) into {grid * made} x {grid * made}")
-    return tokenizer
-
-
 def identity(record: dict) -> dict:
     """{field: value} of sampling.json's IDENTITY fields."""
     flat = config_lib.flat_fields(record)
@@ -148,7 +121,7 @@ def sample_run(config: ml_collections.ConfigDict, workdir, out=None) -> epath.Pa
                        f"devices and {jax.process_count()} processes")
     with jax.set_mesh(mesh):
         gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
-        tokenizer = sample_tokenizer(spec, gpt, config.mesh)
+        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="sample.tokenizer")
         num_classes = gpt.model.config.num_classes
         num_samples = spec.num_samples or spec.per_class * num_classes
         config_lib.require(num_samples < MAX_SEED, "sample.per_class",
