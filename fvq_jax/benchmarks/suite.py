@@ -46,7 +46,7 @@ from typing import Callable
 
 import jax
 
-from fvq_jax.benchmarks import gpt_train_step, quantizer, sampling, train_step
+from fvq_jax.benchmarks import gpt_train_step, quantizer, sampling, serve, train_step
 from fvq_jax.benchmarks.common import describe_device, device_peak
 from fvq_jax.sampling.sampler import SamplingConfig
 
@@ -430,6 +430,26 @@ def sampler_stage(run: StageRun) -> None:
                    "x", target=">= 20"))
 
 
+SERVE_CASE = Case("server, GPT-B, 24x24 codes, K 16,384, VQ-16 (384 px), bf16, CFG 2.0",
+                  device=dict(preset="GPT-B", grid=24, vocab=16384, tokenizer="VQ-16", precision="bf16", clients=8,
+                              requests=2, latency_images=8),
+                  tiny=serve.TINY)
+
+
+def serve_stage(run: StageRun) -> None:
+    """The sampling server on loopback (serve.measure): one request of 8 images with CFG against LlamaGen's vLLM
+    server, and 8 clients batched against the same requests one at a time."""
+    run.check()
+    r = run.record(SERVE_CASE, serve.measure(**run.pick(SERVE_CASE), time_limit=max(run.cap_s - run.elapsed(), 1)))
+    run.add(Figure(f"{SERVE_CASE.label}: one request of 8 images", r["latency_s"], "s", reference=2.39,
+                   reference_note="LlamaGen vLLM server, one A100", target="< 2.39", higher_is_better=False))
+    run.add(Figure(f"{SERVE_CASE.label}: 8 clients batched / one at a time", r["speedup"], "x"))
+    run.add(Figure(f"{SERVE_CASE.label}: requests answered 200", 1 - r["errors"] / r["requests"], "share",
+                   target=">= 1"))
+    run.add(Figure(f"{SERVE_CASE.label}: batched requests with the images they got alone",
+                   (r["compared"] - r["differ"]) / r["compared"], "share", target=">= 1"))
+
+
 STAGES = (
     Stage("tokenizer_step", 150, functools.partial(tokenizer_stage, TOKENIZER_CASES),
           "paper-size tokenizer train step (generator + discriminator), batch 8 and 32"),
@@ -439,6 +459,7 @@ STAGES = (
           "quantizer fwd+bwd, XLA and Pallas search, K 16,384 / 262,144 x 2,048 / 8,192 tokens; search vs product"),
     Stage("gpt_train_step", 50, gpt_stage, "GPT-L train step, K 16,384"),
     Stage("sampler", 50, sampler_stage, "KV-cache sampler vs naive, GPT-B"),
+    Stage("serve", 150, serve_stage, "sampling server: GPT-B 24x24 with CFG, 8 images in one request; batched clients"),
 )
 
 

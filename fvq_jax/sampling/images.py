@@ -64,24 +64,22 @@ def decoding_tokenizer(path: str, gpt: Loaded, mesh_cfg, *, field: str) -> Loade
     return tokenizer
 
 
-def per_image(fn: Callable, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def per_image(fn: Callable, graph: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """(tokenizer params, other state, x [B, ...]) -> fn(tokenizer, x[i:i+1])[0] for each i, stacked; jit it.
 
     One image at a time (lax.map): a batched decode rounds differently at different batch sizes (one uint8
     level here and there), one image alone gives the same pixels in any batch. With a mesh, each device takes
     its own rows (the batch split over the data axes, as `sharding.data_sharding`).
     """
-    def each(graph):
-        def run(params, rest, x):
-            model = nnx.merge(graph, params, rest)
-            return jax.lax.map(lambda one: fn(model, one[None])[0], x)
 
-        if mesh is None:
-            return run
-        batch = P(sharding.BATCH_AXES)
-        return jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), batch), out_specs=batch)
+    def run(params, rest, x):
+        model = nnx.merge(graph, params, rest)
+        return jax.lax.map(lambda one: fn(model, one[None])[0], x)
 
-    return each
+    if mesh is None:
+        return run
+    batch = P(sharding.BATCH_AXES)
+    return jax.shard_map(run, mesh=mesh, in_specs=(P(), P(), batch), out_specs=batch)
 
 
 class Painter:
@@ -104,8 +102,8 @@ class Painter:
         gpt_graph, self._gpt_params = nnx.split(gpt)
         tok_graph, self._tok_params, self._tok_rest = nnx.split(tokenizer, nnx.Param, ...)
         start, advance = decoding_fns(gpt_graph, guided=self.guided)
-        decode = per_image(lambda model, codes: to_uint8(model.decode_codes(codes)), mesh)(tok_graph)
-        encode = per_image(lambda model, images: model.encode(to_model_range(images))[1], mesh)(tok_graph)
+        decode = per_image(lambda model, z_q: to_uint8(model.decode(z_q)), tok_graph, mesh)
+        encode = per_image(lambda model, images: model.encode(to_model_range(images))[1], tok_graph, mesh)
         self.image_size = self.grid * tokenizer.arch.downsample_factor
 
         def under_rules(fn):
@@ -119,8 +117,14 @@ class Painter:
 
         self._start = jax.jit(under_rules(start))
         self._advance = jax.jit(under_rules(advance_rows), donate_argnums=(1,))
-        self._decode = jax.jit(under_rules(lambda params, rest, codes: decode(
-            params, rest, codes.reshape(-1, self.grid, self.grid))))
+
+        def decode_codes(params, rest, codes):
+            # The codebook lookup (an FVQ tokenizer runs its bridge over all K codes) once for the batch; a gather,
+            # exact whatever the batch.
+            z_q = nnx.merge(tok_graph, params, rest).quantizer.lookup(codes.reshape(-1, self.grid, self.grid))
+            return decode(params, rest, z_q)
+
+        self._decode = jax.jit(under_rules(decode_codes))
         self._encode = jax.jit(under_rules(lambda params, rest, images: encode(params, rest, images).reshape(
             images.shape[0], self.seq_len).astype(jnp.int32)))
 
