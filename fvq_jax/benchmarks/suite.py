@@ -6,9 +6,10 @@
 
 Stages, in order (`STAGES`): the paper-size tokenizer train step at batch 32 and 8, the K = 262,144
 L/8 step, the quantizer fwd+bwd with the XLA and the Pallas search (plus the search alone against
-the bare z @ E^T product), the GPT-L train step, and the KV-cache sampler against the naive one.
+the bare z @ E^T product), the GPT-L train step, the KV-cache sampler against the naive one, and the
+sampling server (GPT-B at 384 px: one request of 8 images with CFG against LlamaGen's vLLM server).
 They reuse the single-purpose benchmarks' functions (train_step, quantizer, gpt_train_step,
-sampling); this file only chooses sizes, names the figures beside their PyTorch reference (one
+sampling, serve); this file only chooses sizes, names the figures beside their PyTorch reference (one
 H100, from shared/anchors) and target, and writes them.
 
 Why this shape: a lent accelerator comes for minutes, and one failure must not cost the others.
@@ -46,7 +47,7 @@ from typing import Callable
 
 import jax
 
-from fvq_jax.benchmarks import gpt_train_step, quantizer, sampling, serve, train_step
+from fvq_jax.benchmarks import gpt_train_step, quantizer, sampling, train_step
 from fvq_jax.benchmarks.common import describe_device, device_peak
 from fvq_jax.sampling.sampler import SamplingConfig
 
@@ -433,12 +434,17 @@ def sampler_stage(run: StageRun) -> None:
 SERVE_CASE = Case("server, GPT-B, 24x24 codes, K 16,384, VQ-16 (384 px), bf16, CFG 2.0",
                   device=dict(preset="GPT-B", grid=24, vocab=16384, tokenizer="VQ-16", precision="bf16", clients=8,
                               requests=2, latency_images=8),
-                  tiny=serve.TINY)
+                  tiny=dict(preset="GPT-tiny", grid=4, vocab=64, tokenizer="tiny", precision="fp32", clients=2,
+                            requests=2, latency_images=2, classes=10))
 
 
 def serve_stage(run: StageRun) -> None:
     """The sampling server on loopback (serve.measure): one request of 8 images with CFG against LlamaGen's vLLM
     server, and 8 clients batched against the same requests one at a time."""
+    # Imported here: an image without the `serve` extra (FastAPI, uvicorn, httpx) records this stage's
+    # ImportError and runs the others.
+    from fvq_jax.benchmarks import serve
+
     run.check()
     r = run.record(SERVE_CASE, serve.measure(**run.pick(SERVE_CASE), time_limit=max(run.cap_s - run.elapsed(), 1)))
     run.add(Figure(f"{SERVE_CASE.label}: one request of 8 images", r["latency_s"], "s", reference=2.39,
