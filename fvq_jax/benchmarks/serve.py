@@ -100,7 +100,8 @@ def measure(*, preset: str, grid: int, vocab: int, tokenizer: str, precision: st
             for c in range(clients)]
     background = server.BackgroundServer(make_app(service), "127.0.0.1", 0).start()
     try:
-        with httpx.Client(base_url=background.url, timeout=600, limits=httpx.Limits(max_connections=clients + 2)) as client:
+        limits = httpx.Limits(max_connections=clients + 2)
+        with httpx.Client(base_url=background.url, timeout=600, limits=limits) as client:
             alone = _phase(client, [[r for mine in work for r in mine]], time_limit)
             batches_before = len(service.batcher.batches)
             batched = _phase(client, work, time_limit)
@@ -145,7 +146,8 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=4, help="per client, one image each")
     parser.add_argument("--time_limit", type=float, default=600.0, help="seconds per phase, at most")
     parser.add_argument("--latency_images", type=int, default=0, help="then one request of this many images")
-    parser.add_argument("--tiny", action="store_true", help="CPU seconds: " + ", ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU seconds: " + ", ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
     sizes = dict(TINY) if args.tiny else dict(

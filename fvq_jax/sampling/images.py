@@ -58,9 +58,9 @@ def decoding_tokenizer(path: str, gpt: Loaded, mesh_cfg, *, field: str) -> Loade
         grid, factor = gpt.config.model.grid, arch_from_config(tokenizer.config.model).downsample_factor
         made = arch_from_config(saved_config(record["path"], record.get("step")).model).downsample_factor
         config_lib.require(factor == made, field,
-                           f"{path} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x {grid * factor} "
-                           f"images (downsampling {factor}); the tokenizer that made its codes ({record['path']}) into "
-                           f"{grid * made} x {grid * made}")
+                           f"{path} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x "
+                           f"{grid * factor} images (downsampling {factor}); the tokenizer that made its codes "
+                           f"({record['path']}) into {grid * made} x {grid * made}")
     return tokenizer
 
 

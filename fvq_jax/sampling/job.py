@@ -65,7 +65,8 @@ class SampleSpec(config_lib.Spec):
         config_lib.require(self.seed < MAX_SEED, "seed", f"must be < {MAX_SEED}, got {self.seed}")
         config_lib.require(isinstance(self.use_ema, bool), "use_ema", f"must be true or false, got {self.use_ema!r}")
         for name in ("tokenizer", "name"):
-            config_lib.require(isinstance(getattr(self, name), str), name, f"must be a string, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            config_lib.require(isinstance(value, str), name, f"must be a string, got {value!r}")
         config_lib.require("/" not in self.name and self.name not in (".", ".."), "name",
                            f"must be a folder name under RUN/samples/, got {self.name!r}")
 

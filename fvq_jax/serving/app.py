@@ -167,4 +167,3 @@ def make_app(service: Service) -> FastAPI:
                     psnr=psnr if np.isfinite(psnr) else None)  # identical images: no finite PSNR (JSON has no inf)
 
     return app
-

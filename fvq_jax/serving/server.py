@@ -49,7 +49,8 @@ class ServeSpec(config_lib.Spec):
     tokenizer: str  # "": the tokenizer recorded with the GPT
 
     def __post_init__(self):
-        config_lib.require(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
+        config_lib.require(isinstance(self.host, str) and bool(self.host), "host",
+                           f"must name an address, got {self.host!r}")
         config_lib.require_number(self.port, "port", strict=False, integer=True)
         config_lib.require(self.port < 2 ** 16, "port", f"must be < 65536, got {self.port}")
         sizes = tuple(self.batch_sizes) if isinstance(self.batch_sizes, (list, tuple)) else ()

@@ -2,7 +2,6 @@
 against the naive one and a step-by-step reference; per-sample keys independent of the batch size; per-sample
 settings (traced) against the sampler with static settings that came before them (core_sampler_tokens.npz)."""
 
-import json
 import pathlib
 
 import jax
@@ -220,11 +219,16 @@ CORE = pathlib.Path(__file__).with_name("core_sampler_tokens.npz")
 # The settings of CORE's rows. CORE holds what the sampler with static settings (commit a6bc22a,
 # fvq_jax/sampling/sampler.py: SamplingConfig compiled into the program) sampled for them with
 # sample_tokens(fixture_gpt(), labels, sample_keys(11, 100, 8), SamplingConfig(**settings)).
-CORE_SETTINGS = json.loads("""{"greedy": {"top_k": 1}, "greedy_cfg2.5": {"top_k": 1, "cfg_scale": 2.5},
- "t1": {"temperature": 1.0}, "t0.7_k20": {"temperature": 0.7, "top_k": 20},
- "p0.8_cfg3_linear_interval": {"top_p": 0.8, "cfg_scale": 3.0, "cfg_schedule": "linear", "cfg_interval": [0.1, 0.7]},
- "cfg1.75_k50_p0.95": {"cfg_scale": 1.75, "top_k": 50, "top_p": 0.95}, "t1.3_cfg4": {"temperature": 1.3, "cfg_scale": 4.0},
- "cfg2.3_linear_t0.9": {"temperature": 0.9, "cfg_scale": 2.3, "cfg_schedule": "linear"}}""")
+CORE_SETTINGS = {
+    "greedy": dict(top_k=1),
+    "greedy_cfg2.5": dict(top_k=1, cfg_scale=2.5),
+    "t1": dict(temperature=1.0),
+    "t0.7_k20": dict(temperature=0.7, top_k=20),
+    "p0.8_cfg3_linear_interval": dict(top_p=0.8, cfg_scale=3.0, cfg_schedule="linear", cfg_interval=(0.1, 0.7)),
+    "cfg1.75_k50_p0.95": dict(cfg_scale=1.75, top_k=50, top_p=0.95),
+    "t1.3_cfg4": dict(temperature=1.3, cfg_scale=4.0),
+    "cfg2.3_linear_t0.9": dict(temperature=0.9, cfg_scale=2.3, cfg_schedule="linear"),
+}
 
 
 def test_traced_settings_sample_what_the_static_sampler_sampled():
@@ -242,8 +246,8 @@ def test_traced_settings_sample_what_the_static_sampler_sampled():
     rows = [SamplingConfig(**CORE_SETTINGS[names[r // 8]]) for r in range(8 * len(names))]
     indices = 100 + np.arange(len(rows)) % 8
     graph, params = nnx.split(gpt)
-    mixed = jax.jit(sampler.generation_fn(graph, guided=True))(params, jnp.asarray(labels[indices - 100]),
-                                                                sampler.index_keys(11, indices),
-                                                                sampler.settings_of(rows))
+    generate = jax.jit(sampler.generation_fn(graph, guided=True))
+    mixed = generate(params, jnp.asarray(labels[indices - 100]), sampler.index_keys(11, indices),
+                     sampler.settings_of(rows))
     for i, name in enumerate(names):
         np.testing.assert_array_equal(np.asarray(mixed[8 * i:8 * i + 8]), core[name], err_msg=name)
