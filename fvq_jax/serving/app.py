@@ -35,6 +35,8 @@ from fvq_jax.evaluation import image_metrics
 from fvq_jax.serving.service import RequestError, Service
 
 Number = StrictInt | StrictFloat
+UPLOAD_ROUTES = ("/api/encode", "/api/reconstruct")
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the image's bytes
 
 
 class GenerateRequest(BaseModel):
@@ -75,6 +77,10 @@ def _error(status: int, field: str, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field, **extra}, status_code=status)
 
 
+def request_error(error: RequestError) -> JSONResponse:
+    return _error(error.status, error.field, str(error).split(": ", 1)[1])
+
+
 def _field(loc) -> str:
     """A pydantic error location as the request field: ("body", "n") -> "n"; a JSON syntax error -> "body"."""
     parts = [str(p) for p in loc[1:] if not isinstance(p, int)] if len(loc) > 1 and loc[0] == "body" else []
@@ -85,9 +91,18 @@ def make_app(service: Service) -> FastAPI:
     app = FastAPI(title="fvq_jax GPT sampler", summary="Class-conditional images from a GPT and its tokenizer")
     page = importlib.resources.files("fvq_jax.serving").joinpath("page.html").read_text()
 
+    @app.middleware("http")
+    async def refuse_large_uploads(request: Request, call_next):
+        # Before the body is read: FastAPI parses (and spools) a multipart body before the route can look at it.
+        length = request.headers.get("content-length", "")
+        if request.url.path in UPLOAD_ROUTES and length.isdigit() and \
+                int(length) > service.max_upload_bytes + MULTIPART_OVERHEAD:
+            return request_error(service.upload_too_large())
+        return await call_next(request)
+
     @app.exception_handler(RequestError)
-    async def request_error(_: Request, error: RequestError):
-        return _error(error.status, error.field, str(error).split(": ", 1)[1])
+    async def handle_request_error(_: Request, error: RequestError):
+        return request_error(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):

@@ -135,25 +135,35 @@ def serve(config: ml_collections.ConfigDict, workdir) -> None:
     config_lib.require(all(size % shards == 0 for size in spec.batch_sizes), "serve.batch_sizes",
                        f"{spec.batch_sizes}: each must split over the {shards} data-parallel devices")
     mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
-        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="serve.tokenizer")
-        service = build_service(spec, gpt, tokenizer, mesh, sharding.rules_of(config.mesh))
-        print(f"compiling the sampler at batch sizes {list(spec.batch_sizes)} ...", flush=True)
-        seconds = service.warm_up()
-        server = BackgroundServer(make_app(service), spec.host, spec.port).start()
-        stop = threading.Event()
-        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-        print(f"ready: {server.url} serves {gpt.source} (step {gpt.step}, {gpt.weights} weights; compiled in "
-              f"{seconds:.1f} s)", flush=True)
-        try:
-            while not stop.wait(0.5):
-                if not server.thread.is_alive():
-                    raise RuntimeError("the HTTP server stopped")
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            print("stopping: finishing the requests in flight", flush=True)
-            server.stop()
-            service.close()
+    # A signal while loading or compiling stops the server before it serves (the compile in flight finishes).
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with jax.set_mesh(mesh):
+            gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
+            tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="serve.tokenizer")
+            service = build_service(spec, gpt, tokenizer, mesh, sharding.rules_of(config.mesh))
+            try:
+                print(f"compiling the sampler at batch sizes {list(spec.batch_sizes)} ...", flush=True)
+                seconds = service.warm_up()
+                if not stop.is_set():
+                    _serve_until(stop, BackgroundServer(make_app(service), spec.host, spec.port).start(),
+                                 f"serves {gpt.source} (step {gpt.step}, {gpt.weights} weights; compiled in "
+                                 f"{seconds:.1f} s)")
+            finally:
+                service.close()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print("stopped", flush=True)
+
+
+def _serve_until(stop: threading.Event, server: BackgroundServer, what: str) -> None:
+    print(f"ready: {server.url} {what}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not server.thread.is_alive():
+                raise RuntimeError("the HTTP server stopped")
+    finally:
+        print("stopping: finishing the requests in flight", flush=True)
+        server.stop()

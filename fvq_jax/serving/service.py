@@ -116,8 +116,7 @@ class Service:
     def image(self, data: bytes) -> np.ndarray:
         """An uploaded image file -> uint8 [S, S, 3]: short side resized to S = the images' size, center crop."""
         if len(data) > self.max_upload_bytes:
-            raise RequestError("image", f"the upload holds more than {self.max_upload_bytes:,} bytes "
-                               "(serve.max_upload_bytes)", status=413)
+            raise self.upload_too_large()
         try:
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > MAX_PIXELS:
@@ -130,6 +129,10 @@ class Service:
             raise RequestError("image", f"not an image that PIL reads ({type(error).__name__}: {error})",
                                status=415) from None
         return transforms.center_crop(image, self.painter.image_size)
+
+    def upload_too_large(self) -> RequestError:
+        return RequestError("image", f"the upload holds more than {self.max_upload_bytes:,} bytes "
+                            "(serve.max_upload_bytes)", status=413)
 
     def codes(self, codes) -> np.ndarray:
         """A decode request's codes (grid x grid nested, or N flat) -> int32 [N]."""

@@ -166,6 +166,8 @@ BAD_REQUESTS = [
     ("/api/decode", {"json": {"codes": [64] * 16}}, 422, "codes"),
     ("/api/reconstruct", {"files": {"image": ("notes.txt", b"not an image at all", "text/plain")}}, 415, "image"),
     ("/api/encode", {"files": {"image": ("big.png", b"\x89PNG" + bytes(UPLOAD_LIMIT), "image/png")}}, 413, "image"),
+    # Refused on its Content-Length, before the body is read:
+    ("/api/reconstruct", {"files": {"image": ("huge.png", bytes(4 * 2 ** 20), "image/png")}}, 413, "image"),
     ("/api/encode", {"data": {"other": "x"}}, 422, "image"),
 ]
 
