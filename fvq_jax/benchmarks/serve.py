@@ -39,7 +39,6 @@ from fvq_jax.models.factory import build_tokenizer
 from fvq_jax.sampling.images import Painter
 from fvq_jax.serving import server
 from fvq_jax.serving.app import make_app
-from fvq_jax.serving.service import Service
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -90,9 +89,7 @@ def measure(*, preset: str, grid: int, vocab: int, tokenizer: str, precision: st
     spec = server.resolve(serve_config.get_config(f"port=0,max_images={max(latency_images, 1)}"))
     gpt = random_model(preset, vocab=vocab, classes=classes, grid=grid, precision=precision)
     painter = Painter(gpt, random_tokenizer(tokenizer, vocab), spec.sampling, guided=True)
-    service = Service(painter, batch_sizes=spec.batch_sizes, max_wait_s=spec.max_wait_ms / 1e3,
-                      segments=spec.progress_steps, max_images=spec.max_images,
-                      max_upload_bytes=spec.max_upload_bytes)
+    service = server.make_service(spec, painter)
     compile_s = service.warm_up()
     rng = np.random.default_rng(0)
     # One image each, its own class and seed; per client a list sent back to back.

@@ -87,14 +87,29 @@ def class_names(gpt: Loaded) -> tuple[str, ...] | None:
     return tuple(names) if names and len(names) == gpt.config.model.num_classes else None
 
 
-def build_service(spec: ServeSpec, gpt: Loaded, tokenizer: Loaded, mesh=None, rules=None) -> Service:
-    """The Service of a loaded GPT and tokenizer (not compiled yet: `Service.warm_up`)."""
-    painter = Painter(gpt.model, tokenizer.model, spec.sampling, guided=True, mesh=mesh, rules=rules)
+def load_service(config: ml_collections.ConfigDict, workdir) -> tuple[Service, Loaded]:
+    """The Service of the GPT in `workdir` and its tokenizer, on config.mesh (not compiled yet: `Service.warm_up`)."""
+    spec = resolve(config)
+    config_lib.require(jax.process_count() == 1, "serve", f"serves from one process, not {jax.process_count()}")
+    shards = sharding.batch_shards(config.mesh, jax.device_count())
+    config_lib.require(all(size % shards == 0 for size in spec.batch_sizes), "serve.batch_sizes",
+                       f"{spec.batch_sizes}: each must split over the {shards} data-parallel devices")
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
+        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="serve.tokenizer")
+    painter = Painter(gpt.model, tokenizer.model, spec.sampling, guided=True, mesh=mesh,
+                      rules=sharding.rules_of(config.mesh))
     source = dict(gpt=dict(path=str(epath.Path(gpt.source).absolute()), step=gpt.step, weights=gpt.weights,
                            preset=gpt.config.model.preset), tokenizer=tokenizer_record(tokenizer))
+    return make_service(spec, painter, class_names=class_names(gpt), source=source), gpt
+
+
+def make_service(spec: ServeSpec, painter: Painter, *, class_names=None, source: dict | None = None) -> Service:
+    """The Service `spec` describes around `painter` (built with guided=True)."""
     return Service(painter, batch_sizes=spec.batch_sizes, max_wait_s=spec.max_wait_ms / 1e3,
                    segments=min(spec.progress_steps, painter.seq_len), max_images=spec.max_images,
-                   max_upload_bytes=spec.max_upload_bytes, class_names=class_names(gpt), source=source)
+                   max_upload_bytes=spec.max_upload_bytes, class_names=class_names, source=source)
 
 
 class BackgroundServer:
@@ -130,28 +145,20 @@ class BackgroundServer:
 def serve(config: ml_collections.ConfigDict, workdir) -> None:
     """Serve the GPT in `workdir` until SIGTERM / SIGINT (then finish the requests in flight and return)."""
     spec = resolve(config)
-    config_lib.require(jax.process_count() == 1, "serve", f"serves from one process, not {jax.process_count()}")
-    shards = sharding.batch_shards(config.mesh, jax.device_count())
-    config_lib.require(all(size % shards == 0 for size in spec.batch_sizes), "serve.batch_sizes",
-                       f"{spec.batch_sizes}: each must split over the {shards} data-parallel devices")
-    mesh = sharding.make_mesh(config.mesh)
     # A signal while loading or compiling stops the server before it serves (the compile in flight finishes).
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with jax.set_mesh(mesh):
-            gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
-            tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="serve.tokenizer")
-            service = build_service(spec, gpt, tokenizer, mesh, sharding.rules_of(config.mesh))
-            try:
-                print(f"compiling the sampler at batch sizes {list(spec.batch_sizes)} ...", flush=True)
-                seconds = service.warm_up()
-                if not stop.is_set():
-                    _serve_until(stop, BackgroundServer(make_app(service), spec.host, spec.port).start(),
-                                 f"serves {gpt.source} (step {gpt.step}, {gpt.weights} weights; compiled in "
-                                 f"{seconds:.1f} s)")
-            finally:
-                service.close()
+        service, gpt = load_service(config, workdir)
+        try:
+            print(f"compiling the sampler at batch sizes {list(spec.batch_sizes)} ...", flush=True)
+            seconds = service.warm_up()
+            if not stop.is_set():
+                _serve_until(stop, BackgroundServer(make_app(service), spec.host, spec.port).start(),
+                             f"serves {gpt.source} (step {gpt.step}, {gpt.weights} weights; compiled in "
+                             f"{seconds:.1f} s)")
+        finally:
+            service.close()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -18,9 +18,8 @@ from PIL import Image
 from fvq_jax import config_lib
 from fvq_jax.data import transforms
 from fvq_jax.data.value_range import to_model_range, to_uint8
-from fvq_jax.models.load import load_gpt, load_tokenizer
+from fvq_jax.models.load import load_tokenizer
 from fvq_jax.sampling import job
-from fvq_jax.sampling.images import decoding_tokenizer
 from fvq_jax.serving import server
 from fvq_jax.serving.app import make_app
 from tests.sampling.gpt_export import CLASS_NAMES, CLASSES
@@ -35,11 +34,11 @@ def serve_config(arg: str):
 
 @pytest.fixture(scope="module")
 def served(gpt_export):
-    config = serve_config("port=0,batch=(1,2,4),max_images=6")
+    """The task's service (batch sizes 1 and 4: the serve task's test and the sampling job's tests compile the
+    same programs) behind a BackgroundServer."""
+    config = serve_config("port=0,batch=(1,4),max_images=6")
     config.serve.update(max_upload_bytes=UPLOAD_LIMIT, progress_steps=4, max_wait_ms=50.0)
-    spec = server.resolve(config)
-    gpt = load_gpt(gpt_export)
-    service = server.build_service(spec, gpt, decoding_tokenizer(spec.tokenizer, gpt, None, field="serve.tokenizer"))
+    service, _ = server.load_service(config, gpt_export)
     service.warm_up()
     background = server.BackgroundServer(make_app(service), "127.0.0.1", 0).start()
     with httpx.Client(base_url=background.url, timeout=120) as client:
