@@ -82,7 +82,8 @@ def class_names(gpt: Loaded) -> tuple[str, ...] | None:
     try:
         names = codes_data.read_manifest(directory).get("class_names") if directory else None
     except (FileNotFoundError, ValueError) as error:
-        logging.warning("no class names: %s", error)
+        logging.warning("classes by id only: the GPT's codes.dir %s (relative paths: to where this runs) does not "
+                        "read: %s", directory, error)
         return None
     return tuple(names) if names and len(names) == gpt.config.model.num_classes else None
 
