@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         port=8000,  # 0: any free port (printed when ready)
         batch_sizes=(1, 2, 4, 8),  # compiled at start-up; a batch of b images runs padded to the next size
         max_images=16,  # images in one request, at most
-        max_wait_ms=5.0,  # the first request of a batch waits this long for others to join it
+        max_wait_ms=25.0,  # the first request of a batch waits this long for others to join it
         progress_steps=8,  # progress reported this many times while a batch is sampled
         max_upload_bytes=8 * 2 ** 20,  # encode / reconstruct uploads
         step=0,  # GPT checkpoint step; 0 = the newest
