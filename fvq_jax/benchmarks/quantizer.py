@@ -42,7 +42,7 @@ from flax import nnx
 from fvq_jax import config_lib
 from fvq_jax.benchmarks.common import compiled_memory, describe_device, emit, time_fn
 from fvq_jax.quantizers import ops
-from fvq_jax.quantizers.factory import build_quantizer
+from fvq_jax.quantizers.factory import QuantizerSpec, build_quantizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = "baseline,bf16,chunks,chunks+bf16,chunks+tokens,chunks+pallas,chunks+bf16+pallas"
@@ -84,7 +84,7 @@ def quantizer_config(codebook_size: int, dim: int, variant: str, *, precision: s
                search_impl="pallas" if "pallas" in switches else "xla",
                bridge_dtype="bf16" if "bf16" in switches else "fp32",
                bridge_chunks=bridge_chunks if "chunks" in switches else 1)
-    return cfg
+    return QuantizerSpec.from_config(cfg, "quantizer")
 
 
 def variant_options(args) -> dict:
@@ -240,8 +240,7 @@ def agreement_on_run(run: str, args, out=None) -> None:
     graph, params, rest = nnx.split(model.quantizer, nnx.Param, ...)
     codebooks = {}
     for dtype in ("fp32", "bf16"):
-        q_cfg = cfg.quantizer.copy_and_resolve_references()
-        q_cfg.bridge_dtype = dtype
+        q_cfg = QuantizerSpec.from_config(cfg.quantizer, "quantizer", bridge_dtype=dtype)
         variant_graph = nnx.graphdef(nnx.eval_shape(lambda: build_quantizer(q_cfg, rngs=nnx.Rngs(0))))
         codebooks[dtype] = jax.jit(lambda p, r: nnx.merge(variant_graph, p, r).codebook(None))(params, rest)
     emit(dict(what="bridge_bf16_vs_fp32_indices", K=cfg.quantizer.codebook_size, tokens=int(z.shape[0]),

@@ -37,10 +37,9 @@ from flax import nnx
 from fvq_jax import sharding
 from fvq_jax.conversion.table import (CONV, LINEAR, Row, Shape, StateDict, check_covers, check_kind, check_source,
                                       flatten, leaf_shapes, nest, setting, to_ours, to_torch)
-from fvq_jax.models.factory import arch_from_config, build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.export import bake
-from fvq_jax.quantizers.factory import check_quantizer_config
 from fvq_jax.quantizers.vq import VectorQuantizer
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS, BridgePreset
 
@@ -254,14 +253,13 @@ def model_config(spec: TokenizerSpec) -> ml_collections.ConfigDict:
         l2_norm=spec.l2_norm, beta=0.25, entropy_weight=0.0, entropy_temperature=0.01, search_precision="fp32",
         search_tile=8192, search_token_chunk=0, usage_window=0, bridge_head_init_std=0.0)
     config.mesh = sharding.default_mesh_config()
-    arch_from_config(config.model)
-    check_quantizer_config(config.quantizer)
+    VQGANSpec.from_config(config)
     return config
 
 
 def _abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graph, parameters, other state) of the tokenizer `config` describes, abstract (nothing allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
 def _read_params(state: Mapping[str, np.ndarray], spec: TokenizerSpec, shapes: Mapping[str, Shape]) -> dict:
@@ -287,7 +285,7 @@ def initial_state(config: ml_collections.ConfigDict) -> dict:
     parameters' initialisation is traced and dropped, never computed."""
     @jax.jit
     def init():
-        _, _, rest = nnx.split(build_tokenizer(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        _, _, rest = nnx.split(build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0)), nnx.Param, ...)
         return nnx.to_pure_dict(rest)
 
     return init()

@@ -255,7 +255,6 @@ def make_projector(name: str, codebook_size: int, code_dim: int, *, bridge_head_
     dtype: the projector's compute dtype (its activations); parameters stay float32.
     bridge_chunks: `VQBridge`'s chunks (VQBridge presets only).
     """
-    check_projector(name, codebook_size, bridge_chunks)
     if name == "none":
         return Identity()
     if name in ("lin/1", "lin/5"):

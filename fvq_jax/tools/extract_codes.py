@@ -70,7 +70,7 @@ from fvq_jax.data.sources import Record, class_names, split_source
 from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop, ten_crop
 from fvq_jax.data.value_range import to_model_range
 from fvq_jax.data.unreadable import SkipLog, Unreadable, read_image
-from fvq_jax.models.factory import arch_from_config
+from fvq_jax.models.vqgan import VQGANArch
 from fvq_jax.models.load import is_run, load_tokenizer, saved_config
 from fvq_jax.train.lock import WorkdirLock
 from fvq_jax.progress import format_eta
@@ -150,7 +150,7 @@ def check_tokenizer(path: str, tokenizer_config: ml_collections.ConfigDict, imag
                        f"{path} has quantizer.type={kind!r}; only single-level quantizers "
                        f"{list(SINGLE_LEVEL_QUANTIZERS)} give one code per token, which is what the GPT models (a "
                        "residual or multi-scale tokenizer has several per position)")
-    factor = arch_from_config(tokenizer_config.model).downsample_factor
+    factor = VQGANArch.from_config(tokenizer_config.model, "model").downsample_factor
     config_lib.require(image_size % factor == 0, "data.image_size",
                        f"{image_size} is not divisible by the tokenizer's downsampling factor {factor}")
 
