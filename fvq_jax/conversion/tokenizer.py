@@ -227,10 +227,11 @@ def infer_spec(state: Mapping[str, np.ndarray], *, format: str | None = None, no
         if width % ch:
             raise Unsupported(f"encoder level {i} is {width} wide, not a multiple of ch={ch}")
         ch_mult.append(width // ch)
-    arch = VQGANArch(ch=ch, ch_mult=tuple(ch_mult), enc_blocks=_count(shapes, "encoder.conv_blocks.0.res."),
-                     dec_blocks=_count(shapes, "decoder.conv_blocks.0.res."),
-                     z_channels=_shape(shapes, "encoder.conv_out.weight")[0],
-                     norm_groups=setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
+    fields = dict(ch=ch, ch_mult=tuple(ch_mult), enc_blocks=_count(shapes, "encoder.conv_blocks.0.res."),
+                  dec_blocks=_count(shapes, "decoder.conv_blocks.0.res."),
+                  z_channels=_shape(shapes, "encoder.conv_out.weight")[0],
+                  norm_groups=setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
+    arch = VQGANArch.from_config(fields, "model")
     codebook_size, code_dim = _shape(shapes, "quantize.embedding.weight")
     return TokenizerSpec(format=fmt, arch=arch, codebook_size=codebook_size, code_dim=code_dim,
                          projector=bridge_preset(shapes) if fmt == "fvq" else "none",
@@ -259,7 +260,8 @@ def model_config(spec: TokenizerSpec) -> ml_collections.ConfigDict:
 
 def _abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graph, parameters, other state) of the tokenizer `config` describes, abstract (nothing allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))), nnx.Param, ...)
+    spec = VQGANSpec.from_config(config)
+    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(spec, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
 def _read_params(state: Mapping[str, np.ndarray], spec: TokenizerSpec, shapes: Mapping[str, Shape]) -> dict:
