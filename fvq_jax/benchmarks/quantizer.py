@@ -5,6 +5,8 @@
   python -m fvq_jax.benchmarks.quantizer --cpu_scheduler=memory --iters=0             # CPU: memory-minimising schedule
   python -m fvq_jax.benchmarks.quantizer --agreement --codebooks=16384 --tokens=4096  # bf16 vs fp32 bridge indices
   python -m fvq_jax.benchmarks.quantizer --agreement --run=RUN_DIR                       # ... on a trained run
+  python -m fvq_jax.benchmarks.quantizer --codebooks=256 --tokens=128 --dim=16 --projector=XS/2 --tile=64 \
+      --token_chunk=32 --bridge_chunks=2 --variants=baseline,chunks+tokens --iters=1   # CPU sizes (the tests)
 
 What is measured is the whole quantizer as training runs it: VQBridge (L/4 below K = 65,536,
 L/8 from there, the reference recipes) on the raw codebook, nearest-code search for `tokens`
