@@ -24,36 +24,44 @@ DOCUMENTS = ("README.md", "launch/README.md", "fvq_jax/benchmarks/RESULTS.md")
 THIS = "tests/test_documented_commands.py"
 
 # Entry point -> "path::function" of the tests (or fixtures) that run it in a tiny form.
+BENCH = "tests/benchmarks/test_benchmark_mains.py"
 ENTRY_POINTS = {
     "fvq_jax.main": ("tests/train/test_distributed.py::test_two_processes_match_one",),
-    "fvq_jax.main configs/tokenizer.py": ("tests/train/test_run_safety.py::test_a_preempted_run_exits_with_its_own_status",
-                                          "tests/train/test_run_safety.py::test_errors_in_the_config_argument_reach_the_user"),
+    "fvq_jax.main configs/tokenizer.py": (
+        "tests/train/test_run_safety.py::test_a_preempted_run_exits_with_its_own_status",
+        "tests/train/test_run_safety.py::test_errors_in_the_config_argument_reach_the_user"),
     "fvq_jax.main configs/eval_tokenizer.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
-    "fvq_jax.main configs/extract_codes.py": ("tests/tools/test_extract_codes.py::test_two_processes_write_what_one_does",),
+    "fvq_jax.main configs/extract_codes.py": (
+        "tests/tools/test_extract_codes.py::test_two_processes_write_what_one_does",),
     "fvq_jax.main configs/gpt.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
     "fvq_jax.main configs/sample.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
     "fvq_jax.main configs/score.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
-    "fvq_jax.tools.fault_injection": ("tests/tools/test_fault_injection.py::test_a_killed_run_ends_where_an_uninterrupted_one_does",),
+    "fvq_jax.tools.fault_injection": (
+        "tests/tools/test_fault_injection.py::test_a_killed_run_ends_where_an_uninterrupted_one_does",),
     "fvq_jax.tools.export_inception": ("tests/tools/test_export_inception.py::exported",),
     "fvq_jax.tools.export_vq": ("tests/tools/test_export_vq.py::exported",),
-    "fvq_jax.tools.import_torch": ("tests/tools/test_import_torch.py::test_cli_import_reproduces_the_reference",
-                                   "tests/tools/test_import_torch.py::test_gpt_cli_import_reproduces_the_reference"),
-    "fvq_jax.tools.export_torch": ("tests/tools/test_export_torch.py::test_fvq_export_is_the_reference_file",
-                                   "tests/tools/test_export_torch.py::test_gpt_goes_back_to_the_reference_file_and_returns_unchanged"),
+    "fvq_jax.tools.import_torch": (
+        "tests/tools/test_import_torch.py::test_cli_import_reproduces_the_reference",
+        "tests/tools/test_import_torch.py::test_gpt_cli_import_reproduces_the_reference"),
+    "fvq_jax.tools.export_torch": (
+        "tests/tools/test_export_torch.py::test_fvq_export_is_the_reference_file",
+        "tests/tools/test_export_torch.py::test_gpt_goes_back_to_the_reference_file_and_returns_unchanged"),
     "fvq_jax.tools.cfg_sweep": ("tests/tools/test_cfg_sweep.py::test_cfg_sweep_samples_and_scores_each_scale",),
     "fvq_jax.tools.sweep_report": ("tests/tools/test_sweep_report.py::test_report_tables_the_runs_and_plots_usage",),
-    "fvq_jax.tools.bridge_positions": ("tests/tools/test_bridge_positions.py::test_positions_of_the_saved_window_against_a_loop",),
+    "fvq_jax.tools.bridge_positions": (
+        "tests/tools/test_bridge_positions.py::test_positions_of_the_saved_window_against_a_loop",),
     "fvq_jax.tools.sample_folder": ("tests/tools/test_sample_folder.py::test_the_command_writes_the_folder",),
-    "fvq_jax.benchmarks.train_step": ("tests/benchmarks/test_benchmark_mains.py::test_train_step_at_the_suites_cpu_sizes",),
-    "fvq_jax.benchmarks.quantizer": ("tests/benchmarks/test_benchmark_mains.py::test_quantizer_variants_against_the_first",
-                                     "tests/benchmarks/test_benchmark_mains.py::test_quantizer_bf16_agreement_on_random_tokens",
-                                     "tests/benchmarks/test_benchmark_mains.py::test_quantizer_bf16_agreement_on_a_trained_run"),
-    "fvq_jax.benchmarks.input_pipeline": ("tests/benchmarks/test_benchmark_mains.py::test_input_pipeline_against_the_plain_loop",),
-    "fvq_jax.benchmarks.gpt_train_step": ("tests/benchmarks/test_benchmark_mains.py::test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run",),
-    "fvq_jax.benchmarks.gpt_loss_memory": ("tests/benchmarks/test_benchmark_mains.py::test_gpt_loss_memory_full_against_chunked",),
-    "fvq_jax.benchmarks.sampling": ("tests/benchmarks/test_benchmark_mains.py::test_sampling_kv_cache_against_the_naive_sampler",),
-    "fvq_jax.benchmarks.suite": ("tests/benchmarks/test_suite.py::tiny_run",
-                                 "tests/benchmarks/test_suite.py::test_device_sizes_are_refused_without_an_accelerator"),
+    "fvq_jax.benchmarks.train_step": (f"{BENCH}::test_train_step_at_the_suites_cpu_sizes",),
+    "fvq_jax.benchmarks.quantizer": (f"{BENCH}::test_quantizer_variants_against_the_first",
+                                     f"{BENCH}::test_quantizer_bf16_agreement_on_random_tokens",
+                                     f"{BENCH}::test_quantizer_bf16_agreement_on_a_trained_run"),
+    "fvq_jax.benchmarks.input_pipeline": (f"{BENCH}::test_input_pipeline_against_the_plain_loop",),
+    "fvq_jax.benchmarks.gpt_train_step": (f"{BENCH}::test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run",),
+    "fvq_jax.benchmarks.gpt_loss_memory": (f"{BENCH}::test_gpt_loss_memory_full_against_chunked",),
+    "fvq_jax.benchmarks.sampling": (f"{BENCH}::test_sampling_kv_cache_against_the_naive_sampler",),
+    "fvq_jax.benchmarks.suite": (
+        "tests/benchmarks/test_suite.py::tiny_run",
+        "tests/benchmarks/test_suite.py::test_device_sizes_are_refused_without_an_accelerator"),
     "launch/sweep.py": ("tests/launch/test_sweep.py::test_dry_run_prints_the_commands_and_marks_finished_runs",),
     "launch/xm_launch.py": ("tests/launch/test_xm_launch.py::test_dry_run_prints_the_jobs_the_experiment_gets",
                             "tests/launch/test_xm_launch.py::test_sweep_becomes_one_vertex_job_per_run"),
@@ -61,8 +69,9 @@ ENTRY_POINTS = {
                             "tests/launch/test_tpu.py::test_gcloud_calls"),
     "launch/slurm/train.sbatch": ("tests/launch/test_slurm.py::test_dry_run_prints_the_srun_command",
                                   "tests/launch/test_slurm.py::test_srun_gets_the_flags_and_the_environment"),
-    "launch/device_suite.sh": ("tests/launch/test_device_suite.py::test_dry_run_prints_the_commands_and_runs_nothing",
-                               "tests/launch/test_device_suite.py::test_run_installs_carried_wheels_and_runs_the_suite_into_out"),
+    "launch/device_suite.sh": (
+        "tests/launch/test_device_suite.py::test_dry_run_prints_the_commands_and_runs_nothing",
+        "tests/launch/test_device_suite.py::test_run_installs_carried_wheels_and_runs_the_suite_into_out"),
 }
 
 MODULE = re.compile(r"python3? -m (fvq_jax(?:\.\w+)+)([^\n`]*)")
@@ -94,8 +103,10 @@ def driver_markers(entry: str) -> tuple[str, ...]:
 
 def test_the_extraction_reads_every_form_of_command():
     text = ("```bash\npython -m fvq_jax.main --config=configs/gpt.py:paper,model=GPT-L \\\n    --workdir=w\n"
-            "python3 -m fvq_jax.tools.export_vq --workdir=RUN\nWORKDIR=x bash launch/slurm/train.sbatch --dry-run\n```\n"
-            "`python -m fvq_jax.main --multihost ...` and `launch/xm_launch.py`; see [launch/README.md](launch/README.md)")
+            "python3 -m fvq_jax.tools.export_vq --workdir=RUN\n"
+            "WORKDIR=x bash launch/slurm/train.sbatch --dry-run\n```\n"
+            "`python -m fvq_jax.main --multihost ...` and `launch/xm_launch.py`; "
+            "see [launch/README.md](launch/README.md)")
     assert documented_entry_points(text) == {"fvq_jax.main configs/gpt.py", "fvq_jax.tools.export_vq", "fvq_jax.main",
                                              "launch/slurm/train.sbatch", "launch/xm_launch.py"}
 
