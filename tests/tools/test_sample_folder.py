@@ -1,10 +1,14 @@
 """tools/sample_folder: the second image source (scikit-image's greyscale textures, microscopy, scans)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from fvq_jax.data.sources import FolderSource, load_image
 from fvq_jax.tools import sample_folder
+from tests.conftest import ROOT, subprocess_env
 
 
 def test_split_keeps_validation_pixels_out_of_training():
@@ -35,3 +39,12 @@ def test_folder_reads_back_through_the_image_folder_source(tmp_path):
     assert len(train) == len(sample_folder.IMAGES) and len(validation) == sum(tiles.values()) >= 60
     image = load_image(validation[0])
     assert image.mode == "RGB" and min(image.size) >= sample_folder.MIN_TILE
+
+
+def test_the_command_writes_the_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fvq_jax.tools.sample_folder", f"--out={tmp_path}"], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    validation = FolderSource(str(tmp_path), "validation")
+    assert (f"wrote {tmp_path}: {len(sample_folder.IMAGES)} training images (one class each), {len(validation)} "
+            "validation tiles") in result.stdout
