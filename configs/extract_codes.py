@@ -55,8 +55,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.crop_range = 1.1  # tencrop: the ADM center crop's side is int(crop_range * image_size)
     config.crops_per_image = 128  # random: training views per image, each a grid
     config.seed = 0  # random: view k of source image i is drawn from numpy's default_rng([seed, i, k])
-    # Images per batch, all processes together (each brings its grids); 0 = about 640 views per batch: 64 images of
-    # ten-crop, 5 of 128 random views (fvq_jax/extraction/spec.py AUTO_BATCH_VIEWS).
+    # Images per batch, all processes together (each brings its grids); 0 = auto: about 640 views in all on
+    # accelerators (64 ten-crop images), 64 per device on CPUs (6 ten-crop images; fvq_jax/extraction/spec.py).
     config.batch_size = 0
     config.num_images = 0  # the first N images of the split; 0 = all
     config.shard_size = 10_000  # source images per shard file

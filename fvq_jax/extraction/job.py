@@ -128,7 +128,8 @@ def batch_size(spec: ExtractionSpec, num_views: int, mesh_cfg: ml_collections.Co
     """Images per step: spec.batch_size, or one that splits over the processes and whose views split over the
     mesh's batch shards (ConfigError naming batch_size when the one given does not)."""
     processes, shards = jax.process_count(), sharding.batch_shards(mesh_cfg, jax.device_count())
-    batch = spec.images_per_batch(num_views, math.lcm(processes, shards // math.gcd(num_views, shards)))
+    cpu_devices = jax.device_count() if jax.devices()[0].platform == "cpu" else 0
+    batch = spec.images_per_batch(num_views, math.lcm(processes, shards // math.gcd(num_views, shards)), cpu_devices)
     local_batch_size(batch, processes, "batch_size")
     config_lib.require(batch * num_views % shards == 0, "batch_size",
                        f"{batch} images x {num_views} views do not split over the mesh's {shards} batch shards")

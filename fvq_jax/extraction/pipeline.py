@@ -66,10 +66,16 @@ class Encoder:
         probe = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)
         return tuple(jax.eval_shape(self._encode, self._params, self._rest, probe).shape[1:])
 
-    def __call__(self, local_views: np.ndarray) -> jax.Array:
-        """Dispatch (asynchronously) the encode of this process's views, uint8 [b, S, S, 3]."""
-        images = jax.make_array_from_process_local_data(self._sharding, local_views)
+    def put(self, local_views: np.ndarray) -> jax.Array:
+        """This process's views, uint8 [b, S, S, 3], as its rows of the global batch on the devices."""
+        return jax.make_array_from_process_local_data(self._sharding, local_views)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Dispatch (asynchronously) the encode of a global batch already on the devices."""
         return self._encode(self._params, self._rest, images)
+
+    def __call__(self, local_views: np.ndarray) -> jax.Array:
+        return self.encode(self.put(local_views))
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

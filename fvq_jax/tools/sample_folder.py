@@ -39,7 +39,7 @@ DIGIT_SIZE = 32  # pixels of a digit image
 HELD_OUT = 10  # every HELD_OUT-th digit (index % HELD_OUT == HELD_OUT - 1) is a validation digit
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "folder to write (<out>/train, <out>/validation)", required=True)
+flags.DEFINE_string("out", None, "folder to write (<out>/train, <out>/validation); required")
 flags.DEFINE_enum("kind", "textures", ["textures", "digits"], "which images (see the module docstring)")
 flags.DEFINE_integer("variants", 4, "digits: images drawn from each of the 1,797 digits")
 flags.DEFINE_integer("seed", 0, "digits: seed of the variants' placement and colours")
@@ -137,4 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("out")  # here, not at import: the extraction benchmark imports write_digits
     sys.exit(app.run(main))

@@ -275,9 +275,11 @@ def test_config_checks_name_the_field(tiny_run):
     tasks.check_config(config)
     assert (config.augment, config.data.source, config.data.tfds_name, config.data.split,
             config.data.image_size) == ("tencrop", "tfds", "imagenet2012", "train", 256)
-    spec = ExtractionSpec.from_config(config)
-    assert spec.images_per_batch(spec.views_per_image("tencrop"), 1) == 64  # batch_size 0: about 640 views
+    spec = ExtractionSpec.from_config(config)  # batch_size 0: about 640 views, 64 per CPU device
+    assert spec.images_per_batch(spec.views_per_image("tencrop"), 1) == 64
     assert spec.images_per_batch(spec.views_per_image("random"), 2) == 4 and spec.images_per_batch(1, 8) == 640
+    assert spec.images_per_batch(10, 1, cpu_devices=1) == 6 and spec.images_per_batch(10, 4, cpu_devices=8) == 48
+    assert spec.images_per_batch(128, 1, cpu_devices=1) == 1
 
 
 # ----------------------------------------------------------------------------- data
