@@ -84,7 +84,7 @@ def extract_codes(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
             print(f"{out}: all {len(shards)} shards are extracted already ({plan.previous['num_images']} images)",
                   flush=True)
             return plan.previous
-        manifest = manifest_lib.describe(plan, plan.grid, len(shards))
+        manifest = manifest_lib.describe(plan, len(shards))
         manifest_lib.update_manifest(manifest, out, shards, "partial")
         loop_seconds = write_shards(plan, todo, out)
         return finish(plan, manifest, shards, todo, out, time.time() - started, loop_seconds)

@@ -60,10 +60,10 @@ def code_version() -> dict[str, Any]:
     return version
 
 
-def describe(plan, grid: tuple[int, ...], num_shards: int) -> dict[str, Any]:
+def describe(plan, num_shards: int) -> dict[str, Any]:
     """The manifest's fixed part (a job.Plan's): the record layout, the tokenizer, the views, the dataset and the
     settings."""
-    spec, data, loaded = plan.spec, plan.data, plan.loaded
+    spec, data, loaded, grid = plan.spec, plan.data, plan.loaded, plan.grid
     quantizer, saved_data = loaded.config.quantizer, loaded.config.get("data", {})
     names = class_names(plan.source)
     views = {"mode": plan.augment, "grids_per_image": plan.views.num_views}
