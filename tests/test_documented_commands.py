@@ -32,7 +32,7 @@ ENTRY_POINTS = {
         "tests/train/test_run_safety.py::test_errors_in_the_config_argument_reach_the_user"),
     "fvq_jax.main configs/eval_tokenizer.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
     "fvq_jax.main configs/extract_codes.py": (
-        "tests/tools/test_extract_codes.py::test_two_processes_write_what_one_does",),
+        "tests/extraction/test_extract_codes.py::test_two_processes_write_what_one_does",),
     "fvq_jax.main configs/gpt.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
     "fvq_jax.main configs/sample.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
     "fvq_jax.main configs/score.py": (f"{THIS}::test_the_readme_chain_runs_through_main",),
@@ -50,7 +50,8 @@ ENTRY_POINTS = {
     "fvq_jax.tools.sweep_report": ("tests/tools/test_sweep_report.py::test_report_tables_the_runs_and_plots_usage",),
     "fvq_jax.tools.bridge_positions": (
         "tests/tools/test_bridge_positions.py::test_positions_of_the_saved_window_against_a_loop",),
-    "fvq_jax.tools.sample_folder": ("tests/tools/test_sample_folder.py::test_the_command_writes_the_folder",),
+    "fvq_jax.tools.sample_folder": ("tests/tools/test_sample_folder.py::test_the_command_writes_the_folder",
+                                    "tests/tools/test_sample_folder.py::test_digits_folder_through_main"),
     "fvq_jax.benchmarks.train_step": (f"{BENCH}::test_train_step_at_the_suites_cpu_sizes",),
     "fvq_jax.benchmarks.quantizer": (f"{BENCH}::test_quantizer_variants_against_the_first",
                                      f"{BENCH}::test_quantizer_bf16_agreement_on_random_tokens",
@@ -59,6 +60,8 @@ ENTRY_POINTS = {
     "fvq_jax.benchmarks.gpt_train_step": (f"{BENCH}::test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run",),
     "fvq_jax.benchmarks.gpt_loss_memory": (f"{BENCH}::test_gpt_loss_memory_full_against_chunked",),
     "fvq_jax.benchmarks.sampling": (f"{BENCH}::test_sampling_kv_cache_against_the_naive_sampler",),
+    "fvq_jax.benchmarks.extraction": (
+        "tests/benchmarks/test_extraction.py::test_tiny_benchmark_runs_every_path_and_finds_the_same_codes",),
     "fvq_jax.benchmarks.suite": (
         "tests/benchmarks/test_suite.py::tiny_run",
         "tests/benchmarks/test_suite.py::test_device_sizes_are_refused_without_an_accelerator"),
