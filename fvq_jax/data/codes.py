@@ -21,11 +21,12 @@ directories, written before, have none and are read without that check, with a w
 Reading. `open_codes(dir)` checks the manifest against the shards (every file present, of the size and SHA-256
 recorded when it was written, with the record count the manifest says) and returns a `CodeDataset`, a
 random-access source over all shards in manifest order: item i = {"codes": int32 [A, h * w] (row-major grids),
-"label": int32, "index": int32}. Verifying reads every byte once: SHA-256 runs at about 1.7 GB/s per core
-here, and the files are hashed on several threads, so ImageNet's ten-crop codes (1.28M records of 10 x 256
-codes, 13.1 GB) cost about what reading them from disk does, seconds to a minute per host
-(fvq_jax/benchmarks/extraction.py measures it); a progress line reports longer checks. A record that cannot be
-read later (a file changed after the check) raises naming its shard and its record there.
+"label": int32, "index": int32}. Verifying reads every byte once, hashed on up to 8 threads (SHA-256: about
+1.7 GB/s on one idle core of the development VM; 420-550 MB/s measured there while shared,
+fvq_jax/benchmarks/extraction.py), so ImageNet's ten-crop codes (1.28M records of 10 x 256 codes, 13.1 GB) take
+about half a minute per host there, and about their read time from disk on a many-core host; a progress line
+reports longer checks. A record that cannot be read later (a file changed after the check) raises naming its
+shard and its record there.
 
 `train_iterator(dataset, ...)` is the GPT's input stream, built like fvq_jax.data.pipeline's:
   dataset -> seed -> shuffle (a new order every epoch) -> repeat -> random_map(one of the A grids)
