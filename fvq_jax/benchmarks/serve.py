@@ -35,7 +35,7 @@ from flax import nnx
 from fvq_jax import config_lib
 from fvq_jax.benchmarks.common import describe_device, emit
 from fvq_jax.benchmarks.sampling import random_model
-from fvq_jax.models.factory import build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.sampling.images import Painter
 from fvq_jax.serving import server
 from fvq_jax.serving.app import make_app
@@ -49,7 +49,7 @@ def random_tokenizer(preset: str, vocab: int) -> nnx.Module:
     arg = preset if preset in ("tiny", "local") else f"paper,model={preset}"
     config = config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config(arg)
     config.quantizer.codebook_size = vocab
-    return build_tokenizer(config, rngs=nnx.Rngs(0))
+    return build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))
 
 
 def percentile(values, q: float) -> float:

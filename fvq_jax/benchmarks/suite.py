@@ -24,7 +24,9 @@ Why this shape: a lent accelerator comes for minutes, and one failure must not c
 
 --tiny runs the same stages at CPU sizes (tiny tokenizer, K = 64 / 256, GPT-tiny; the Pallas
 search in interpret mode) so CI keeps every stage working; its figures are no performance figures,
-and it compares none of them with the references or targets, which are the device sizes'.
+and it compares none of them with the references or targets, which are the device sizes'. Without
+--tiny on a machine whose JAX backend is the CPU the suite refuses to start (naming --tiny) instead
+of trying the device sizes, which would not fit in its memory.
 """
 
 from __future__ import annotations
@@ -293,8 +295,8 @@ def tokenizer_stage(cases: tuple[tuple[Case, tuple, str], ...], run: StageRun) -
                        ref_img_s, ref_note, target))
         run.add(Figure(f"{case.label}: step", record["median_ms"], "ms", 1e3 * batch / ref_img_s, ref_note,
                        higher_is_better=False))
-        run.add(Figure(f"{case.label}: XLA memory", record["memory_GiB"], "GiB", ref_gib, "torch peak allocated",
-                       higher_is_better=False))
+        run.add(Figure(f"{case.label}: XLA memory", record["memory_GiB"], "GiB", ref_gib,
+                       f"{ref_note}, torch peak allocated", higher_is_better=False))
         run.add(Figure(f"{case.label}: MFU (XLA FLOPs)", _mfu_percent(record), "%",
                        note="" if record["mfu"] != "n/a" else "no peak for this device"))
 
@@ -433,7 +435,7 @@ def sampler_stage(run: StageRun) -> None:
 
 SERVE_CASE = Case("server, GPT-B, 24x24 codes, K 16,384, VQ-16 (384 px), bf16, CFG 2.0",
                   device=dict(preset="GPT-B", grid=24, vocab=16384, tokenizer="VQ-16", precision="bf16", clients=8,
-                              requests=2, latency_images=8),
+                              requests=1, latency_images=8),
                   tiny=dict(preset="GPT-tiny", grid=4, vocab=64, tokenizer="tiny", precision="fp32", clients=2,
                             requests=2, latency_images=2, classes=10))
 
@@ -447,8 +449,9 @@ def serve_stage(run: StageRun) -> None:
 
     run.check()
     r = run.record(SERVE_CASE, serve.measure(**run.pick(SERVE_CASE), time_limit=max(run.cap_s - run.elapsed(), 1)))
-    run.add(Figure(f"{SERVE_CASE.label}: one request of 8 images", r["latency_s"], "s", reference=2.39,
-                   reference_note="LlamaGen vLLM server, one A100", target="< 2.39", higher_is_better=False))
+    # The bar is LlamaGen's vLLM server (2.39 s on one A100), not a run of the PyTorch FVQ reference: a target.
+    run.add(Figure(f"{SERVE_CASE.label}: one request of 8 images", r["latency_s"], "s", target="< 2.39",
+                   higher_is_better=False, note="LlamaGen's vLLM server: 2.39 s on one A100"))
     run.add(Figure(f"{SERVE_CASE.label}: 8 clients batched / one at a time", r["speedup"], "x"))
     run.add(Figure(f"{SERVE_CASE.label}: requests answered 200", 1 - r["errors"] / r["requests"], "share",
                    target=">= 1"))
@@ -465,7 +468,7 @@ STAGES = (
           "quantizer fwd+bwd, XLA and Pallas search, K 16,384 / 262,144 x 2,048 / 8,192 tokens; search vs product"),
     Stage("gpt_train_step", 50, gpt_stage, "GPT-L train step, K 16,384"),
     Stage("sampler", 50, sampler_stage, "KV-cache sampler vs naive, GPT-B"),
-    Stage("serve", 150, serve_stage, "sampling server: GPT-B 24x24 with CFG, 8 images in one request; batched clients"),
+    Stage("serve", 120, serve_stage, "sampling server: GPT-B 24x24 with CFG, 8 images in one request; batched clients"),
 )
 
 
@@ -482,6 +485,10 @@ def main(argv=None):
     unknown = sorted((set(only) | set(caps)) - set(names))
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {names}")
+    if not args.tiny and jax.default_backend() == "cpu":
+        # Refused rather than shrunk: figures at other sizes than asked would sit beside the device references.
+        parser.error("no accelerator here (JAX's backend is cpu): the device sizes need an H100-class GPU "
+                     "(the K = 262,144 steps alone allocate tens of GiB); add --tiny for the CPU stand-ins")
     print(f"# device: {describe_device()}", flush=True)
     results = run_suite([s for s in STAGES if not only or s.name in only], args.out, tiny=args.tiny, caps=caps)
     failed = [s["name"] for s in results["stages"] if s["status"] != "ok"]

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.data.value_range import to_model_range, to_uint8
-from fvq_jax.models.factory import arch_from_config
+from fvq_jax.models.vqgan import VQGANArch
 from fvq_jax.models.load import Loaded, load_recorded_tokenizer, load_tokenizer, saved_config
 from fvq_jax.sampling.sampler import SamplingConfig, Settings, check_labels, decoding_fns, index_keys
 
@@ -55,8 +55,8 @@ def decoding_tokenizer(path: str, gpt: Loaded, mesh_cfg, *, field: str) -> Loade
     codes, vocab = int(tokenizer.model.quantizer.num_codes), gpt.config.model.vocab_size
     config_lib.require(codes == vocab, field, f"{path} has K = {codes} codes and the GPT predicts {vocab}")
     if record is not None:
-        grid, factor = gpt.config.model.grid, arch_from_config(tokenizer.config.model).downsample_factor
-        made = arch_from_config(saved_config(record["path"], record.get("step")).model).downsample_factor
+        grid, factor = gpt.config.model.grid, tokenizer.model.arch.downsample_factor
+        made = VQGANArch.from_config(saved_config(record["path"], record.get("step")).model, "model").downsample_factor
         config_lib.require(factor == made, field,
                            f"{path} decodes the GPT's {grid} x {grid} token grid into {grid * factor} x "
                            f"{grid * factor} images (downsampling {factor}); the tokenizer that made its codes "

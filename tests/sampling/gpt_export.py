@@ -8,7 +8,7 @@ from flax import nnx
 
 from fvq_jax import checkpointing, config_lib
 from fvq_jax.conversion.gpt import model_config
-from fvq_jax.models.factory import build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.models.gpt import gpt_config
 from tests.codes_dirs import write_codes_dir
 from tests.models.tiny_gpt import random_gpt
@@ -41,7 +41,7 @@ def write_tokenizer_export(directory, *, model: dict | None = None, quantizer: d
     config = config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config("tiny")
     config.model.update(model or {})
     config.quantizer.update(quantizer or {})
-    model = build_tokenizer(config, rngs=nnx.Rngs(0))
+    model = build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))
     params, rest = nnx.state(model, nnx.Param, ...)
     checkpointing.save_export(directory, {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)},
                               config.to_dict())
