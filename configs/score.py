@@ -17,7 +17,7 @@
 
 `ref` names the reference in one value (`reference_fields`): `photos`, an ADM batch `PATH.npz`,
 `tfds:NAME`, or else an image folder. The reference's Inception features are computed once and cached
-beside it (`reference.cache_dir`; see fvq_jax/evaluation/reference_cache.py). Writes SAMPLES/scores.json
+beside it (`reference.cache_dir`; see fvq_jax/evaluation/feature_cache.py). Writes SAMPLES/scores.json
 (gfid, inception_score, precision, recall, class_consistency and its chance level, with sampling.json's
 settings copied in) and prints one line. Any field can also be set with --config.<field>=<value>; the
 metrics are described in fvq_jax/evaluation/scoring.py.

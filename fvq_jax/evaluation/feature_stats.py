@@ -4,8 +4,8 @@ Statistics files are `.npz` with `mu` [F], `sigma` [F, F], `count` and `descript
 were made: data, split, preprocessing, Inception weights checksum). `load_stats` also reads the
 ADM / LlamaGen reference batches (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma`, and the
 images as `arr_0`); `load_images` reads their `arr_0` when statistics must be computed afresh.
-An `ImageSet` (statistics, the features themselves, labels) is saved the same way plus `features`
-and `labels` (`save_image_set` / `load_image_set`: the reference cache's entries). Every file is
+An `ImageSet` (statistics, the features themselves, labels, logits) is saved the same way plus those
+arrays (`save_image_set` / `load_image_set`: the feature cache's entries). Every file is
 written under a temporary name and renamed into place (`atomic_savez`).
 """
 
@@ -125,12 +125,14 @@ class RunningStats:
 @dataclasses.dataclass
 class ImageSet:
     """What the scores need of a set of images. stats: pool-feature statistics; features: float32 [N, F];
-    labels: [N]; the last two None when unknown (a reference given as statistics only, unlabelled images)."""
+    labels: [N]; logits: float32 [N, C] (the Inception Score's input); the last three None when unknown (a
+    reference given as statistics only, unlabelled images, Inception weights without the classifier head)."""
 
     stats: FeatureStats
     features: np.ndarray | None
     labels: np.ndarray | None
     description: str
+    logits: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -139,11 +141,12 @@ class ImageSet:
 
 
 def save_image_set(path: str | os.PathLike, image_set: ImageSet, **extra: np.ndarray) -> epath.Path:
-    """The set's statistics, features (needed) and labels (when known) in one .npz, with `extra` arrays."""
+    """The set's statistics, features (needed), labels and logits (when known) in one .npz, with `extra` arrays."""
     arrays = dict(image_set.stats.arrays(), features=image_set.features, set_description=np.array(image_set.description),
                   **extra)
-    if image_set.labels is not None:
-        arrays["labels"] = image_set.labels
+    for name in ("labels", "logits"):
+        if getattr(image_set, name) is not None:
+            arrays[name] = getattr(image_set, name)
     return atomic_savez(path, **arrays)
 
 
@@ -156,11 +159,13 @@ def load_image_set(path: str | os.PathLike) -> tuple[ImageSet, dict[str, np.ndar
     if missing:
         raise ValueError(f"{path} is not a saved image set: {sorted(missing)} missing")
     features, mu, sigma = arrays.pop("features"), arrays.pop("mu"), arrays.pop("sigma")
-    labels, count = arrays.pop("labels", None), int(arrays.pop("count"))
+    labels, logits, count = arrays.pop("labels", None), arrays.pop("logits", None), int(arrays.pop("count"))
     f = mu.shape[0] if mu.ndim == 1 else -1
     if (f < 0 or sigma.shape != (f, f) or features.ndim != 2 or features.shape[1] != f or count != len(features)
-            or (labels is not None and labels.shape != (count,))):
+            or (labels is not None and labels.shape != (count,))
+            or (logits is not None and (logits.ndim != 2 or len(logits) != count))):
         raise ValueError(f"{path}: shapes do not fit together: mu {mu.shape}, sigma {sigma.shape}, features "
-                         f"{features.shape}, labels {None if labels is None else labels.shape}, count {count}")
+                         f"{features.shape}, labels {None if labels is None else labels.shape}, logits "
+                         f"{None if logits is None else logits.shape}, count {count}")
     stats = FeatureStats(mu, sigma, count, str(arrays.pop("description")))
-    return ImageSet(stats, features, labels, str(arrays.pop("set_description"))), arrays
+    return ImageSet(stats, features, labels, str(arrays.pop("set_description")), logits), arrays

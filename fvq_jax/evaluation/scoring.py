@@ -17,10 +17,11 @@ tokenizer's own losses as well. Small sets bias gFID upwards (the covariance of 
 2048-d features is far from the population's); compare gFIDs only at equal sample and reference counts.
 
 The reference's features (and their FID statistics) are computed once and cached beside the reference
-(`ReferenceSpec.cache_directory`, reference_cache.py), keyed by everything that changes them; later scores
-and every scale of a CFG sweep read them back ("reference features: cache hit ..."). Each pass over images
-prints a progress line with its rate and ETA; the Inception sees fixed-size padded batches, so one program
-is compiled per image size.
+(`ReferenceSpec.cache_directory`, feature_cache.py), keyed by everything that changes them; later scores
+and every scale of a CFG sweep read them back ("reference features: cache hit ..."). The samples' features
+are kept beside them (SAMPLES/sample_features.npz, keyed by the batch files), so scoring the same samples
+again (another reference, another k) runs no Inception at all. Each pass over images prints a progress line
+with its rate and ETA; the Inception sees fixed-size padded batches, so one program is compiled per image size.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.sources import split_source
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.data.value_range import to_model_range, to_uint8
-from fvq_jax.evaluation import neighbours, reference_cache, reports
+from fvq_jax.evaluation import feature_cache, neighbours, reports
 from fvq_jax.evaluation.feature_stats import ImageSet, load_images, load_stats
 from fvq_jax.evaluation.fid import fid_of_features
 from fvq_jax.evaluation.inception_metrics import InceptionMetrics, metrics_from_images
@@ -55,6 +56,7 @@ from fvq_jax.progress import Progress
 
 SAMPLE_FILES = "batch_*.npz"
 SCORES_FILE = "scores.json"
+SAMPLES_CACHE = "sample_features.npz"  # the samples' Inception outputs, beside them
 CROPS = ("train", "center")
 
 
@@ -106,7 +108,7 @@ class ReferenceSpec(config_lib.Spec):
         for name in ("image_size", "num_images", "seed"):
             config_lib.require_number(getattr(self, name), name, strict=False, integer=True)
         config_lib.require(isinstance(self.cache_dir, str), "cache_dir",
-                           f"must be a folder, '' or '{reference_cache.OFF}', got {self.cache_dir!r}")
+                           f"must be a folder, '' or '{feature_cache.OFF}', got {self.cache_dir!r}")
 
     @classmethod
     def from_config(cls, block, prefix: str = "reference") -> "ReferenceSpec":
@@ -135,14 +137,14 @@ class ReferenceSpec(config_lib.Spec):
         as they were: only <folder>/<split>/<class>/ is ever read); <tfds_data_dir>/.fvq_cache; the user cache
         ($FVQ_CACHE, default ~/.cache/fvq_jax) for the built-in photos and TFDS's default data dir."""
         if self.cache_dir:
-            return None if self.cache_dir == reference_cache.OFF else epath.Path(self.cache_dir)
+            return None if self.cache_dir == feature_cache.OFF else epath.Path(self.cache_dir)
         if self.npz:
             return epath.Path(self.npz).parent
         if self.data.source == "folder":
             return epath.Path(self.data.folder) / ".fvq_cache"
         if self.data.source == "tfds" and self.data.tfds_data_dir:
             return epath.Path(self.data.tfds_data_dir) / ".fvq_cache"
-        return reference_cache.user_cache()
+        return feature_cache.user_cache()
 
 
 def resolve(config: ml_collections.ConfigDict) -> tuple[ScoreSpec, ReferenceSpec]:
@@ -194,7 +196,8 @@ def array_shape(path, name: str) -> tuple[int, ...]:
 
 
 def _image_set(metrics: InceptionMetrics, labels: np.ndarray | None, description: str) -> ImageSet:
-    return ImageSet(metrics.feature_stats(description), metrics.features(), labels, description)
+    logits = np.concatenate(metrics.logits) if metrics.with_logits else None
+    return ImageSet(metrics.feature_stats(description), metrics.features(), labels, description, logits)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -204,7 +207,7 @@ def reference_set(spec: ReferenceSpec, model: InceptionV3, *, batch_size: int, i
                   tokenizer: dict | None = None) -> ImageSet:
     """The reference of `spec`: an ADM-style batch, or a dataset's images at `image_size` (when spec.image_size
     is 0), through the tokenizer that `tokenizer` (sampling.json's record) names when given. Its features come
-    from the cache beside the reference when they were computed before (reference_cache)."""
+    from the cache beside the reference when they were computed before (feature_cache)."""
     if spec.npz:
         return npz_reference(spec, model, batch_size)
     data = spec.dataset(image_size)
@@ -236,7 +239,13 @@ def reference_set(spec: ReferenceSpec, model: InceptionV3, *, batch_size: int, i
         return _image_set(metrics, np.concatenate(labels), description)
 
     stem = f"{data.source}-{data.train_split}-{spec.crop}{data.image_size}-n{count}"
-    return reference_cache.cached(spec.cache_directory(), stem, key, compute)
+    return _cached_reference(spec, stem, key, compute)
+
+
+def _cached_reference(spec: ReferenceSpec, stem: str, key: dict, compute: Callable[[], ImageSet]) -> ImageSet:
+    directory = spec.cache_directory()
+    path = None if directory is None else feature_cache.entry_path(directory, stem, key)
+    return feature_cache.cached(path, key, compute, what="reference features")
 
 
 def _dataset_identity(data: DataSpec, source) -> dict:
@@ -281,7 +290,7 @@ def npz_reference(spec: ReferenceSpec, model: InceptionV3, batch_size: int) -> I
                                       progress=Progress("reference features", array_shape(path, "arr_0")[0]))
         return _image_set(metrics, labels, description)
 
-    image_set = reference_cache.cached(spec.cache_directory(), f"{path.stem}.features", key, compute)
+    image_set = _cached_reference(spec, f"{path.stem}.features", key, compute)
     if {"mu", "sigma"} <= keys:
         image_set = dataclasses.replace(image_set, stats=load_stats(path))
     return image_set
@@ -307,9 +316,9 @@ def dataset_batches(data: DataSpec, *, crop: str, seed: int, num_images: int,
 # ----------------------------------------------------------------------------- scores
 
 
-def scores(samples: ImageSet, logits: np.ndarray | None, reference: ImageSet, *, nearest_k: int, chunk: int,
-           is_splits: int) -> dict:
+def scores(samples: ImageSet, reference: ImageSet, *, nearest_k: int, chunk: int, is_splits: int) -> dict:
     """Every score the two sets allow (see the module docstring)."""
+    logits = samples.logits
     results = dict(gfid=fid_of_features(samples.features, reference.stats), num_samples=samples.count)
     if logits is None:
         results["inception_score_note"] = ("these Inception weights have no classifier head; export weights "
@@ -353,14 +362,11 @@ class Scorer:
         samples_dir = Path(samples_dir)
         files = sample_files(samples_dir)
         shapes = [array_shape(path, "arr_0") for path in files]
-        metrics = metrics_from_images(_images(files), self.model, batch_size=s.batch_size, keep_features=True,
-                                      progress=Progress("sample features", sum(shape[0] for shape in shapes)))
-        samples = _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
+        samples = self.samples(samples_dir, files, sum(shape[0] for shape in shapes))
         record = _sampling_record(samples_dir)
-        reference = self.reference(image_size=shapes[0][1], num_samples=metrics.count,
+        reference = self.reference(image_size=shapes[0][1], num_samples=samples.count,
                                    tokenizer=self._tokenizer(record, samples_dir))
-        logits = np.concatenate(metrics.logits) if self.model.with_logits else None
-        results = scores(samples, logits, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
+        results = scores(samples, reference, nearest_k=s.nearest_k, chunk=s.chunk, is_splits=s.is_splits)
         settings = dataclasses.asdict(self.reference_spec)
         if self.reference_spec.data is not None:
             settings["data"] = dataclasses.asdict(self.reference_spec.dataset(shapes[0][1]))
@@ -372,6 +378,18 @@ class Scorer:
             reports.write_metrics_json(results, samples_dir / SCORES_FILE)
         print(summary_line(results, samples_dir), flush=True)
         return results
+
+    def samples(self, samples_dir: Path, files: list[Path], count: int) -> ImageSet:
+        """The features of the `count` samples in `files`, from SAMPLES_CACHE when those files made it."""
+
+        def compute() -> ImageSet:
+            metrics = metrics_from_images(_images(files), self.model, batch_size=self.score.batch_size,
+                                          keep_features=True, progress=Progress("sample features", count))
+            return _image_set(metrics, sample_labels(files), f"samples in {samples_dir}")
+
+        key = dict(files=[[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files],
+                   inception_sha256=self.model.weights_sha256)
+        return feature_cache.cached(epath.Path(samples_dir) / SAMPLES_CACHE, key, compute, what="sample features")
 
     def _tokenizer(self, record: dict | None, samples_dir: Path) -> dict | None:
         """The tokenizer record to pass the reference through: sampling.json's, with reference.reconstruct."""

@@ -14,7 +14,7 @@ from etils import epath
 from flax import nnx
 
 from fvq_jax import config_lib, tasks
-from fvq_jax.evaluation import reference_cache, scoring
+from fvq_jax.evaluation import feature_cache, scoring
 from fvq_jax.evaluation.feature_stats import ImageSet, RunningStats, load_image_set, save_image_set
 from fvq_jax.evaluation.inception_metrics import metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
@@ -35,7 +35,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def user_cache(tmp_path, monkeypatch):
     """The user cache (where the photos' reference features go) in the test's own folder."""
-    monkeypatch.setenv(reference_cache.CACHE_ENV, str(tmp_path / "user_cache"))
+    monkeypatch.setenv(feature_cache.CACHE_ENV, str(tmp_path / "user_cache"))
     return tmp_path / "user_cache" / "reference_features"
 
 
@@ -100,9 +100,9 @@ def test_scores_of_a_shifted_set_match_numpy():
     features = rng.normal(size=(40, 8)).astype(np.float32)
     labels = np.arange(40) % 4
     shift = np.full(8, 0.5, np.float32)
-    samples, reference = image_set(features, labels), image_set(features + shift, labels)
     logits = rng.normal(size=(40, 10))
-    result = scoring.scores(samples, logits, reference, nearest_k=3, chunk=7, is_splits=4)
+    samples, reference = image_set(features, labels, logits), image_set(features + shift, labels)
+    result = scoring.scores(samples, reference, nearest_k=3, chunk=7, is_splits=4)
     assert result["gfid"] == pytest.approx(8 * 0.25, rel=1e-6)
     precision, recall = brute_force_precision_recall(features + shift, features, 3)
     assert (result["precision"], result["recall"]) == pytest.approx((precision, recall), abs=1e-12)
@@ -111,10 +111,10 @@ def test_scores_of_a_shifted_set_match_numpy():
     assert result["inception_score"] == inception_score(logits, 4)[0] and result["chance"] == 0.25
 
 
-def image_set(features, labels):
+def image_set(features, labels, logits=None):
     stats = RunningStats(features.shape[1])
     stats.update(features)
-    return ImageSet(stats.result(""), features, labels, "")
+    return ImageSet(stats.result(""), features, labels, "", logits)
 
 
 def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_path, user_cache, capsys, monkeypatch):
@@ -130,15 +130,20 @@ def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_pat
     [entry] = user_cache.glob("photos-train-train16-n6-*.npz")
     assert f"reference features: cached in {entry}" in first
 
-    # The second score reads the reference back: no image of the dataset is read, the scores are the same.
-    monkeypatch.setattr(scoring, "dataset_batches", lambda *a, **k: pytest.fail("the reference was recomputed"))
+    # The second score reads both back: no image goes through the Inception, the scores are the same.
+    monkeypatch.setattr(scoring, "metrics_from_images", lambda *a, **k: pytest.fail("features were recomputed"))
     again = scoring.score_samples(config, directory)
     second = capsys.readouterr().out
     assert f"reference features: cache hit {entry} (6 images; key " in second
     assert '"seed": 0' in second and '"inception_sha256": ' in second
-    assert "reference features 6/6" not in second
-    assert {k: again[k] for k in ("gfid", "precision", "recall", "class_consistency")} == {
-        k: result[k] for k in ("gfid", "precision", "recall", "class_consistency")}
+    assert f"sample features: cache hit {directory / scoring.SAMPLES_CACHE} (6 images" in second
+    scores = ("gfid", "precision", "recall", "class_consistency", "inception_score")
+    assert {k: again[k] for k in scores} == {k: result[k] for k in scores}
+    # Samples written again (a batch replaced) are not taken from the cache.
+    monkeypatch.undo()
+    write_samples(directory, images[::-1], labels[::-1], (4, 2))
+    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(result["gfid"], abs=1e-3)
+    assert "sample features 6/6 images" in capsys.readouterr().out
 
 
 def test_a_damaged_or_foreign_cache_entry_is_computed_again(weights, samples, tmp_path, user_cache, caplog):
