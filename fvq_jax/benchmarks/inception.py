@@ -2,6 +2,7 @@
 
   python -m fvq_jax.benchmarks.inception                        # batch 50 of 32x32 uint8 images: the score task's
   python -m fvq_jax.benchmarks.inception --batch=16 --size=256 --rounds=5
+  python -m fvq_jax.benchmarks.inception --score_samples=100 --score_reference=200 --variants= --no-stages
   python -m fvq_jax.benchmarks.inception --tiny                 # seconds: the sizes the test runs
 
 What is timed, on the same uint8 images [B, S, S, 3]:
@@ -18,6 +19,9 @@ What is timed, on the same uint8 images [B, S, S, 3]:
 - XLA CPU options (`--variants`): the whole JAX forward in a fresh process per XLA_FLAGS setting and round (XLA
   reads its flags once per process; the default settings run that way too, as their baseline): convolutions
   by XLA's own emitter (Eigen) instead of YNNPACK, and YNNPACK fusing the elementwise ops as well.
+- the score task (`--score_samples=N`): three runs as a user types them, each a fresh process, on photo views
+  standing in for samples: nothing cached, the same samples again, new samples against the same reference;
+  each run's wall time and its ratio to the first (what the feature caches save, start-up and compiles included).
 Rounds alternate JAX and torch, so a shared machine's load falls on both alike; each figure is the median of
 the rounds. Prints one JSON line per figure (`--out` appends them to a file) and a table at the end.
 """
@@ -28,9 +32,11 @@ import argparse
 import copy
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -38,10 +44,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from fvq_jax import config_lib
 from fvq_jax.benchmarks.common import compiled_flops, describe_device, emit
-from fvq_jax.evaluation import inception_metrics
-from fvq_jax.models.inception import BLOCKS, InceptionV3, load_inception, to_inception_input
+from fvq_jax.evaluation import feature_cache, inception_metrics, scoring
+from fvq_jax.models.inception import BLOCKS, WEIGHTS_ENV, InceptionV3, load_inception, to_inception_input
 
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 FEATURE_TOLERANCE = 1e-4  # max |ours - theirs| of the pool features (as tests/models/test_inception.py)
 DATA_RANGE = (0.0, 255.0)
 # XLA CPU settings to compare with the default (name, XLA_FLAGS); see the module docstring.
@@ -197,13 +205,21 @@ def _pair(times: dict[str, float], batch: int) -> dict:
                 torch_images_per_s=batch / times["torch"], jax_over_torch=times["torch"] / times["jax"])
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a measured child process: this one's, its persistent compilation cache included."""
+    env = dict(os.environ, **extra)
+    if jax.config.jax_compilation_cache_dir:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    return env
+
+
 def variant_seconds(flags: str, args) -> float:
     """Seconds of one call of the whole JAX forward, after a warm-up call, in a fresh process under XLA_FLAGS."""
     command = [sys.executable, "-m", "fvq_jax.benchmarks.inception", "--jax_only", f"--batch={args.batch}",
                f"--size={args.size}"]
     if args.weights:
         command.append(f"--weights={args.weights}")
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    env = child_env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"XLA_FLAGS={flags!r}: the JAX forward failed:\n{result.stderr[-2000:]}")
@@ -233,7 +249,7 @@ def table(records: list[dict]) -> str:
     lines = ["| what | JAX ms | torch ms | JAX img/s | torch img/s | JAX / torch speed | JAX GFLOP/s | torch GFLOP/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        if r["what"] == "inception_torch_ops":
+        if r["what"] in ("inception_torch_ops", "score_task"):
             continue
         label = {"inception_whole": "whole (pixels -> features)", "inception_stage": r.get("stage"),
                  "inception_xla_variant": f"whole, XLA {r.get('variant')}"}[r["what"]]
@@ -241,6 +257,44 @@ def table(records: list[dict]) -> str:
                                     "jax_gflops", "torch_gflops")]
         lines.append(f"| {label} | " + " | ".join(_number(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def write_views(directory: pathlib.Path, *, count: int, size: int, seed: int) -> pathlib.Path:
+    """`count` training views of the built-in photos (labels: the photos), in the sampling job's layout, standing
+    in for samples: batch_00000_p000.npz ... of at most 50 images each."""
+    _, reference = scoring.resolve(config_lib.load_file(CONFIGS / "score.py").get_config(f"seed={seed}"))
+    parts = scoring.dataset_batches(reference.dataset(size), crop="train", seed=seed, num_images=count, batch_size=50)
+    directory.mkdir(parents=True)
+    for b, (images, labels) in enumerate(parts):
+        np.savez(directory / f"batch_{b:05d}_p000.npz", arr_0=images, arr_1=labels)
+    return directory
+
+
+def score_runs(args) -> list[dict]:
+    """The score task three times, each as a user runs it (`python -m fvq_jax.main --config=configs/score.py`, a
+    fresh process): on `--score_samples` photo views against `--score_reference` others (nothing cached), the same
+    samples again, new samples against the same reference; wall seconds and their ratio to the first run."""
+    records = []
+    with tempfile.TemporaryDirectory() as root:
+        root = pathlib.Path(root)
+        first, new = (write_views(root / name, count=args.score_samples, size=args.size, seed=seed)
+                      for name, seed in (("samples", 1), ("new_samples", 2)))
+        env = child_env(**{feature_cache.CACHE_ENV: str(root / "cache")})
+        if args.weights:
+            env[WEIGHTS_ENV] = args.weights
+        config = f"--config={CONFIGS / 'score.py'}:images={args.score_reference},batch={min(args.batch, 50)}"
+        for run, directory in (("first", first), ("same samples again", first), ("new samples", new)):
+            command = [sys.executable, "-m", "fvq_jax.main", config, f"--workdir={directory}"]
+            start = time.perf_counter()
+            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if result.returncode:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+            hits = [line.split(":")[0] for line in result.stdout.splitlines() if ": cache hit " in line]
+            records.append(dict(what="score_task", run=run, seconds=wall, ratio_to_first=wall / (
+                records[0]["seconds"] if records else wall), cache_hits=hits, samples=args.score_samples,
+                reference_images=args.score_reference))
+    return records
 
 
 def _number(value: float | None) -> str:
@@ -256,6 +310,9 @@ def main(argv=None) -> list[dict]:
                         help="also time the stem and every mixed block alone")
     parser.add_argument("--variants", default=None, help=f"XLA CPU settings to time the JAX forward under, "
                         f"comma-separated, of {[n for n, _ in VARIANTS]} ('' none; default all, none with --tiny)")
+    parser.add_argument("--score_samples", type=int, default=0,
+                        help="also time the score task with the feature caches: this many samples (0: not)")
+    parser.add_argument("--score_reference", type=int, default=200, help="... against this many reference images")
     parser.add_argument("--weights", default="", help="exported Inception weights (default: load_inception's)")
     parser.add_argument("--tiny", action="store_true", help="batch 2 of 16x16 images, one round, no stages")
     parser.add_argument("--jax_only", action="store_true", help=argparse.SUPPRESS)  # a variant's own process
@@ -291,6 +348,11 @@ def main(argv=None) -> list[dict]:
     measure(model, images, rounds=args.rounds, stages=args.stages, report=report)
     for record in variants(args.variants.split(","), args):
         report(record)
+    if args.score_samples:
+        for record in score_runs(args):
+            report(record)
+            print(f"score task, {record['run']}: {record['seconds']:.1f} s = {record['ratio_to_first']:.0%} of the "
+                  f"first (cache hits: {', '.join(record['cache_hits']) or 'none'})", flush=True)
     print(table(records), flush=True)
     shares = next(r["torch_op_shares"] for r in records if r["what"] == "inception_torch_ops")
     print("torch network time by op: " + ", ".join(f"{op} {share:.0%}" for op, share in shares.items()), flush=True)
