@@ -15,7 +15,7 @@ file's other reference keys (split, crop, images, res, reconstruct, cache). For 
 are computed once for all scales (and cached beside the reference for later sweeps). Then OUT/table.md
 (scale, gFID, IS, precision, recall, class consistency), OUT/results.json (every score of every scale) and
 OUT/cfg_sweep.png (gFID and IS against the scale). A rerun skips the sample batches already written and
-scores again.
+scores again from the features kept beside each scale's samples.
 """
 
 from __future__ import annotations
