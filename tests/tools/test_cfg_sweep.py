@@ -23,7 +23,7 @@ def gpt_run(tiny_run, tmp_path_factory):
     return workdir
 
 
-def test_cfg_sweep_against_a_folder_samples_and_scores_each_scale(gpt_run, tmp_path, monkeypatch, capsys):
+def test_cfg_sweep_samples_and_scores_each_scale(gpt_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FVQ_INCEPTION_WEIGHTS", str(export_with_head(tmp_path)))
     folder = tmp_path / "my_folder"
     write_jpegs(folder / "validation", [2] * CLASSES)  # <folder>/validation/class_<c>/*.jpg
