@@ -62,6 +62,7 @@ ENTRY_POINTS = {
     "fvq_jax.benchmarks.gpt_train_step": (f"{BENCH}::test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run",),
     "fvq_jax.benchmarks.gpt_loss_memory": (f"{BENCH}::test_gpt_loss_memory_full_against_chunked",),
     "fvq_jax.benchmarks.sampling": (f"{BENCH}::test_sampling_kv_cache_against_the_naive_sampler",),
+    "fvq_jax.benchmarks.inception": ("tests/benchmarks/test_inception.py::test_tiny_run_compares_both_inceptions",),
     "fvq_jax.benchmarks.extraction": (
         "tests/benchmarks/test_extraction.py::test_tiny_benchmark_runs_every_path_and_finds_the_same_codes",),
     "fvq_jax.benchmarks.serve": ("tests/benchmarks/test_serve_benchmark.py::test_the_tiny_load_benchmark",),

@@ -4,15 +4,20 @@ Statistics files are `.npz` with `mu` [F], `sigma` [F, F], `count` and `descript
 were made: data, split, preprocessing, Inception weights checksum). `load_stats` also reads the
 ADM / LlamaGen reference batches (`VIRTUAL_imagenet256_labeled.npz`: `mu`, `sigma`, and the
 images as `arr_0`); `load_images` reads their `arr_0` when statistics must be computed afresh.
+An `ImageSet` (statistics, the features themselves, labels, logits) is saved the same way plus those
+arrays (`save_image_set` / `load_image_set`: the feature cache's entries). Every file is
+written under a temporary name and renamed into place (`atomic_savez`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from fvq_jax.evaluation.host import to_host
 
@@ -26,13 +31,27 @@ class FeatureStats:
     count: int
     description: str
 
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # a file object keeps np.savez from renaming the path
-            np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count),
-                     description=np.array(self.description))
-        return path
+    def arrays(self) -> dict[str, np.ndarray]:
+        return dict(mu=self.mu, sigma=self.sigma, count=np.int64(self.count), description=np.array(self.description))
+
+    def save(self, path: str | os.PathLike) -> epath.Path:
+        return atomic_savez(path, **self.arrays())
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> epath.Path:
+    """np.savez(path, **arrays) through a temporary name in the same folder, renamed over `path` once
+    complete: a reader sees the old file or the new one, never a part (an interrupted write leaves no file)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with temporary.open("wb") as f:  # a file object keeps np.savez from appending .npz to the name
+            np.savez(f, **arrays)
+        temporary.replace(path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
 
 
 def load_stats(path: str | os.PathLike) -> FeatureStats:
@@ -40,7 +59,7 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
     with np.load(path, allow_pickle=False) as data:
         if "mu" not in data.files or "sigma" not in data.files:
             raise ValueError(f"{path} holds no 'mu'/'sigma' statistics (keys: {data.files}); a reference "
-                             f"batch with only images ('arr_0') needs `reference_stats` to compute them")
+                             f"batch with only images ('arr_0') needs them computed from its images (scoring.py)")
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
         count = int(data["count"]) if "count" in data.files else -1
         if "description" in data.files:
@@ -101,3 +120,52 @@ class RunningStats:
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
         return FeatureStats(self.mean.copy(), self.scatter / (self.count - 1), self.count, description)
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """What the scores need of a set of images. stats: pool-feature statistics; features: float32 [N, F];
+    labels: [N]; logits: float32 [N, C] (the Inception Score's input); the last three None when unknown (a
+    reference given as statistics only, unlabelled images, Inception weights without the classifier head)."""
+
+    stats: FeatureStats
+    features: np.ndarray | None
+    labels: np.ndarray | None
+    description: str
+    logits: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        """Images in the set; -1 when unknown (statistics from a file that does not say, as ADM's)."""
+        return len(self.features) if self.features is not None else self.stats.count
+
+
+def save_image_set(path: str | os.PathLike, image_set: ImageSet, **extra: np.ndarray) -> epath.Path:
+    """The set's statistics, features (needed), labels and logits (when known) in one .npz, with `extra` arrays."""
+    arrays = dict(image_set.stats.arrays(), features=image_set.features, set_description=np.array(image_set.description),
+                  **extra)
+    for name in ("labels", "logits"):
+        if getattr(image_set, name) is not None:
+            arrays[name] = getattr(image_set, name)
+    return atomic_savez(path, **arrays)
+
+
+def load_image_set(path: str | os.PathLike) -> tuple[ImageSet, dict[str, np.ndarray]]:
+    """(the ImageSet saved at `path`, its other arrays). ValueError naming the file when the arrays do not fit
+    together (a file that is not a saved set, or a damaged one)."""
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    missing = {"mu", "sigma", "count", "description", "features", "set_description"} - arrays.keys()
+    if missing:
+        raise ValueError(f"{path} is not a saved image set: {sorted(missing)} missing")
+    features, mu, sigma = arrays.pop("features"), arrays.pop("mu"), arrays.pop("sigma")
+    labels, logits, count = arrays.pop("labels", None), arrays.pop("logits", None), int(arrays.pop("count"))
+    f = mu.shape[0] if mu.ndim == 1 else -1
+    if (f < 0 or sigma.shape != (f, f) or features.ndim != 2 or features.shape[1] != f or count != len(features)
+            or (labels is not None and labels.shape != (count,))
+            or (logits is not None and (logits.ndim != 2 or len(logits) != count))):
+        raise ValueError(f"{path}: shapes do not fit together: mu {mu.shape}, sigma {sigma.shape}, features "
+                         f"{features.shape}, labels {None if labels is None else labels.shape}, logits "
+                         f"{None if logits is None else logits.shape}, count {count}")
+    stats = FeatureStats(mu, sigma, count, str(arrays.pop("description")))
+    return ImageSet(stats, features, labels, str(arrays.pop("set_description")), logits), arrays

@@ -4,19 +4,19 @@
 >>> metrics = InceptionMetrics(model, data_range=(-1.0, 1.0), mesh=mesh)
 >>> for batch in eval_batches:                 # images [B, H, W, 3], sharded over 'data'
 ...     metrics.update(reconstructions, mask=batch["mask"])
->>> metrics.fid(reference_stats("VIRTUAL_imagenet256_labeled.npz", model))
+>>> metrics.fid(load_stats("VIRTUAL_imagenet256_labeled.npz"))
 >>> metrics.inception_score()                  # needs weights with the classifier head
 
 The Inception runs under `jax.jit` on whatever sharding the batch has (its weights are
-replicated over `mesh` when one is given); features and logits come to the host with `to_host`
-(all-gathered across processes) and are accumulated in float64.
+replicated over `mesh` when one is given): one compiled program per batch shape, shared by every
+InceptionMetrics of the same network; `metrics_from_images` pads host images to fixed batches, so a
+whole pass compiles once. Features and logits come to the host with `to_host` (all-gathered across
+processes) and are accumulated in float64.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -25,10 +25,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fvq_jax.evaluation import fid as fid_lib
-from fvq_jax.evaluation.feature_stats import FeatureStats, RunningStats, load_images, load_stats
+from fvq_jax.evaluation.feature_stats import FeatureStats, RunningStats
 from fvq_jax.evaluation.host import to_host
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import NUM_FEATURES, InceptionV3
+from fvq_jax.progress import Progress
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "data_range", "quantize"))
@@ -122,59 +123,16 @@ def fixed_batches(arrays: Iterable[np.ndarray], batch_size: int) -> Iterator[tup
 
 
 def metrics_from_images(arrays: Iterable[np.ndarray], model: InceptionV3, *, batch_size: int = 100,
-                        keep_features: bool = False) -> InceptionMetrics:
-    """InceptionMetrics over host images uint8 [n_i, H, W, 3], an iterable of arrays (see `fixed_batches`)."""
+                        keep_features: bool = False, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                        progress: Progress | None = None) -> InceptionMetrics:
+    """InceptionMetrics over host images uint8 [n_i, H, W, 3], an iterable of arrays (see `fixed_batches`).
+
+    transform: uint8 [batch_size, H, W, 3] -> the same, applied to every padded batch before the Inception (the
+    reference through a tokenizer: fixed shapes for its program too); progress: told of every batch's images.
+    """
     metrics = InceptionMetrics(model, data_range=(0.0, 255.0), keep_features=keep_features)
     for batch, mask in fixed_batches(arrays, batch_size):
-        metrics.update(batch, mask=mask)
+        metrics.update(batch if transform is None else transform(batch), mask=mask)
+        if progress is not None:
+            progress.update(int(mask.sum()))
     return metrics
-
-
-def stats_from_images(images: np.ndarray, model: InceptionV3, *, description: str,
-                      batch_size: int = 100) -> FeatureStats:
-    """Statistics of host images uint8 [N, H, W, 3]."""
-    return metrics_from_images([images], model, batch_size=batch_size).feature_stats(description)
-
-
-def cached_stats(cache_path: str | os.PathLike, compute: Callable[[], FeatureStats], *,
-                 weights_sha256: str | None) -> FeatureStats:
-    """Statistics computed once per dataset/split: read `cache_path`, or compute() and save it there.
-
-    A cached file whose description does not name `weights_sha256` (other Inception weights)
-    raises rather than silently mixing evaluators. Only process 0 writes the file.
-    """
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        stats = load_stats(cache_path)
-        if weights_sha256 is not None and weights_sha256 not in stats.description:
-            raise ValueError(f"{cache_path} was made with other Inception weights than {weights_sha256}: "
-                             f"{stats.description!r}; delete it to recompute")
-        return stats
-    stats = compute()
-    if jax.process_index() == 0:
-        stats.save(cache_path)
-    return stats
-
-
-def reference_stats(path: str | os.PathLike, model: InceptionV3 | None = None, *,
-                    cache_path: str | os.PathLike | None = None, batch_size: int = 100) -> FeatureStats:
-    """Reference statistics from a statistics file or an ADM-style reference batch.
-
-    A file with `mu`/`sigma` is read as is (in ADM's files they take precedence over `arr_0`). A
-    file with images only (`arr_0`) is run through `model` once and the result cached at
-    `cache_path` (default: `<path stem>.inception_stats.npz` next to it; see `cached_stats`).
-    """
-    path = Path(path)
-    with np.load(path, allow_pickle=False) as data:
-        has_stats = "mu" in data.files and "sigma" in data.files
-    if has_stats:
-        return load_stats(path)
-    cache_path = Path(cache_path) if cache_path is not None else path.with_name(path.stem + ".inception_stats.npz")
-    if model is None and not cache_path.is_file():
-        raise ValueError(f"{path} holds images only: pass the Inception model to compute its statistics")
-
-    def compute():
-        return stats_from_images(load_images(path), model, batch_size=batch_size,
-                                 description=f"reference images {path.name} (arr_0)")
-
-    return cached_stats(cache_path, compute, weights_sha256=model.weights_sha256 if model is not None else None)

@@ -45,6 +45,9 @@ NUM_CLASSES = 1008
 BN_EPS = 1e-3
 WEIGHTS_ENV = "FVQ_INCEPTION_WEIGHTS"
 SOURCE_KEY = "__source__"  # npz entry holding a description of where the weights came from
+# The mixed blocks after the stem, in order (InceptionV3 attributes).
+BLOCKS = ("mixed_5b", "mixed_5c", "mixed_5d", "mixed_6a", "mixed_6b", "mixed_6c", "mixed_6d", "mixed_6e",
+          "mixed_7a", "mixed_7b", "mixed_7c")
 
 
 # ----------------------------------------------------------------------------- input
@@ -300,15 +303,17 @@ class InceptionV3(nnx.Module):
     def with_logits(self) -> bool:
         return self.logits_kernel is not None
 
-    def features(self, x: jax.Array) -> jax.Array:
-        """x: [B, 299, 299, 3] network input (`to_inception_input`) -> pool_3 features [B, 2048]."""
+    def stem(self, x: jax.Array) -> jax.Array:
+        """x: [B, 299, 299, 3] network input (`to_inception_input`) -> [B, 35, 35, 192], mixed_5b's input."""
         x = self.conv_2b_3x3(self.conv_2a_3x3(self.conv_1a_3x3(x)))
         x = self.conv_4a_3x3(self.conv_3b_1x1(max_pool_3x3(x, stride=2)))
-        x = max_pool_3x3(x, stride=2)
-        for block in (self.mixed_5b, self.mixed_5c, self.mixed_5d, self.mixed_6a, self.mixed_6b,
-                      self.mixed_6c, self.mixed_6d, self.mixed_6e, self.mixed_7a, self.mixed_7b,
-                      self.mixed_7c):
-            x = block(x)
+        return max_pool_3x3(x, stride=2)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """x: [B, 299, 299, 3] network input (`to_inception_input`) -> pool_3 features [B, 2048]."""
+        x = self.stem(x)
+        for name in BLOCKS:
+            x = getattr(self, name)(x)
         return jnp.mean(x, axis=(1, 2))
 
     def __call__(self, images: jax.Array, *, data_range: tuple[float, float] | None = None,

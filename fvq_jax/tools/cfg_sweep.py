@@ -3,13 +3,19 @@
   python -m fvq_jax.tools.cfg_sweep --workdir=workdir/gpt_photos --scales=1.0,1.5,1.75,2.0 \\
       --num_samples=576 --out=workdir/gpt_photos/cfg_sweep
   python -m fvq_jax.tools.cfg_sweep --workdir=RUN --scales=1.5,1.75,2.0 --num_samples=50000 --out=OUT \\
-      --sample_arg=imagenet --score_arg=ref=VIRTUAL_imagenet256_labeled.npz
+      --sample_arg=imagenet --reference=VIRTUAL_imagenet256_labeled.npz
+  python -m fvq_jax.tools.cfg_sweep --workdir=RUN --scales=1.0,2.0 --num_samples=500 --out=OUT \\
+      --reference=/data/my_folder,split=validation,crop=center
 
-For each scale the sampling job (configs/sample.py with `--sample_arg`, then n and cfg set) writes
-OUT/cfg_<scale>/ and the score task (configs/score.py with `--score_arg`) scores it there (scores.json);
-the reference is prepared once for all scales. Then OUT/table.md (scale, gFID, IS, precision, recall,
-class consistency), OUT/results.json (every score of every scale) and OUT/cfg_sweep.png (gFID and IS
-against the scale). A rerun skips the sample batches already written and scores again.
+`--reference` is any reference the score task takes, with its options: the value of configs/score.py's
+`ref` key (`photos`, an ADM batch `PATH.npz`, an image folder, `tfds:NAME`), optionally followed by that
+file's other reference keys (split, crop, images, res, reconstruct, cache). For each scale the sampling job
+(configs/sample.py with `--sample_arg`, then n and cfg set) writes OUT/cfg_<scale>/ and the score task
+(configs/score.py with `--reference` and `--score_arg`) scores it there (scores.json); the reference's features
+are computed once for all scales (and cached beside the reference for later sweeps). Then OUT/table.md
+(scale, gFID, IS, precision, recall, class consistency), OUT/results.json (every score of every scale) and
+OUT/cfg_sweep.png (gFID and IS against the scale). A rerun skips the sample batches already written and
+scores again from the features kept beside each scale's samples.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fvq_jax import config_lib
-from fvq_jax.evaluation.scoring import Scorer
+from fvq_jax.evaluation import scoring
 from fvq_jax.sampling import job
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -33,11 +39,17 @@ COLUMNS = (  # (header, key in the scores, format)
 )
 
 
+def score_config_arg(reference: str, score_arg: str) -> str:
+    """configs/score.py's argument: `ref=<reference>` (the reference and its keys) before `score_arg`."""
+    return ",".join(a for a in (reference and f"ref={reference}", score_arg) if a)
+
+
 def sweep(workdir: str, scales: list[float], num_samples: int, out, *, sample_arg: str = "",
           score_arg: str = "") -> list[dict]:
     """Sample and score the run at each scale; returns one scores dict per scale, with its `cfg_scale`."""
     out = pathlib.Path(out)
-    scorer = Scorer(config_lib.load_file(ROOT / "configs" / "score.py").get_config(score_arg))
+    # Resolved before the first sample is drawn: a bad reference stops the sweep, not its scoring.
+    scorer = scoring.Scorer(*scoring.resolve(config_lib.load_file(ROOT / "configs" / "score.py").get_config(score_arg)))
     rows = []
     for scale in scales:
         arg = ",".join(a for a in (sample_arg, f"n={num_samples},cfg={scale}") if a)
@@ -95,7 +107,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples", type=int, required=True, help="samples per scale")
     parser.add_argument("--out", required=True, help="where cfg_<scale>/, table.md, results.json, cfg_sweep.png go")
     parser.add_argument("--sample_arg", default="", help="configs/sample.py argument (n and cfg are set per scale)")
-    parser.add_argument("--score_arg", default="", help="configs/score.py argument, e.g. ref=REFERENCE.npz")
+    parser.add_argument("--reference", default="", help="the reference: configs/score.py's `ref` value and its "
+                        "reference keys, e.g. REF.npz or /data/folder,split=validation,crop=center (default: photos)")
+    parser.add_argument("--score_arg", default="", help="configs/score.py argument, e.g. batch=100,k=5")
     args = parser.parse_args(argv)
     try:
         scales = [float(s) for s in args.scales.split(",")]
@@ -104,7 +118,7 @@ def main(argv=None) -> None:
     if args.num_samples < 1:
         parser.error(f"--num_samples must be positive, got {args.num_samples}")
     rows = sweep(args.workdir, scales, args.num_samples, args.out, sample_arg=args.sample_arg,
-                 score_arg=args.score_arg)
+                 score_arg=score_config_arg(args.reference, args.score_arg))
     print(markdown_table(rows), flush=True)
 
 

@@ -1,11 +1,14 @@
-"""Running feature statistics with padding masks, statistics files, ADM-style reference batches."""
+"""Running feature statistics with padding masks, statistics and image-set files (written atomically), ADM-style
+reference batches."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvq_jax.evaluation.feature_stats import FeatureStats, RunningStats, load_images, load_stats
+from fvq_jax.evaluation import feature_stats
+from fvq_jax.evaluation.feature_stats import (FeatureStats, ImageSet, RunningStats, atomic_savez, load_image_set,
+                                              load_images, load_stats, save_image_set)
 
 
 def test_running_stats_match_numpy_with_masks():
@@ -68,9 +71,47 @@ def test_adm_reference_batch(tmp_path):
 
     only_images = tmp_path / "images.npz"
     np.savez(only_images, arr_0=images)
-    with pytest.raises(ValueError, match="reference_stats"):
+    with pytest.raises(ValueError, match="needs them computed from its images"):
         load_stats(only_images)
     stats_only = tmp_path / "stats_only.npz"
     np.savez(stats_only, mu=np.zeros(2), sigma=np.eye(2))
     with pytest.raises(ValueError, match="holds no images"):
         load_images(stats_only)
+
+
+def test_image_set_round_trip_and_damage(tmp_path):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(6, 4)).astype(np.float32)
+    stats = RunningStats(4)
+    stats.update(features)
+    image_set = ImageSet(stats.result("six"), features, np.arange(6) % 2, "a set of six")
+    path = save_image_set(tmp_path / "set.npz", image_set, key=np.array("k"))
+    loaded, extra = load_image_set(path)
+    np.testing.assert_array_equal(loaded.features, features)
+    np.testing.assert_array_equal(loaded.labels, image_set.labels)
+    np.testing.assert_allclose(loaded.stats.sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-9)
+    assert (loaded.count, loaded.description, loaded.stats.description, str(extra["key"])) == (6, "a set of six", "six", "k")
+    unlabelled, _ = load_image_set(save_image_set(tmp_path / "unlabelled.npz", ImageSet(stats.result(""), features,
+                                                                                         None, "")))
+    assert unlabelled.labels is None
+    atomic_savez(tmp_path / "short.npz", **dict(np.load(path), features=features[:5]))
+    with pytest.raises(ValueError, match="short.npz: shapes do not fit together"):
+        load_image_set(tmp_path / "short.npz")
+    stats.result("").save(tmp_path / "stats.npz")
+    with pytest.raises(ValueError, match=r"stats.npz is not a saved image set: \['features', 'set_description'\]"):
+        load_image_set(tmp_path / "stats.npz")
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_part(tmp_path, monkeypatch):
+    path = tmp_path / "stats.npz"
+    FeatureStats(np.zeros(3), np.eye(3), 7, "old").save(path)
+
+    def savez_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(feature_stats.np, "savez", savez_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        FeatureStats(np.ones(3), np.eye(3), 9, "new").save(path)
+    monkeypatch.undo()
+    assert load_stats(path).description == "old" and [p.name for p in tmp_path.iterdir()] == ["stats.npz"]

@@ -1,13 +1,14 @@
-"""FID / IS accumulation with the real Inception: padding masks, reference caching, sharded batches."""
+"""FID / IS accumulation with the real Inception: padding masks, one program per shape, sharded batches."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from fvq_jax.evaluation.feature_stats import FeatureStats
-from fvq_jax.evaluation.inception_metrics import InceptionMetrics, fixed_batches, reference_stats, stats_from_images
+from fvq_jax.evaluation import inception_metrics
+from fvq_jax.evaluation.inception_metrics import InceptionMetrics, fixed_batches, metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import InceptionV3, load_inception
+from fvq_jax.progress import Progress
 from tests.inception_weights import export_with_head
 
 
@@ -29,14 +30,14 @@ def images():
 @pytest.fixture(scope="module")
 def whole(model, images):
     """All five images in one unpadded batch."""
-    metrics = InceptionMetrics(model, data_range=None)
+    metrics = InceptionMetrics(model, data_range=None, keep_features=True)
     metrics.update(images)
     return metrics
 
 
 def test_padded_batches_match_one_batch(model, images, whole):
     # Batches of 3: the second holds 2 images and one masked padding row.
-    stats = stats_from_images(images, model, batch_size=3, description="five test images")
+    stats = metrics_from_images([images], model, batch_size=3).feature_stats("five test images")
     ref = whole.feature_stats("")
     assert stats.count == ref.count == 5
     np.testing.assert_allclose(stats.mu, ref.mu, rtol=1e-5, atol=1e-6)
@@ -46,18 +47,25 @@ def test_padded_batches_match_one_batch(model, images, whole):
     assert whole.inception_score(splits=5) == inception_score(np.concatenate(whole.logits), 5)
 
 
-def test_reference_images_are_computed_once_and_cached(model, images, whole, tmp_path):
-    path = tmp_path / "ref_batch.npz"
-    np.savez(path, arr_0=images)
-    stats = reference_stats(path, model, batch_size=3)
-    cache = tmp_path / "ref_batch.inception_stats.npz"
-    assert cache.is_file()
-    np.testing.assert_allclose(stats.mu, whole.feature_stats("").mu, rtol=1e-5, atol=1e-6)
-    cached = reference_stats(path)  # no model needed any more
-    np.testing.assert_array_equal(cached.sigma, stats.sigma)
-    FeatureStats(stats.mu, stats.sigma, 5, "made with other weights").save(cache)
-    with pytest.raises(ValueError, match="other Inception weights"):
-        reference_stats(path, model)
+def test_a_pass_compiles_once_and_reports_its_progress(model, images, whole, capsys):
+    # 5 + 2 images in batches of 3 (the shape test_padded_batches_match_one_batch compiles too): two full batches
+    # and a padded one run one program; `transform` sees every padded batch; progress counts real images only.
+    seen = []
+
+    def transform(batch):
+        seen.append(batch.shape)
+        return batch
+
+    before = inception_metrics._forward._cache_size()
+    metrics = metrics_from_images([images, images[:2]], model, batch_size=3, keep_features=True, transform=transform,
+                                  progress=Progress("test pass", 7, every=0))
+    assert inception_metrics._forward._cache_size() <= before + 1 and seen == [(3, 16, 16, 3)] * 3
+    np.testing.assert_allclose(metrics.features()[:5], whole.features(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(metrics.features()[5:], whole.features()[:2], rtol=1e-5, atol=1e-5)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["test pass 3/7 images", "test pass 6/7 images",
+                                                       "test pass 7/7 images"]
+    assert all(" images/s  ETA " in line for line in lines)
 
 
 def test_inception_score_needs_the_classifier_head():

@@ -1,5 +1,6 @@
 """Scoring a samples directory written by hand: against itself (FID 0, precision = recall = 1) and against the
-built-in photos' training views; the scores of a shifted set against numpy; errors naming the path or field.
+built-in photos' training views; the scores of a shifted set against numpy; the reference features cached
+beside the reference and read back; errors naming the path or field.
 
 Each FID of 2048-d statistics costs two 2048 x 2048 eigendecompositions (~10-20 s on a 2-core CPU): few tests
 run the Inception end to end."""
@@ -9,11 +10,12 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from fvq_jax import config_lib, tasks
-from fvq_jax.evaluation import scoring
-from fvq_jax.evaluation.feature_stats import RunningStats
+from fvq_jax.evaluation import feature_cache, scoring
+from fvq_jax.evaluation.feature_stats import ImageSet, RunningStats, load_image_set, save_image_set
 from fvq_jax.evaluation.inception_metrics import metrics_from_images
 from fvq_jax.evaluation.inception_score import inception_score
 from fvq_jax.models.inception import load_inception
@@ -30,10 +32,25 @@ def weights(tmp_path_factory):
     return str(export_with_head(tmp_path_factory.mktemp("inception")))
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """The user cache (where the photos' reference features go) in the test's own folder."""
+    monkeypatch.setenv(feature_cache.CACHE_ENV, str(tmp_path / "user_cache"))
+    return tmp_path / "user_cache" / "reference_features"
+
+
 def score_config(weights, arg=""):
     config = config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg)
     config.score.update(inception=weights, batch_size=3, is_splits=2, chunk=4)
     return config
+
+
+def reference_views(config, *, size=16, batch_size=3):
+    """The images and labels the reference of `config` (a dataset) takes for samples of `size` pixels."""
+    _, spec = scoring.resolve(config)
+    batches = scoring.dataset_batches(spec.dataset(size), crop=spec.crop, seed=spec.seed, num_images=spec.num_images,
+                                      batch_size=batch_size)
+    return tuple(np.concatenate(parts) for parts in zip(*batches))
 
 
 def write_samples(directory, images, labels, sizes):
@@ -83,9 +100,9 @@ def test_scores_of_a_shifted_set_match_numpy():
     features = rng.normal(size=(40, 8)).astype(np.float32)
     labels = np.arange(40) % 4
     shift = np.full(8, 0.5, np.float32)
-    samples, reference = image_set(features, labels), image_set(features + shift, labels)
     logits = rng.normal(size=(40, 10))
-    result = scoring.scores(samples, logits, reference, nearest_k=3, chunk=7, is_splits=4)
+    samples, reference = image_set(features, labels, logits), image_set(features + shift, labels)
+    result = scoring.scores(samples, reference, nearest_k=3, chunk=7, is_splits=4)
     assert result["gfid"] == pytest.approx(8 * 0.25, rel=1e-6)
     precision, recall = brute_force_precision_recall(features + shift, features, 3)
     assert (result["precision"], result["recall"]) == pytest.approx((precision, recall), abs=1e-12)
@@ -94,21 +111,87 @@ def test_scores_of_a_shifted_set_match_numpy():
     assert result["inception_score"] == inception_score(logits, 4)[0] and result["chance"] == 0.25
 
 
-def image_set(features, labels):
+def image_set(features, labels, logits=None):
     stats = RunningStats(features.shape[1])
     stats.update(features)
-    return scoring.ImageSet(stats.result(""), features, labels, "")
+    return ImageSet(stats.result(""), features, labels, "", logits)
 
 
-def test_photo_views_against_the_same_views(weights, tmp_path):
+def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_path, user_cache, capsys, monkeypatch):
     config = score_config(weights, "images=6,res=16")
-    batches = list(scoring.dataset_batches(config.reference, image_size=16, num_images=6, batch_size=4))
-    images, labels = (np.concatenate(parts) for parts in zip(*batches))
+    images, labels = reference_views(config, batch_size=4)
     assert images.shape == (6, 16, 16, 3) and set(labels) <= set(range(9))  # the nine training photos
-    directory = write_samples(tmp_path / "photos", images, labels, (6,))
+    directory = write_samples(tmp_path / "photos", images, labels, (4, 2))
     result = scoring.score_samples(config, directory)
     assert abs(result["gfid"]) < 1e-3 and result["class_consistency"] == 1.0
     assert result["classes"] == len(set(labels)) and result["reference"]["num_images"] == 6
+    first = capsys.readouterr().out
+    assert "sample features 6/6 images" in first and "reference features 6/6 images" in first  # progress lines
+    [entry] = user_cache.glob("photos-train-train16-n6-*.npz")
+    assert f"reference features: cached in {entry}" in first
+
+    # The second score reads both back: no image goes through the Inception, the scores are the same.
+    monkeypatch.setattr(scoring, "metrics_from_images", lambda *a, **k: pytest.fail("features were recomputed"))
+    again = scoring.score_samples(config, directory)
+    second = capsys.readouterr().out
+    assert f"reference features: cache hit {entry} (6 images; key " in second
+    assert '"seed": 0' in second and '"inception_sha256": ' in second
+    assert f"sample features: cache hit {directory / scoring.SAMPLES_CACHE} (6 images" in second
+    scores = ("gfid", "precision", "recall", "class_consistency", "inception_score")
+    assert {k: again[k] for k in scores} == {k: result[k] for k in scores}
+    # Samples written again (a batch replaced) are not taken from the cache.
+    monkeypatch.undo()
+    write_samples(directory, images[::-1], labels[::-1], (4, 2))
+    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(result["gfid"], abs=1e-3)
+    assert "sample features 6/6 images" in capsys.readouterr().out
+
+
+def test_a_damaged_or_foreign_cache_entry_is_computed_again(weights, samples, tmp_path, user_cache, caplog):
+    directory = samples[0]
+    config = score_config(weights, "images=5,res=16,seed=3")
+    first = scoring.score_samples(config, directory)
+    [entry] = user_cache.glob("*.npz")
+    features = load_image_set(entry)[0].features
+
+    def rewritten_whole():
+        return np.array_equal(load_image_set(entry)[0].features, features)
+
+    entry.write_bytes(entry.read_bytes()[:entry.stat().st_size // 2])  # truncated (a full disk, a copy cut short)
+    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
+    assert "cannot be read" in caplog.text and rewritten_whole()
+    # An entry under the right name whose stored key differs (a collision, a hand-copied file) is not trusted.
+    foreign = image_set(np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(5))
+    save_image_set(entry, foreign, key='{"another": "key"}')
+    caplog.clear()
+    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
+    assert "was made for another key" in caplog.text and rewritten_whole()
+    # Another seed: other views, another entry beside the first.
+    scoring.score_samples(score_config(weights, "images=5,res=16,seed=4"), directory)
+    assert len(list(user_cache.glob("*.npz"))) == 2 and not list(user_cache.glob(".*"))  # no temporary left
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_score(weights, samples, tmp_path, caplog):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    config = score_config(weights, f"images=5,res=16,cache={blocked}")
+    assert scoring.score_samples(config, samples[0])["num_samples"] == 6
+    assert "could not write the cache entry" in caplog.text
+
+
+def test_the_cache_lives_beside_the_reference(tmp_path, user_cache):
+    def directory(arg, **fields):
+        config = config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg)
+        config.reference.update(fields)
+        return scoring.resolve(config)[1].cache_directory()
+
+    adm = tmp_path / "adm" / "VIRTUAL.npz"
+    adm.parent.mkdir()
+    np.savez(adm, mu=np.zeros(2), sigma=np.eye(2))
+    assert directory(f"ref={adm}") == adm.parent
+    assert directory(f"ref={tmp_path / 'folder'}") == tmp_path / "folder" / ".fvq_cache"
+    assert directory("ref=tfds:imagenet2012", tfds_data_dir="/data/tfds") == epath.Path("/data/tfds/.fvq_cache")
+    assert directory("ref=tfds:imagenet2012") == directory("ref=photos") == user_cache
+    assert directory("cache=/elsewhere") == epath.Path("/elsewhere") and directory("cache=none") is None
 
 
 def test_errors_name_the_path(weights, tmp_path):
@@ -126,12 +209,26 @@ def test_errors_name_the_path(weights, tmp_path):
         scoring.score_samples(score_config(weights, f"ref={tmp_path / 'none.npz'}"), tmp_path / "bad")
 
 
-@pytest.mark.parametrize("arg, field", [("crop=random", "reference.crop"), ("data=lmdb", "reference.source"),
-                                        ("batch=0", "score.batch_size"), ("ref=a.npz,reconstruct=true",
-                                                                          "reference.reconstruct")])
-def test_config_errors_name_the_field(arg, field):
+@pytest.mark.parametrize("arg, fields, field", [
+    ("crop=random", {}, "reference.crop"), ("", dict(source="lmdb"), "reference.source"),
+    ("batch=0", {}, "score.batch_size"), ("ref=a.npz,reconstruct=true", {}, "reference.reconstruct"),
+    ("ref=tfds:imagenet2012", dict(train_crop="square"), "reference.train_crop"),
+    ("images=-1", {}, "reference.num_images"), ("res=-16", {}, "reference.image_size")])
+def test_config_errors_name_the_field(arg, fields, field):
+    config = config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg)
+    config.reference.update(fields)
     with pytest.raises(config_lib.ConfigError, match=f"config field {field}"):
-        tasks.check_config(config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg))
+        tasks.check_config(config)
+
+
+@pytest.mark.parametrize("ref, fields", [
+    ("photos", dict(npz="", source="photos")), ("/refs/VIRTUAL_imagenet256_labeled.npz",
+                                                 dict(npz="/refs/VIRTUAL_imagenet256_labeled.npz")),
+    ("/data/my_folder", dict(npz="", source="folder", folder="/data/my_folder")),
+    ("tfds:imagenet2012", dict(npz="", source="tfds", tfds_name="imagenet2012"))])
+def test_one_ref_value_names_any_reference(ref, fields):
+    reference = config_lib.load_file(ROOT / "configs" / "score.py").get_config(f"ref={ref},split=validation").reference
+    assert {k: reference[k] for k in fields} == fields and reference.split == "validation"
 
 
 def test_reference_statistics_take_precedence_over_its_images(weights, tmp_path):
@@ -139,7 +236,8 @@ def test_reference_statistics_take_precedence_over_its_images(weights, tmp_path)
     images = np.random.default_rng(2).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     path = tmp_path / "adm.npz"
     np.savez(path, arr_0=images, mu=np.ones(2048), sigma=np.eye(2048))
-    reference = scoring.npz_reference(path, load_inception(weights), batch_size=5)
+    _, spec = scoring.resolve(score_config(weights, f"ref={path}"))
+    reference = scoring.npz_reference(spec, load_inception(weights), batch_size=5)
     assert reference.count == 5 and reference.features.shape == (5, 2048) and reference.labels is None
     np.testing.assert_array_equal(reference.stats.mu, np.ones(2048))
 
@@ -148,8 +246,7 @@ def test_reconstructed_reference_goes_through_the_samples_tokenizer(weights, tin
     # Samples = the tiny tokenizer's reconstructions of the reference views: they score as the reference itself
     # once the reference goes through the tokenizer that sampling.json names.
     config = score_config(weights, "images=6,res=16,reconstruct=true")
-    batches = list(scoring.dataset_batches(config.reference, image_size=16, num_images=6, batch_size=3))
-    views, labels = (np.concatenate(parts) for parts in zip(*batches))
+    views, labels = reference_views(config)
     model = load_tokenizer(tiny_run[0], step=2, use_ema=True).model
     decoded = nnx.jit(lambda m, x: m.decode_codes(m.encode(x)[1]))(model, jnp.asarray(views, jnp.float32) / 127.5 - 1)
     samples = np.round((np.clip(np.asarray(decoded), -1, 1) + 1) * 127.5).astype(np.uint8)
