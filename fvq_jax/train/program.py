@@ -24,7 +24,12 @@ A third model, e.g. a masked-token generator on the codes (train/maskgit.py), wr
 
     def build_parts(config, context: program.Context) -> program.Parts:
         tx = make_optimizer(config.optim, total_steps=config.train.num_steps, global_batch=config.train.global_batch)
-        layout = create_state(lambda: model_fields(MaskGIT(...), tx, keep_ema=False), context.mesh, config.mesh)
+
+        def init():
+            graph, fields = model_fields(MaskGIT(...), tx, keep_ema=False)
+            return graph, TrainState(**fields)
+
+        layout = create_state(init, context.mesh, config.mesh)
         step = jax.jit(make_masked_step(layout.graphs, tx), in_shardings=..., out_shardings=..., donate_argnums=(0,))
         return program.Parts(
             layout=layout, step=step, batch_sharding=sharding.data_sharding(context.mesh),

@@ -85,8 +85,11 @@ def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: 
                       step: int, allowed: list[str], workdir) -> None:
     """ConfigChanged unless the state this config builds has the arrays (names and shapes, `built`) of the one
     saved with `step` (`saved`): a model changed by an allowed field (model.preset, a width, an EMA turned on)
-    cannot take the saved arrays, and restoring it would only fail as if every checkpoint were unreadable."""
-    differ = sorted(name for name in saved.keys() | built.keys() if saved.get(name) != built.get(name))
+    cannot take the saved arrays, and restoring it would only fail as if every checkpoint were unreadable.
+    The message says what can start from the saved run instead: train.init_from (where the trainer has it)
+    when the parameters agree and only the optimizer state or EMA differ, else a new workdir."""
+    # In the built state's order (a TrainState lists its parameters first), then what only the saved one has.
+    differ = [name for name in {**built, **saved} if saved.get(name) != built.get(name)]
     if not differ:
         return
     lines = "\n".join(f"  {name}: {saved.get(name, 'absent')} -> {built.get(name, 'absent')}"
@@ -94,8 +97,12 @@ def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: 
     more = f"\n  ... and {len(differ) - LISTED} more" if len(differ) > LISTED else ""
     cause = (f"the changes allowed by train.allow_changes ({', '.join(allowed)}) change the model" if allowed else
              "this version of the code builds it differently")
-    start = (f"start a new run from its weights instead: --workdir=NEW_DIR --config.train.init_from={workdir}"
-             if "init_from" in config.train else "train it in a new --workdir instead")
+    can_init = "init_from" in config.train
+    if can_init and not any(name.startswith("params.") for name in differ):
+        start = f"start a new run from its weights instead: --workdir=NEW_DIR --config.train.init_from={workdir}"
+    else:
+        start = "train it in a new --workdir instead" + (
+            " (train.init_from cannot start it from these weights either: their shapes differ)" if can_init else "")
     raise ConfigChanged("train.allow_changes", f"the checkpoint of step {step} holds other arrays than the state this "
                         f"config builds ({len(differ)} differ, saved -> built):\n{lines}{more}\n{cause}, and a changed "
                         f"model cannot resume: {start}")
