@@ -11,7 +11,8 @@
 field left None takes the tokenizer's saved value (its training config's `data` block; `split` its
 train_split), as configs/eval_tokenizer.py does. `augment` None means `random` for the built-in photos
 (nine images: the views make the variety) and `tencrop` (the reference) for any dataset. Fields and the
-output are described in fvq_jax/tools/extract_codes.py; any field can be set with --config.<field>=<value>.
+output are described in fvq_jax/extraction/job.py; any field can be set with --config.<field>=<value>.
+The fields are checked once, by fvq_jax/extraction/spec.py (the data block once merged with the tokenizer's).
 """
 
 import ml_collections
@@ -29,7 +30,7 @@ KEYS = {
     "crops": ("crops_per_image", 128),
     "seed": ("seed", 0),
     "images": ("num_images", 0),
-    "batch": ("batch_size", 1),
+    "batch": ("batch_size", 0),
     "shard": ("shard_size", 10_000),
     "data": ("data.source", "photos"),
     "split": ("data.split", "train"),
@@ -54,15 +55,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.crop_range = 1.1  # tencrop: the ADM center crop's side is int(crop_range * image_size)
     config.crops_per_image = 128  # random: training views per image, each a grid
     config.seed = 0  # random: view k of source image i is drawn from numpy's default_rng([seed, i, k])
-    config.batch_size = 1  # images per batch, all processes together (each brings its grids)
+    # Images per batch, all processes together (each brings its grids); 0 = auto: about 640 views in all on
+    # accelerators (64 ten-crop images), 64 per device on CPUs (6 ten-crop images; fvq_jax/extraction/spec.py).
+    config.batch_size = 0
     config.num_images = 0  # the first N images of the split; 0 = all
     config.shard_size = 10_000  # source images per shard file
-    config.log_every = 10  # batches between progress lines
+    config.progress_every = 10.0  # seconds between progress lines
     if "imagenet" in flags:
         config.data.update(source="tfds", tfds_name="imagenet2012", split="train", image_size=256, num_workers=16,
                            read_threads=4, prefetch_buffer=2)
         config.augment = "tencrop"
-        config.batch_size = 64
     for key, value in values.items():
         node, (*parents, leaf) = config, KEYS[key][0].split(".")
         for parent in parents:

@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import types
+import typing
 from typing import Any, Mapping
 
 import ml_collections
@@ -110,18 +111,43 @@ class Spec:
     place each is checked, with `require*` below, naming the field as the dataclass calls it).
 
     `Spec.from_config(block, "sample")` builds one from a ConfigDict block (or a dict), taking the fields the
-    dataclass declares, and reports a bad value under its dotted config name (`sample.top_k`); code below
+    dataclass declares, and reports a bad value under its dotted config name (`sample.top_k`). A field whose
+    type is itself a Spec is resolved from its sub-block the same way (`quantizer.codebook_size`). Code below
     takes the spec, never the ConfigDict, and checks nothing again.
+
+    Fields added after checkpoints were first written are declared with `later(default)`: the value that
+    reproduces an older run, so a saved config without them reads as what it computed (`later_fields`).
     """
 
     @classmethod
     def from_config(cls, block, prefix: str = "", **overrides):
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
         values = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
+        hints = typing.get_type_hints(cls)
+        fields = {}
+        for field in dataclasses.fields(cls):
+            if not field.init or field.name in overrides or field.name not in values:
+                continue
+            value, kind = values[field.name], hints[field.name]
+            if isinstance(kind, type) and issubclass(kind, Spec) and isinstance(value, (Mapping,
+                                                                                         ml_collections.ConfigDict)):
+                value = kind.from_config(value, f"{prefix}.{field.name}" if prefix else field.name)
+            fields[field.name] = value
         try:
-            return cls(**{k: v for k, v in values.items() if k in names}, **overrides)
+            return cls(**fields, **overrides)
         except ConfigError as error:
             raise error.under(prefix) from None
+        except TypeError as error:  # a required field the block lacks
+            raise ConfigError(prefix or cls.__name__, str(error)) from None
+
+    @classmethod
+    def later_fields(cls) -> dict[str, Any]:
+        """{field: default} of the fields declared with `later(default)` (see the class docstring)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("later")}
+
+
+def later(default: Any) -> Any:
+    """A Spec field added after checkpoints were first written; `default` reproduces the runs that predate it."""
+    return dataclasses.field(default=default, metadata={"later": True})
 
 
 def require(condition: bool, field: str, message: str) -> None:

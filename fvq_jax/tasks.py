@@ -22,8 +22,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
         from fvq_jax.train import tokenizer
         tokenizer.check_config(config, num_devices, num_processes)
     elif task == "extract_codes":
-        from fvq_jax.tools import extract_codes
-        extract_codes.check_config(config, num_processes)
+        from fvq_jax.extraction import job as extraction
+        extraction.check_config(config, num_processes)
     elif task == "gpt":
         from fvq_jax.train import gpt
         gpt.check_config(config, num_devices, num_processes)
@@ -44,8 +44,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
         results = trainer.train_and_evaluate(config, workdir)
         return loop.PREEMPTED_EXIT_CODE if "preempted_at_step" in results else 0
     if config.task == "extract_codes":
-        from fvq_jax.tools import extract_codes
-        extract_codes.extract_codes(config, workdir)
+        from fvq_jax.extraction import job as extraction
+        extraction.extract_codes(config, workdir)
     elif config.task == "sample":
         from fvq_jax.sampling import job
         job.sample_run(config, workdir)

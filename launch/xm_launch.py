@@ -12,6 +12,11 @@ container built from this checkout. Needs XManager, Docker (or Cloud Build) and 
 A job that dies or is cancelled resumes from its newest checkpoint when the sweep is launched
 again with the same --workdir_root (finished runs are not skipped here: XManager does not see the
 bucket; use --only to pick the runs to relaunch).
+
+  python launch/xm_launch.py --sweep=configs/sweeps/example.py --workdir_root=gs://my-bucket/sweeps/example --dry_run
+
+prints the experiment instead (container, resources, one `python -m fvq_jax.main ...` line per job, as the
+job's container runs it) without XManager, Docker or GCP.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ _ACCELERATOR = flags.DEFINE_string("accelerator", "a100", "xm.ResourceType name 
 _ACCELERATOR_COUNT = flags.DEFINE_integer("accelerator_count", 8, "GPUs per job.")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.12", "Docker base image of the job container.")
 _JAX_SPEC = flags.DEFINE_string("jax_spec", "jax[cuda12]", "The jax requirement installed next to fvq_jax.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the experiment (container, resources, each job's command) and "
+                                               "launch nothing; needs no XManager.")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,10 +66,21 @@ def job_args(run: sweep_lib.Run, workdir_root: str) -> dict[str, str]:
     return {**run.args, "workdir": f"{workdir_root.rstrip('/')}/{run.name}"}
 
 
+def print_dry_run(title: str, runs: list[sweep_lib.Run]) -> None:
+    """The experiment main() would create: its container, resources and each job's command line."""
+    print(f"# experiment {title!r}: {len(runs)} Vertex AI jobs, {_ACCELERATOR_COUNT.value} x {_ACCELERATOR.value} "
+          f"each, in a {_BASE_IMAGE.value} container built from {REPO_ROOT}:")
+    for line in docker_instructions(os.path.basename(REPO_ROOT), _JAX_SPEC.value):
+        print(f"#   {line}")
+    for run in runs:
+        args = job_args(run, _WORKDIR_ROOT.value)
+        print(shlex.join(["python", "-m", "fvq_jax.main", *(f"--{key}={value}" for key, value in args.items())]))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if xm is None:
+    if xm is None and not _DRY_RUN.value:
         sys.exit(f"error: launch/xm_launch.py needs XManager ({_XMANAGER_MISSING}): pip install xmanager, "
                  "then see https://github.com/google-deepmind/xmanager#prerequisites "
                  "(Docker or Cloud Build, gcloud auth, GOOGLE_CLOUD_BUCKET_NAME); "
@@ -79,6 +97,9 @@ def main(argv):
         sys.exit(f"error: {e}")
 
     title = _TITLE.value or os.path.splitext(os.path.basename(sweep_path))[0]
+    if _DRY_RUN.value:
+        print_dry_run(title, runs)
+        return
     with xm_local.create_experiment(experiment_title=title) as experiment:
         [executable] = experiment.package([xm.Packageable(
             executable_spec=xm.PythonContainer(

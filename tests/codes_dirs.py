@@ -1,12 +1,10 @@
-"""Codes directories written directly (array_record shards + manifest.json), for the reader and GPT tests."""
+"""Codes directories written directly (the codes format's ShardWriter + a manifest), for the reader and GPT tests."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
-from array_record.python import array_record_module
 
 from fvq_jax.data import codes
 
@@ -19,20 +17,18 @@ def write_codes_dir(directory, grids: np.ndarray, labels, *, codebook_size: int,
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
     grids = np.asarray(grids, np.int32)
-    shards = []
-    for s, start in enumerate(range(0, len(grids), shard_size)):
-        end = min(start + shard_size, len(grids))
-        name = codes.shard_stem(s % 2, s) + ".array_record"
-        writer = array_record_module.ArrayRecordWriter(os.path.join(directory, name), codes.WRITER_OPTIONS)
-        for i in range(start, end):
-            writer.write(codes.encode_record(int(labels[i]), i, grids[i]))
+    shards = codes.plan_shards(len(grids), shard_size)
+    for process in (0, 1):
+        writer = codes.ShardWriter(directory, process, shards[process::2], settings={})
+        for shard in shards[process::2]:
+            for i in range(shard.start, shard.end):
+                writer.add(i, int(labels[i]), grids[i])
         writer.close()
-        shards.append({"file": name, "process": s % 2, "shard": s, "first": start, "end": end, "images": end - start})
+    entries, _, _ = codes.gather_shards(directory, shards)
     manifest = {"format": codes.MANIFEST_FORMAT, "version": codes.MANIFEST_VERSION, "status": "complete",
                 "record": {"grids_per_image": grids.shape[1], "grid": list(grids.shape[2:])},
                 "tokenizer": dict(tokenizer or {}, codebook_size=codebook_size), "num_classes": num_classes,
                 "class_names": list(class_names) if class_names is not None else None,
-                "num_images": len(grids), "num_shards": len(shards), "shards": shards}
-    with open(os.path.join(directory, codes.MANIFEST), "w") as f:
-        json.dump(manifest, f)
+                "num_images": len(grids), "num_shards": len(shards), "shards": entries}
+    codes.write_json(os.path.join(directory, codes.MANIFEST), manifest)
     return directory

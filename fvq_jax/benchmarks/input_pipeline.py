@@ -1,6 +1,7 @@
 """Input pipeline throughput: decoded, randomly cropped and flipped 256x256 images per second per CPU core.
 
   python -m fvq_jax.benchmarks.input_pipeline [--num_files=256 --batches=12 --image_size=256]
+  python -m fvq_jax.benchmarks.input_pipeline --num_files=8 --batches=1 --image_size=32   # seconds (the tests)
 
 Writes a temporary ImageNet-like folder (JPEGs of about 500x375 made of resized photo crops plus
 sensor-like noise, quality 95, ~100 KB like ImageNet's, so decoding costs what it does there), then times
@@ -16,23 +17,18 @@ and prints a markdown table plus how many cores keep one accelerator fed at a gi
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import pathlib
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
-from absl import app, flags
 from PIL import Image
 
 from fvq_jax.data import pipeline, sources, transforms
-
-_NUM_FILES = flags.DEFINE_integer("num_files", 256, "JPEGs in the generated folder.")
-_BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches of 32 per pipeline setting (after 2 warm-up batches).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Crop size S.")
-_STEP_RATE = flags.DEFINE_float("step_rate", 180.0, "Images/s one accelerator consumes (target train step speed).")
+from fvq_jax.data.spec import DataSpec
 
 # ImageNet's common sizes (width, height); the mean file is ~110 KB at ~400x350.
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (640, 480), (333, 500))
@@ -102,11 +98,10 @@ def baseline(files: list[pathlib.Path], count: int, size: int) -> Timer:
 
 def run_pipeline(root: pathlib.Path, size: int, batches: int, *, read_threads: int, num_workers: int) -> Timer:
     """The training iterator, timed after 2 warm-up batches (worker start-up excluded)."""
-    data_cfg = dict(source="folder", folder=str(root), train_split="train", eval_split="train", image_size=size,
+    data = DataSpec(source="folder", folder=str(root), train_split="train", eval_split="train", image_size=size,
                     train_crop="short_side", max_resize_ratio=1.25, flip=True, num_workers=num_workers,
                     read_threads=read_threads, prefetch_buffer=2, tfds_name="", tfds_data_dir="")
-    iterator = pipeline.train_iterator(ml_collections.ConfigDict(data_cfg), global_batch=BATCH, seed=0,
-                                       process_index=0, process_count=1)
+    iterator = pipeline.train_iterator(data, global_batch=BATCH, seed=0, process_index=0, process_count=1)
     for _ in range(2):
         next(iterator)
     timer = Timer()
@@ -119,20 +114,27 @@ def run_pipeline(root: pathlib.Path, size: int, batches: int, *, read_threads: i
     return timer
 
 
-def main(argv):
-    del argv
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_files", type=int, default=256, help="JPEGs in the generated folder")
+    parser.add_argument("--batches", type=int, default=12,
+                        help="timed batches of 32 per pipeline setting (after 2 warm-up batches)")
+    parser.add_argument("--image_size", type=int, default=256, help="crop size S")
+    parser.add_argument("--step_rate", type=float, default=180.0,
+                        help="images/s one accelerator consumes (target train step speed)")
+    args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
-    size, count = _IMAGE_SIZE.value, _BATCHES.value * BATCH
+    size, count = args.image_size, args.batches * BATCH
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
-        mean_kb = write_folder(root, _NUM_FILES.value)
+        mean_kb = write_folder(root, args.num_files)
         files = sorted(root.glob("train/*/*.JPEG"))
         baseline(files, 16, size)  # warm the page cache and PIL
         rows = [("baseline: plain PIL loop, 1 thread", baseline(files, count, size))]
         for name, threads, workers in [("grain, in-process, 1 decode thread", 1, 0),
                                        (f"grain, in-process, {cores} decode threads", cores, 0),
                                        (f"grain, {cores} worker processes x 1 thread", 1, cores)]:
-            rows.append((name, run_pipeline(root, size, _BATCHES.value, read_threads=threads, num_workers=workers)))
+            rows.append((name, run_pipeline(root, size, args.batches, read_threads=threads, num_workers=workers)))
 
     base = count / rows[0][1].cpu
     print(f"\n{len(files)} JPEGs, mean {mean_kb:.0f} KB, ~500x375; random crop to {size} + flip; batch {BATCH}; "
@@ -144,9 +146,9 @@ def main(argv):
         print(f"| {name} | {count / timer.wall:.1f} | {timer.cpu / timer.wall:.2f} | {per_core:.1f} | "
               f"{per_core / base:.2f} |")
     per_core = max(count / timer.cpu for _, timer in rows[1:])
-    print(f"\nOne accelerator at {_STEP_RATE.value:.0f} img/s needs {_STEP_RATE.value / per_core:.1f} cores "
+    print(f"\nOne accelerator at {args.step_rate:.0f} img/s needs {args.step_rate / per_core:.1f} cores "
           f"at the pipeline's best {per_core:.1f} images/s per core.")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -5,6 +5,8 @@
   python -m fvq_jax.benchmarks.quantizer --cpu_scheduler=memory --iters=0             # CPU: memory-minimising schedule
   python -m fvq_jax.benchmarks.quantizer --agreement --codebooks=16384 --tokens=4096  # bf16 vs fp32 bridge indices
   python -m fvq_jax.benchmarks.quantizer --agreement --run=RUN_DIR                       # ... on a trained run
+  python -m fvq_jax.benchmarks.quantizer --codebooks=256 --tokens=128 --dim=16 --projector=XS/2 --tile=64 \
+      --token_chunk=32 --bridge_chunks=2 --variants=baseline,chunks+tokens --iters=1   # CPU sizes (the tests)
 
 What is measured is the whole quantizer as training runs it: VQBridge (L/4 below K = 65,536,
 L/8 from there, the reference recipes) on the raw codebook, nearest-code search for `tokens`
@@ -42,7 +44,7 @@ from flax import nnx
 from fvq_jax import config_lib
 from fvq_jax.benchmarks.common import compiled_memory, describe_device, emit, time_fn
 from fvq_jax.quantizers import ops
-from fvq_jax.quantizers.factory import build_quantizer
+from fvq_jax.quantizers.factory import QuantizerSpec, build_quantizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = "baseline,bf16,chunks,chunks+bf16,chunks+tokens,chunks+pallas,chunks+bf16+pallas"
@@ -84,13 +86,13 @@ def quantizer_config(codebook_size: int, dim: int, variant: str, *, precision: s
                search_impl="pallas" if "pallas" in switches else "xla",
                bridge_dtype="bf16" if "bf16" in switches else "fp32",
                bridge_chunks=bridge_chunks if "chunks" in switches else 1)
-    return cfg
+    return QuantizerSpec.from_config(cfg, "quantizer")
 
 
 def variant_options(args) -> dict:
     """The keyword arguments of `quantizer_config` that the CLI flags set."""
     return dict(precision=args.precision, tile=args.tile, token_chunk=args.token_chunk,
-                bridge_chunks=args.bridge_chunks)
+                bridge_chunks=args.bridge_chunks, projector=args.projector)
 
 
 def quantizer_step(cfg, *, abstract: bool):
@@ -228,20 +230,21 @@ def agreement_on_run(run: str, args, out=None) -> None:
     data config, its trained bridge and codebook (EMA weights), the bridge evaluated once in fp32 and
     once with bf16 activations (the same parameters)."""
     from fvq_jax.data import pipeline
+    from fvq_jax.data.spec import DataSpec
     from fvq_jax.data.value_range import to_model_range
     from fvq_jax.models.load import load_tokenizer
 
     loaded = load_tokenizer(run)
     model, cfg = loaded.model, loaded.config
     encode = jax.jit(lambda images: model.quant_conv(model.encoder(to_model_range(images).astype(model.dtype))))
-    batches = pipeline.eval_batches(cfg.data, batch_size=args.run_batch, num_images=args.run_images)
+    batches = pipeline.eval_batches(DataSpec.from_config(cfg.data, "data"), batch_size=args.run_batch,
+                                    num_images=args.run_images)
     z = np.concatenate([np.asarray(encode(b["image"]), np.float32)[b["mask"]] for b in batches])
     z = jnp.asarray(z.reshape(-1, z.shape[-1]))
     graph, params, rest = nnx.split(model.quantizer, nnx.Param, ...)
     codebooks = {}
     for dtype in ("fp32", "bf16"):
-        q_cfg = cfg.quantizer.copy_and_resolve_references()
-        q_cfg.bridge_dtype = dtype
+        q_cfg = QuantizerSpec.from_config(cfg.quantizer, "quantizer", bridge_dtype=dtype)
         variant_graph = nnx.graphdef(nnx.eval_shape(lambda: build_quantizer(q_cfg, rngs=nnx.Rngs(0))))
         codebooks[dtype] = jax.jit(lambda p, r: nnx.merge(variant_graph, p, r).codebook(None))(params, rest)
     emit(dict(what="bridge_bf16_vs_fp32_indices", K=cfg.quantizer.codebook_size, tokens=int(z.shape[0]),
@@ -259,6 +262,8 @@ def main(argv=None):
     parser.add_argument("--tile", type=int, default=8192, help="codes per tile of the XLA search (paper config)")
     parser.add_argument("--token_chunk", type=int, default=2048, help="tokens per chunk for the 'tokens' switch")
     parser.add_argument("--bridge_chunks", type=int, default=8, help="bands for the 'chunks' switch")
+    parser.add_argument("--projector", default=None,
+                        help="VQBridge preset (default: the reference's for K, L/4 or L/8; e.g. XS/2 on a CPU)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="search products")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per variant; 0 = memory only")
     parser.add_argument("--cpu_scheduler", default="default", choices=["default", "memory"],
@@ -277,8 +282,8 @@ def main(argv=None):
                                    + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     print(f"# device: {describe_device()}")
     if args.agreement and args.run:
-        for run in args.run:
-            agreement_on_run(run, args, args.out)
+        for run_dir in args.run:
+            agreement_on_run(run_dir, args, args.out)
         return
     for k in (int(x) for x in args.codebooks.split(",")):
         for n in (int(x) for x in args.tokens.split(",")):

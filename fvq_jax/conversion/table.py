@@ -179,11 +179,32 @@ def check_covers(rows: Iterable[Row], our_shapes: Mapping[str, Shape]) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 
+class NonFiniteWeights(ValueError):
+    """Torch tensors holding NaN or Inf values; the message names every one."""
+
+    def __init__(self, tensors: list[str], total: int):
+        super().__init__(f"non-finite weights in {len(tensors)} of {total} tensors (the model would compute NaN; "
+                         f"a GPT would sample all-zero codes):\n  " + "\n  ".join(tensors))
+        self.tensors = tensors
+
+
 def to_ours(read: Callable[[str], np.ndarray], rows: Iterable[Row],
             dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """(our path, array in our layout) for every row, reading one torch tensor at a time."""
+    """(our path, array in our layout) for every row, reading one torch tensor at a time.
+
+    After the last row, NonFiniteWeights names every tensor that held NaN or Inf (as our dtype), so that one
+    pass reports all of them.
+    """
+    rows = list(rows)
+    non_finite = []
     for row in rows:
-        yield row.ours, np.ascontiguousarray(row.hook.to_ours(np.asarray(read(row.torch))), dtype=dtype)
+        array = np.ascontiguousarray(row.hook.to_ours(np.asarray(read(row.torch))), dtype=dtype)
+        if not np.isfinite(array).all():
+            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+            non_finite.append(f"{row.torch}: {nan} NaN, {inf} Inf of {array.size} values")
+        yield row.ours, array
+    if non_finite:
+        raise NonFiniteWeights(non_finite, len(rows))
 
 
 def to_torch(read: Callable[[str], np.ndarray], rows: Iterable[Row]) -> Iterator[tuple[str, np.ndarray]]:

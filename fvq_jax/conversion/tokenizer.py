@@ -37,10 +37,9 @@ from flax import nnx
 from fvq_jax import sharding
 from fvq_jax.conversion.table import (CONV, LINEAR, Row, Shape, StateDict, check_covers, check_kind, check_source,
                                       flatten, leaf_shapes, nest, setting, to_ours, to_torch)
-from fvq_jax.models.factory import arch_from_config, build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.export import bake
-from fvq_jax.quantizers.factory import check_quantizer_config
 from fvq_jax.quantizers.vq import VectorQuantizer
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS, BridgePreset
 
@@ -228,10 +227,11 @@ def infer_spec(state: Mapping[str, np.ndarray], *, format: str | None = None, no
         if width % ch:
             raise Unsupported(f"encoder level {i} is {width} wide, not a multiple of ch={ch}")
         ch_mult.append(width // ch)
-    arch = VQGANArch(ch=ch, ch_mult=tuple(ch_mult), enc_blocks=_count(shapes, "encoder.conv_blocks.0.res."),
-                     dec_blocks=_count(shapes, "decoder.conv_blocks.0.res."),
-                     z_channels=_shape(shapes, "encoder.conv_out.weight")[0],
-                     norm_groups=setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
+    fields = dict(ch=ch, ch_mult=tuple(ch_mult), enc_blocks=_count(shapes, "encoder.conv_blocks.0.res."),
+                  dec_blocks=_count(shapes, "decoder.conv_blocks.0.res."),
+                  z_channels=_shape(shapes, "encoder.conv_out.weight")[0],
+                  norm_groups=setting(norm_groups, meta, "norm_groups", REFERENCE_NORM_GROUPS, int))
+    arch = VQGANArch.from_config(fields, "model")
     codebook_size, code_dim = _shape(shapes, "quantize.embedding.weight")
     return TokenizerSpec(format=fmt, arch=arch, codebook_size=codebook_size, code_dim=code_dim,
                          projector=bridge_preset(shapes) if fmt == "fvq" else "none",
@@ -254,14 +254,14 @@ def model_config(spec: TokenizerSpec) -> ml_collections.ConfigDict:
         l2_norm=spec.l2_norm, beta=0.25, entropy_weight=0.0, entropy_temperature=0.01, search_precision="fp32",
         search_tile=8192, search_token_chunk=0, usage_window=0, bridge_head_init_std=0.0)
     config.mesh = sharding.default_mesh_config()
-    arch_from_config(config.model)
-    check_quantizer_config(config.quantizer)
+    VQGANSpec.from_config(config)
     return config
 
 
 def _abstract_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graph, parameters, other state) of the tokenizer `config` describes, abstract (nothing allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    spec = VQGANSpec.from_config(config)
+    return nnx.split(nnx.eval_shape(lambda: build_tokenizer(spec, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
 def _read_params(state: Mapping[str, np.ndarray], spec: TokenizerSpec, shapes: Mapping[str, Shape]) -> dict:
@@ -287,7 +287,7 @@ def initial_state(config: ml_collections.ConfigDict) -> dict:
     parameters' initialisation is traced and dropped, never computed."""
     @jax.jit
     def init():
-        _, _, rest = nnx.split(build_tokenizer(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        _, _, rest = nnx.split(build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0)), nnx.Param, ...)
         return nnx.to_pure_dict(rest)
 
     return init()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import stat
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -121,21 +122,32 @@ def _open_torch(path: pathlib.Path, weights: str, prefer: tuple[str, ...]) -> St
 
 def save_state_dict(path, items: Iterable[tuple[str, np.ndarray]], *, metadata: Mapping[str, str]) -> None:
     """Write (key, array) pairs as `path` (.safetensors, or a torch pickle {"model": ..., "fvq_jax": metadata},
-    the layout the reference's loaders read): written to a temporary name, then renamed."""
+    the layout the reference's loaders read): written to a temporary name, then renamed, with the permissions any
+    new file gets under the umask (0644 under the usual 022). A failed write leaves no file (nor its temporary)."""
     path = pathlib.Path(path)
+    if path.suffix not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+        raise ValueError(f"{path}: write a .safetensors file or a torch checkpoint ({', '.join(TORCH_SUFFIXES)})")
     metadata = {str(k): str(v) for k, v in metadata.items()}
     partial = path.with_name(path.name + ".partial")
-    if path.suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.numpy import save_file
+    partial.unlink(missing_ok=True)  # a killed earlier write's, whose mode may not be the umask's
+    try:
+        # An empty file first: the mode it gets is the umask's, which safetensors (it writes its own file with
+        # mode 0600 and renames it over ours) would not give.
+        partial.touch()
+        mode = stat.S_IMODE(partial.stat().st_mode)
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.numpy import save_file
 
-        # save_file writes an array's memory as it lies: a Fortran-ordered array would come back transposed.
-        save_file({k: np.ascontiguousarray(v) for k, v in items}, str(partial), metadata=metadata)
-    elif path.suffix in TORCH_SUFFIXES:
-        import torch
+            # save_file writes an array's memory as it lies: a Fortran-ordered array would come back transposed.
+            save_file({k: np.ascontiguousarray(v) for k, v in items}, str(partial), metadata=metadata)
+        else:
+            import torch
 
-        # torch tensors must own writable memory: arrays gathered from jax are read-only views.
-        model = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in items}
-        torch.save({"model": model, METADATA_ENTRY: metadata}, partial)
-    else:
-        raise ValueError(f"{path}: write a .safetensors file or a torch checkpoint ({', '.join(TORCH_SUFFIXES)})")
-    os.replace(partial, path)
+            # torch tensors must own writable memory: arrays gathered from jax are read-only views.
+            model = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in items}
+            torch.save({"model": model, METADATA_ENTRY: metadata}, partial)
+        os.chmod(partial, mode)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -11,7 +13,7 @@ from fvq_jax import config_lib
 from fvq_jax.models.discriminator import PatchDiscriminator, logits_size
 from fvq_jax.models.gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config as make_gpt_config
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
-from fvq_jax.quantizers.factory import build_quantizer, check_quantizer_config
+from fvq_jax.quantizers.factory import QuantizerSpec, build_quantizer
 
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -24,23 +26,6 @@ def compute_dtype(precision: str):
     return COMPUTE_DTYPES[precision]
 
 
-def arch_from_config(cfg: ml_collections.ConfigDict, prefix: str = "model") -> VQGANArch:
-    """A VQGANArch from `config.model` (explicit fields; `preset` only names where they came from)."""
-    def f(name):
-        return f"{prefix}.{name}"
-
-    for name in ("ch", "enc_blocks", "dec_blocks", "z_channels", "norm_groups"):
-        config_lib.require_number(cfg[name], f(name), integer=True)
-    mult = tuple(cfg.ch_mult)
-    config_lib.require(len(mult) >= 1 and all(isinstance(m, int) and m > 0 for m in mult), f("ch_mult"),
-                       f"must be a non-empty tuple of positive ints, got {mult!r}")
-    for m in sorted({cfg.ch * m for m in mult} | {cfg.z_channels}):
-        config_lib.require(m % cfg.norm_groups == 0, f("norm_groups"),
-                           f"{cfg.norm_groups} groups do not divide a layer's {m} channels")
-    return VQGANArch(ch=cfg.ch, ch_mult=mult, enc_blocks=cfg.enc_blocks, dec_blocks=cfg.dec_blocks,
-                     z_channels=cfg.z_channels, norm_groups=cfg.norm_groups)
-
-
 def arch_fields(preset: str) -> dict:
     """The `config.model` fields of a named preset (VQ-8, VQ-16, VQ-32)."""
     if preset not in VQGAN_PRESETS:
@@ -50,34 +35,60 @@ def arch_fields(preset: str) -> dict:
                 dec_blocks=arch.dec_blocks, z_channels=arch.z_channels, norm_groups=arch.norm_groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class VQGANSpec(config_lib.Spec):
+    """What builds a tokenizer: a config's `model` and `quantizer` blocks, resolved and checked
+    (`VQGANSpec.from_config(config)`: errors name `model.<field>` / `quantizer.<field>`)."""
+
+    model: VQGANArch
+    quantizer: QuantizerSpec
+
+    def token_grid(self, image_size: int, field: str = "data.image_size") -> int:
+        """The side of the token grid of `image_size` images; ConfigError(field) when the encoder's
+        downsampling does not divide it, or a multi-scale quantizer's last scale is another size."""
+        factor = self.model.downsample_factor
+        config_lib.require(image_size % factor == 0, field,
+                           f"{image_size} is not divisible by the encoder's downsampling factor {factor} "
+                           f"(model.ch_mult={tuple(self.model.ch_mult)}); use a multiple of {factor}")
+        try:
+            self.quantizer.check_token_grid(image_size // factor)
+        except config_lib.ConfigError as error:
+            raise error.under("quantizer") from None
+        return image_size // factor
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorSpec(config_lib.Spec):
+    """The `discriminator` block: PatchGAN stride-2 layers and base filters."""
+
+    num_layers: int
+    filters: int
+
+    def __post_init__(self):
+        for name in ("num_layers", "filters"):
+            config_lib.require_number(getattr(self, name), name, integer=True)
+
+    def check_image_size(self, image_size: int) -> None:
+        config_lib.require(logits_size(image_size, self.num_layers) >= 1, "discriminator.num_layers",
+                           f"{self.num_layers} stride-2 layers leave no logits for {image_size}x{image_size} images")
+
+
 def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
-    arch = arch_from_config(config.model)
-    check_discriminator_config(config.discriminator)
+    spec = VQGANSpec.from_config(config)
+    disc = DiscriminatorSpec.from_config(config.discriminator, "discriminator")
     config_lib.require_number(config.data.image_size, "data.image_size", integer=True)
-    size, layers = config.data.image_size, config.discriminator.num_layers
-    config_lib.require(size % arch.downsample_factor == 0, "data.image_size",
-                       f"{size} is not divisible by the encoder's downsampling factor {arch.downsample_factor} "
-                       f"(model.ch_mult={tuple(arch.ch_mult)}); use a multiple of {arch.downsample_factor}")
-    config_lib.require(logits_size(size, layers) >= 1, "discriminator.num_layers",
-                       f"{layers} stride-2 layers leave no logits for {size}x{size} images")
-    check_quantizer_config(config.quantizer, token_grid=size // arch.downsample_factor)
+    spec.token_grid(config.data.image_size)
+    disc.check_image_size(config.data.image_size)
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:
-    """VQGAN(config.model) around build_quantizer(config.quantizer)."""
-    arch = arch_from_config(config.model)
-    return VQGAN(arch, build_quantizer(config.quantizer, rngs=rngs), dtype=dtype, rngs=rngs)
+def build_tokenizer(spec: VQGANSpec, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:
+    """VQGAN(spec.model) around build_quantizer(spec.quantizer)."""
+    return VQGAN(spec.model, build_quantizer(spec.quantizer, rngs=rngs), dtype=dtype, rngs=rngs)
 
 
-def check_discriminator_config(cfg: ml_collections.ConfigDict, prefix: str = "discriminator") -> None:
-    for name in ("num_layers", "filters"):
-        config_lib.require_number(cfg[name], f"{prefix}.{name}", integer=True)
-
-
-def build_discriminator(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> PatchDiscriminator:
-    """PatchDiscriminator(config.discriminator) for RGB images (fields checked first)."""
-    check_discriminator_config(cfg)
-    return PatchDiscriminator(3, cfg.filters, cfg.num_layers, dtype=dtype, rngs=rngs)
+def build_discriminator(spec: DiscriminatorSpec, *, dtype=jnp.float32, rngs: nnx.Rngs) -> PatchDiscriminator:
+    """PatchDiscriminator(spec) for RGB images."""
+    return PatchDiscriminator(3, spec.filters, spec.num_layers, dtype=dtype, rngs=rngs)
 
 
 GPT_DROPOUTS = ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout")

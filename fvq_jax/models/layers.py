@@ -6,26 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# PyTorch's default conv init, which the reference tokenizers keep: kernel (kaiming-uniform,
-# a=sqrt(5)) and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The non-zero biases matter: at
-# step 0 FVQ's codes are all zero, and with zero biases the decoder would see an all-zero input,
-# whose GroupNorm gradients (1/sqrt(eps) per layer) overflow.
-torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int):
-    bound = fan_in ** -0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding="SAME", dtype, rngs) -> nnx.Conv:
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
-                    kernel_init=torch_conv_init, bias_init=torch_bias_init(in_ch * kernel * kernel),
-                    dtype=dtype, rngs=rngs)
+from fvq_jax.nn import conv
 
 
 def group_norm(channels: int, groups: int, *, dtype, rngs) -> nnx.GroupNorm:

@@ -23,7 +23,7 @@ from etils import epath
 from flax import nnx
 
 from fvq_jax import checkpointing, sharding
-from fvq_jax.models.factory import build_gpt, build_tokenizer, compute_dtype
+from fvq_jax.models.factory import VQGANSpec, build_gpt, build_tokenizer, compute_dtype
 
 
 def choose_weights(has_ema: bool, use_ema: bool) -> str:
@@ -131,7 +131,7 @@ def _check_task(config, task: str, path) -> None:
 
 def build_tokenizer_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
     """The VQGAN `config` describes, in its compute precision (weights are overwritten on load)."""
-    return build_tokenizer(config, dtype=compute_dtype(config.precision), rngs=nnx.Rngs(0))
+    return build_tokenizer(VQGANSpec.from_config(config), dtype=compute_dtype(config.precision), rngs=nnx.Rngs(0))
 
 
 def load_tokenizer(path, *, step: int | None = None, use_ema: bool = True,

@@ -6,16 +6,19 @@ Images are [B, H, W, 3] in [-1, 1]; a VQ-16 turns a 256 x 256 image into 16 x 16
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fvq_jax import config_lib
 from fvq_jax.models.layers import AttnBlock, Downsample, ResnetBlock, Upsample, conv, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
-class VQGANArch:
-    """Encoder/decoder shape. len(ch_mult) - 1 downsamplings: the token grid is res / 2**(len-1)."""
+class VQGANArch(config_lib.Spec):
+    """Encoder/decoder shape, the config's `model` block (`preset` there only names where the fields came
+    from). len(ch_mult) - 1 downsamplings: the token grid is res / 2**(len-1)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -23,6 +26,18 @@ class VQGANArch:
     dec_blocks: int = 3
     z_channels: int = 256
     norm_groups: int = 32
+
+    def __post_init__(self):
+        for name in ("ch", "enc_blocks", "dec_blocks", "z_channels", "norm_groups"):
+            config_lib.require_number(getattr(self, name), name, integer=True)
+        mult = tuple(self.ch_mult) if isinstance(self.ch_mult, (tuple, list)) else self.ch_mult
+        config_lib.require(isinstance(mult, tuple) and len(mult) >= 1 and all(
+            isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in mult), "ch_mult",
+            f"must be a non-empty tuple of positive ints, got {mult!r}")
+        object.__setattr__(self, "ch_mult", mult)
+        for width in sorted({self.ch * m for m in mult} | {self.z_channels}):
+            config_lib.require(width % self.norm_groups == 0, "norm_groups",
+                               f"{self.norm_groups} groups do not divide a layer's {width} channels")
 
     @property
     def downsample_factor(self) -> int:

@@ -1,4 +1,4 @@
-"""Build a quantizer from the `config.quantizer` block, after checking its fields.
+"""The `quantizer` block resolved once (`QuantizerSpec`), and the quantizer module it describes.
 
 Types: "vq" (FVQ with a VQBridge projector; plain VQ with projector "none"), "residual"
 (residual VQ, `residual_depth` levels sharing one codebook), "multiscale" (VAR-style, `scales`),
@@ -7,8 +7,9 @@ Types: "vq" (FVQ with a VQBridge projector; plain VQ with projector "none"), "re
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from fvq_jax import config_lib
@@ -19,105 +20,127 @@ from fvq_jax.quantizers.residual import ResidualQuantizer
 from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 
 QUANTIZER_TYPES = ("vq", "residual", "multiscale", "ema")
-# Fields added after checkpoints were first written: a saved config without them gets these, today's
-# defaults (an older bf16 run's bridge, which followed the model's precision, then computes in fp32).
-LATER_FIELDS = {"search_impl": "xla", "bridge_chunks": 1, "bridge_dtype": "fp32", "revive": "off", "revive_every": 25,
-                "revive_noise": 0.01, "restart": "off", "restart_weight": 1.0}
 REVIVE_MODES = ("off", "copy")
 RESTART_MODES = ("off", "pull", "claim")
 # The projector's compute dtype (its activations); its parameters, the search and the losses stay float32.
 BRIDGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def check_quantizer_config(cfg: ml_collections.ConfigDict, prefix: str = "quantizer", *,
-                           token_grid: int | None = None) -> None:
-    """Raise ConfigError naming the field for any value the quantizer cannot take.
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec(config_lib.Spec):
+    """A checked `quantizer` block (configs/tokenizer.py describes each field).
 
-    token_grid: the side of the encoder's token grid, when known (the multi-scale quantizer's
-    last scale must equal it).
+    Fields declared `later(...)` were added after checkpoints were first written: a saved config without
+    them reads as these values, which reproduce it (an older bf16 run's bridge, which followed the model's
+    precision, then computes in fp32). The type-specific fields (residual_depth, scales, ema_decay) may be
+    None for the types that do not read them.
     """
-    def f(name):
-        return f"{prefix}.{name}"
 
-    cfg = with_later_fields(cfg)
-    config_lib.require_choice(cfg.type, f("type"), QUANTIZER_TYPES)
-    for name in ("codebook_size", "code_dim", "bridge_chunks"):
-        config_lib.require_number(cfg[name], f(name), integer=True)
-    try:
-        vqbridge.check_projector(cfg.projector, cfg.codebook_size)
-    except ValueError as e:
-        field = "projector" if cfg.projector not in vqbridge.PROJECTORS else "codebook_size"
-        raise config_lib.ConfigError(f(field), str(e)) from None
-    try:
-        vqbridge.check_projector(cfg.projector, cfg.codebook_size, cfg.bridge_chunks)
-    except ValueError as e:
-        raise config_lib.ConfigError(f("bridge_chunks"), str(e)) from None
-    config_lib.require_choice(cfg.bridge_dtype, f("bridge_dtype"), tuple(BRIDGE_DTYPES))
-    config_lib.require_number(cfg.beta, f("beta"), strict=False)
-    config_lib.require_number(cfg.entropy_weight, f("entropy_weight"), strict=False)
-    config_lib.require_number(cfg.entropy_temperature, f("entropy_temperature"))
-    config_lib.require_choice(cfg.search_precision, f("search_precision"), ops.PRECISIONS)
-    config_lib.require_choice(cfg.search_impl, f("search_impl"), ops.SEARCH_IMPLS)
-    for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
-        config_lib.require_number(cfg[name], f(name), strict=False, integer=True)
-    config_lib.require_number(cfg.bridge_head_init_std, f("bridge_head_init_std"), strict=False)
-    config_lib.require(not cfg.bridge_head_init_std or (cfg.type == "vq" and cfg.projector in vqbridge.BRIDGE_PRESETS),
-                       f("bridge_head_init_std"), "applies to type=vq with a VQBridge projector only")
-    config_lib.require_choice(cfg.revive, f("revive"), REVIVE_MODES)
-    config_lib.require(cfg.revive == "off" or (cfg.type == "vq" and cfg.projector in vqbridge.BRIDGE_PRESETS),
-                       f("revive"), "applies to type=vq with a VQBridge projector only")
-    config_lib.require_number(cfg.revive_every, f("revive_every"), integer=True)
-    config_lib.require_number(cfg.revive_noise, f("revive_noise"), strict=False)
-    config_lib.require_choice(cfg.restart, f("restart"), RESTART_MODES)
-    config_lib.require(cfg.restart == "off" or cfg.type == "vq", f("restart"),
-                       f"applies to type=vq only, got type={cfg.type!r}")
-    config_lib.require_number(cfg.restart_weight, f("restart_weight"))
+    type: str
+    codebook_size: int
+    code_dim: int
+    projector: str
+    beta: float
+    entropy_weight: float
+    entropy_temperature: float
+    l2_norm: bool
+    search_precision: str
+    search_tile: int  # 0 = the whole codebook at once
+    search_token_chunk: int  # 0 = all tokens per tile
+    usage_window: int  # 0 = FVQ's window
+    bridge_head_init_std: float
+    residual_depth: int | None = None  # type=residual
+    scales: tuple[int, ...] | None = None  # type=multiscale
+    ema_decay: float | None = None  # type=ema
+    search_impl: str = config_lib.later("xla")
+    bridge_chunks: int = config_lib.later(1)
+    bridge_dtype: str = config_lib.later("fp32")
+    revive: str = config_lib.later("off")
+    revive_every: int = config_lib.later(25)
+    revive_noise: float = config_lib.later(0.01)
+    restart: str = config_lib.later("off")
+    restart_weight: float = config_lib.later(1.0)
 
-    if cfg.type in ("residual", "multiscale"):
-        config_lib.require(not cfg.l2_norm, f("l2_norm"),
-                           f"type={cfg.type} quantizes residuals, which are not unit vectors; use l2_norm=False")
-    if cfg.type == "residual":
-        config_lib.require_number(cfg.residual_depth, f("residual_depth"), integer=True)
-    if cfg.type == "multiscale":
-        config_lib.require(isinstance(cfg.scales, (tuple, list)), f("scales"),
-                           f"must be a tuple of token-grid sides, got {cfg.scales!r}")
+    def __post_init__(self):
+        require, number = config_lib.require, config_lib.require_number
+        if isinstance(self.scales, list):  # read from JSON
+            object.__setattr__(self, "scales", tuple(self.scales))
+        config_lib.require_choice(self.type, "type", QUANTIZER_TYPES)
+        for name in ("codebook_size", "code_dim", "bridge_chunks"):
+            number(getattr(self, name), name, integer=True)
         try:
-            check_scales(tuple(cfg.scales), token_grid)
+            vqbridge.check_projector(self.projector, self.codebook_size)
         except ValueError as e:
-            raise config_lib.ConfigError(f("scales"), str(e)) from None
-    if cfg.type == "ema":
-        config_lib.require(cfg.projector == "none", f("projector"),
-                           f"type=ema updates the codebook without gradients, so it takes projector 'none', "
-                           f"got {cfg.projector!r}")
-        config_lib.require_number(cfg.ema_decay, f("ema_decay"))
-        config_lib.require(cfg.ema_decay < 1, f("ema_decay"), f"must be < 1, got {cfg.ema_decay}")
+            raise config_lib.ConfigError("projector" if self.projector not in vqbridge.PROJECTORS else "codebook_size",
+                                         str(e)) from None
+        try:
+            vqbridge.check_projector(self.projector, self.codebook_size, self.bridge_chunks)
+        except ValueError as e:
+            raise config_lib.ConfigError("bridge_chunks", str(e)) from None
+        config_lib.require_choice(self.bridge_dtype, "bridge_dtype", tuple(BRIDGE_DTYPES))
+        number(self.beta, "beta", strict=False)
+        number(self.entropy_weight, "entropy_weight", strict=False)
+        number(self.entropy_temperature, "entropy_temperature")
+        config_lib.require_choice(self.search_precision, "search_precision", ops.PRECISIONS)
+        config_lib.require_choice(self.search_impl, "search_impl", ops.SEARCH_IMPLS)
+        for name in ("search_tile", "search_token_chunk", "usage_window"):  # 0 = default
+            number(getattr(self, name), name, strict=False, integer=True)
+        number(self.bridge_head_init_std, "bridge_head_init_std", strict=False)
+        require(not self.bridge_head_init_std or self.bridged, "bridge_head_init_std",
+                "applies to type=vq with a VQBridge projector only")
+        config_lib.require_choice(self.revive, "revive", REVIVE_MODES)
+        require(self.revive == "off" or self.bridged, "revive", "applies to type=vq with a VQBridge projector only")
+        number(self.revive_every, "revive_every", integer=True)
+        number(self.revive_noise, "revive_noise", strict=False)
+        config_lib.require_choice(self.restart, "restart", RESTART_MODES)
+        require(self.restart == "off" or self.type == "vq", "restart", f"applies to type=vq only, got type={self.type!r}")
+        number(self.restart_weight, "restart_weight")
+        if self.type in ("residual", "multiscale"):
+            require(not self.l2_norm, "l2_norm",
+                    f"type={self.type} quantizes residuals, which are not unit vectors; use l2_norm=False")
+        if self.type == "residual":
+            number(self.residual_depth, "residual_depth", integer=True)
+        if self.type == "multiscale":
+            require(isinstance(self.scales, tuple), "scales", f"must be a tuple of token-grid sides, got {self.scales!r}")
+            self.check_token_grid(None)
+        if self.type == "ema":
+            require(self.projector == "none", "projector", f"type=ema updates the codebook without gradients, so it "
+                    f"takes projector 'none', got {self.projector!r}")
+            number(self.ema_decay, "ema_decay")
+            require(self.ema_decay < 1, "ema_decay", f"must be < 1, got {self.ema_decay}")
+
+    @property
+    def bridged(self) -> bool:
+        """type=vq with a VQBridge projector (what the in-patch position revive and metrics apply to)."""
+        return self.type == "vq" and self.projector in vqbridge.BRIDGE_PRESETS
+
+    def check_token_grid(self, token_grid: int | None) -> None:
+        """ConfigError(scales) unless a multi-scale quantizer's scales end at the encoder's token grid."""
+        if self.type == "multiscale":
+            try:
+                check_scales(self.scales, token_grid)
+            except ValueError as e:
+                raise config_lib.ConfigError("scales", str(e)) from None
+
+    @property
+    def search(self) -> SearchOptions:
+        return SearchOptions(precision=self.search_precision, tile_size=self.search_tile or None,
+                             token_chunk=self.search_token_chunk or None, impl=self.search_impl)
 
 
-def with_later_fields(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`cfg` with LATER_FIELDS filled in where a saved config predates them (a copy; `cfg` is untouched)."""
-    missing = {k: v for k, v in LATER_FIELDS.items() if k not in cfg}
-    return ml_collections.ConfigDict({**cfg.to_dict(), **missing}) if missing else cfg
-
-
-def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-    """The quantizer that `cfg.type` names, configured from `cfg` (checked first).
-
-    The projector computes in `cfg.bridge_dtype`, independently of the model's precision.
-    """
-    check_quantizer_config(cfg)
-    cfg = with_later_fields(cfg)
-    common = dict(
-        beta=cfg.beta, entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
-        search=SearchOptions(precision=cfg.search_precision, tile_size=cfg.search_tile or None,
-                             token_chunk=cfg.search_token_chunk or None, impl=cfg.search_impl),
-        usage_window=cfg.usage_window or None, dtype=BRIDGE_DTYPES[cfg.bridge_dtype], rngs=rngs)
-    k, d = cfg.codebook_size, cfg.code_dim
-    bridged = dict(projector=cfg.projector, bridge_chunks=cfg.bridge_chunks)
-    if cfg.type == "residual":
-        return ResidualQuantizer(k, d, depth=cfg.residual_depth, **bridged, **common)
-    if cfg.type == "multiscale":
-        return MultiScaleQuantizer(k, d, scales=tuple(cfg.scales), **bridged, **common)
-    if cfg.type == "ema":
-        return EMAQuantizer(k, d, decay=cfg.ema_decay, l2_norm=cfg.l2_norm, **common)
-    return VectorQuantizer(k, d, l2_norm=cfg.l2_norm, bridge_head_init_std=cfg.bridge_head_init_std,
-                           restart=cfg.restart, restart_weight=cfg.restart_weight, **bridged, **common)
+def build_quantizer(spec: QuantizerSpec, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The quantizer that `spec.type` names. The projector computes in `spec.bridge_dtype`, independently of
+    the model's precision."""
+    common = dict(beta=spec.beta, entropy_weight=spec.entropy_weight, entropy_temperature=spec.entropy_temperature,
+                  search=spec.search, usage_window=spec.usage_window or None, dtype=BRIDGE_DTYPES[spec.bridge_dtype],
+                  rngs=rngs)
+    k, d = spec.codebook_size, spec.code_dim
+    bridged = dict(projector=spec.projector, bridge_chunks=spec.bridge_chunks)
+    if spec.type == "residual":
+        return ResidualQuantizer(k, d, depth=spec.residual_depth, **bridged, **common)
+    if spec.type == "multiscale":
+        return MultiScaleQuantizer(k, d, scales=spec.scales, **bridged, **common)
+    if spec.type == "ema":
+        return EMAQuantizer(k, d, decay=spec.ema_decay, l2_norm=spec.l2_norm, **common)
+    return VectorQuantizer(k, d, l2_norm=spec.l2_norm, bridge_head_init_std=spec.bridge_head_init_std,
+                           restart=spec.restart, restart_weight=spec.restart_weight, **bridged, **common)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fvq_jax.models.layers import conv
+from fvq_jax.nn import conv
 from fvq_jax.quantizers.residual import Level, quantize_levels, sum_levels
 from fvq_jax.quantizers.vq import SearchOptions, VectorQuantizer
 

@@ -32,11 +32,6 @@ SearchImpl = Literal["xla", "pallas"]
 SEARCH_IMPLS = ("xla", "pallas")
 
 
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"search precision must be one of {PRECISIONS}, got {precision!r}")
-
-
 def cast_codebook(codebook: jax.Array, precision: Precision) -> jax.Array:
     """The codebook as the search's products read it (bf16 products cast it once, up front)."""
     return codebook.astype(jnp.bfloat16) if precision == "bf16" else codebook
@@ -53,7 +48,6 @@ def inner_products(z: jax.Array, codebook: jax.Array, precision: Precision = "fp
     'fp32' asks for full float32 products, 'tf32' for the backend's default float32 matmul
     (TF32 on NVIDIA GPUs), 'bf16' for bfloat16 inputs with float32 accumulation.
     """
-    _check_precision(precision)
     if precision == "bf16":
         return jnp.dot(
             z.astype(jnp.bfloat16),
@@ -102,7 +96,6 @@ def nearest_code(
     Returns:
       indices: [N] int32. No gradient flows through the search.
     """
-    _check_precision(precision)
     if impl not in SEARCH_IMPLS:
         raise ValueError(f"search impl must be one of {SEARCH_IMPLS}, got {impl!r}")
     z = jax.lax.stop_gradient(z.astype(jnp.float32))

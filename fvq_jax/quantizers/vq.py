@@ -19,7 +19,8 @@ from fvq_jax.quantizers.vqbridge import make_projector
 
 @dataclasses.dataclass(frozen=True)
 class SearchOptions:
-    """How the nearest code is found (the result is the same up to `precision`).
+    """How the nearest code is found (the result is the same up to `precision`); checked where the config is
+    resolved (quantizers.factory.QuantizerSpec).
 
     precision: 'fp32' | 'tf32' | 'bf16' products for the distances.
     tile_size: codes per tile for the memory-bounded search; None searches all K at once.
@@ -33,15 +34,6 @@ class SearchOptions:
     token_chunk: int | None = None
     impl: ops.SearchImpl = "xla"
 
-    def __post_init__(self):
-        if self.precision not in ops.PRECISIONS:
-            raise ValueError(f"search precision must be one of {ops.PRECISIONS}, got {self.precision!r}")
-        if self.impl not in ops.SEARCH_IMPLS:
-            raise ValueError(f"search impl must be one of {ops.SEARCH_IMPLS}, got {self.impl!r}")
-        for field in ("tile_size", "token_chunk"):
-            value = getattr(self, field)
-            if value is not None and value <= 0:
-                raise ValueError(f"search {field} must be positive or None, got {value}")
 
 
 def uniform_codebook_init(num_codes: int):
@@ -95,8 +87,6 @@ class VectorQuantizer(nnx.Module):
         buffer, position = usage.init_window(usage_window or usage.default_window(codebook_size))
         self.usage_buffer = usage.CodeUsage(buffer)
         self.usage_position = usage.CodeUsage(position)
-        if restart not in ("off", "pull", "claim"):
-            raise ValueError(f"restart must be 'off', 'pull' or 'claim', got {restart!r}")
         self.restart = restart
         self.restart_weight = restart_weight
 

@@ -20,21 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fvq_jax.nn import torch_bias_init, torch_kernel_init
+
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
-# torch.nn.Linear's default kernel init, Kaiming-uniform with a = sqrt(5): gain^2 = 2 / (1 + a^2) = 1/3,
-# so the bound sqrt(3 * gain^2 / fan_in) is 1 / sqrt(fan_in).
-torch_linear_kernel = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def torch_linear_bias(fan_in: int):
-    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (a bias init sees
-    only its own shape, so the fan-in comes in here)."""
-    bound = 1 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    return init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +226,7 @@ class LinearProjector(nnx.Module):
 
     def __init__(self, code_dim: int, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.layers = nnx.List([
-            nnx.Linear(code_dim, code_dim, kernel_init=torch_linear_kernel, bias_init=torch_linear_bias(code_dim),
+            nnx.Linear(code_dim, code_dim, kernel_init=torch_kernel_init, bias_init=torch_bias_init(code_dim),
                        dtype=dtype, rngs=rngs)
             for _ in range(num_layers)])
 
@@ -255,7 +244,6 @@ def make_projector(name: str, codebook_size: int, code_dim: int, *, bridge_head_
     dtype: the projector's compute dtype (its activations); parameters stay float32.
     bridge_chunks: `VQBridge`'s chunks (VQBridge presets only).
     """
-    check_projector(name, codebook_size, bridge_chunks)
     if name == "none":
         return Identity()
     if name in ("lin/1", "lin/5"):

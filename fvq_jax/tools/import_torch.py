@@ -10,7 +10,8 @@ converts it one array at a time by the table in `fvq_jax.conversion.tokenizer` o
 writes OUT_DIR as `fvq_jax.tools.export_vq` does: arrays {"params": ..., "state": ...} and a config that rebuilds
 the model, with an `import` record (source file and sha256, format, weights entry, keys left out).
 `fvq_jax.models.load.load_tokenizer(OUT_DIR)` / `load_gpt(OUT_DIR)` restore it. Any missing, unexpected or
-mis-shaped key stops the import, all of them listed.
+mis-shaped key stops the import, all of them listed, and so does any tensor holding NaN or Inf (every one named;
+nothing is written).
 
 Tokenizers: the shapes give the architecture (K, D, ch, ch_mult, z_channels, blocks, bridge preset); what they
 cannot tell has flags: --format (default: fvq when the file has VQBridge keys, else vqgan), --norm-groups
@@ -41,7 +42,7 @@ from etils import epath
 
 from fvq_jax import checkpointing
 from fvq_jax.conversion import gpt, tokenizer, torch_files
-from fvq_jax.conversion.table import StateDict, StateDictMismatch
+from fvq_jax.conversion.table import NonFiniteWeights, StateDict, StateDictMismatch
 from fvq_jax.models.inception import file_sha256
 from fvq_jax.models.load import load_tokenizer, tokenizer_record
 
@@ -143,7 +144,7 @@ def main(argv=None) -> None:
             written = import_gpt(args.src, args.out, grid=args.grid, n_head=args.n_head, tokenizer_path=args.tokenizer,
                                  weights=args.weights)
     except (FileNotFoundError, ValueError) as e:  # StateDictMismatch, WrongKind, ConfigError, ... are ValueErrors
-        parser.error(f"{args.src}: {e}" if isinstance(e, StateDictMismatch) else str(e))
+        parser.error(f"{args.src}: {e}" if isinstance(e, (StateDictMismatch, NonFiniteWeights)) else str(e))
     entry = "" if written["weights"] == "top" else f"[{written['weights']!r}]"
     print(f"imported {written['source']}{entry} to {written['out']}\n{written['description']}\n"
           f"{written['params']:,} params ({written['params_bytes'] / 2 ** 20:.2f} MiB)"

@@ -54,12 +54,12 @@ def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def with_later_fields(saved: dict) -> dict:
     """The saved config with the quantizer fields added since it was written read as the values that
-    reproduce it (quantizers.factory.LATER_FIELDS): a field that did not exist is not a change."""
-    from fvq_jax.quantizers.factory import LATER_FIELDS
+    reproduce it (QuantizerSpec.later_fields): a field that did not exist is not a change."""
+    from fvq_jax.quantizers.factory import QuantizerSpec
 
     if not isinstance(saved.get("quantizer"), dict):
         return saved
-    return dict(saved, quantizer={**LATER_FIELDS, **saved["quantizer"]})
+    return dict(saved, quantizer={**QuantizerSpec.later_fields(), **saved["quantizer"]})
 
 
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> list[str]:

@@ -24,7 +24,8 @@ from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.models.factory import arch_from_config, check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.factory import check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.vqgan import VQGANArch
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import bridge_positions
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
@@ -105,7 +106,7 @@ def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLa
     if q.type != "vq" or q.projector not in BRIDGE_PRESETS:
         return None, None
     k, patch = q.codebook_size, BRIDGE_PRESETS[q.projector].patch
-    token_grid = config.data.image_size // arch_from_config(config.model).downsample_factor
+    token_grid = config.data.image_size // VQGANArch.from_config(config.model, "model").downsample_factor
     tokens_per_step = config.train.global_batch * token_grid ** 2
 
     def position_metrics(model_state):

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from fvq_jax.models.factory import build_discriminator, build_tokenizer, compute_dtype
+from fvq_jax.models.factory import DiscriminatorSpec, VQGANSpec, build_discriminator, build_tokenizer, compute_dtype
 from fvq_jax.train.state import TrainState, model_fields
 
 
@@ -34,8 +34,9 @@ def build(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
           disc_tx: optax.GradientTransformation) -> tuple[Graphs, TokenizerState]:
     """Freshly initialised generator and discriminator (from config.seed) as (Graphs, TokenizerState)."""
     dtype = compute_dtype(config.precision)
-    generator = build_tokenizer(config, dtype=dtype, rngs=nnx.Rngs(config.seed))
-    discriminator = build_discriminator(config.discriminator, dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
+    generator = build_tokenizer(VQGANSpec.from_config(config), dtype=dtype, rngs=nnx.Rngs(config.seed))
+    discriminator = build_discriminator(DiscriminatorSpec.from_config(config.discriminator, "discriminator"),
+                                        dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
     g_graph, fields = model_fields(generator, tx, keep_ema=bool(config.optim.ema_decay))
     d_graph, d_params, d_rest = nnx.split(discriminator, nnx.Param, ...)
     state = TokenizerState(**fields, disc_params=d_params, disc_state=d_rest, disc_opt_state=disc_tx.init(d_params))

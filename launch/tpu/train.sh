@@ -58,19 +58,8 @@ EXTRA=()
 die() { echo "error: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 
-# Shell-quote each argument when it needs it (like Python's shlex.quote), so that printed
-# commands can be pasted and remote command strings survive the workers' shell.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+=("$arg"); else out+=("'${arg//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-
-run() {
-  if (( DRY_RUN )); then quote "$@"; else "$@"; fi
-}
+# quote (shell-quote arguments, for printed and remote commands) and run (print under DRY_RUN).
+source "$REPO_ROOT/launch/quote.sh"
 
 while (( $# )); do
   case $1 in

@@ -8,7 +8,7 @@ from flax import nnx
 
 from fvq_jax.conversion import tokenizer
 from fvq_jax.conversion.table import StateDict, StateDictMismatch, WrongKind, flatten
-from fvq_jax.models.factory import build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.models.vqgan import VQGANArch
 from tests import reference_tokenizers as ref
 from tests.nearest_codes import distances64
@@ -83,7 +83,7 @@ ROUND_TRIPS = {
 def random_tokenizer(config, **quantizer):
     """The tokenizer `config` describes (quantizer fields changed by `quantizer`), every parameter random."""
     config.quantizer.update(quantizer)
-    graph, params, rest = nnx.split(nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    graph, params, rest = nnx.split(nnx.eval_shape(lambda: build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))), nnx.Param, ...)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype)), params)
     return nnx.merge(graph, params, tokenizer.initial_state(config))

@@ -1,6 +1,8 @@
 """Reading and writing torch state dicts: both file types, nested checkpoints, metadata, damaged files."""
 
 import argparse
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -33,6 +35,31 @@ def test_written_files_read_back_with_their_metadata(tmp_path, suffix):
     assert state.metadata == {"format": "vqgan", "norm_groups": "32"}
     assert state.entry == (None if suffix == ".safetensors" else "model")
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umasks_permissions(tmp_path, suffix, umask):
+    """Like any new file (safetensors' own writer makes its files 0600)."""
+    previous = os.umask(umask)
+    try:
+        torch_files.save_state_dict(tmp_path / f"sd{suffix}", iter(ARRAYS.items()), metadata={})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / f"sd{suffix}").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_failed_write_leaves_no_file(tmp_path, suffix):
+    def items():
+        yield "a.weight", ARRAYS["a.weight"]
+        raise OSError("No space left on device")
+
+    path = tmp_path / f"sd{suffix}"
+    (tmp_path / f"sd{suffix}.partial").write_bytes(b"left by a killed write")
+    with pytest.raises(OSError, match="No space left"):
+        torch_files.save_state_dict(path, items(), metadata={})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_nested_checkpoints_open_at_the_references_choice(tmp_path):

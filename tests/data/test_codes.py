@@ -6,12 +6,15 @@ grid: code = 1000 * image + 100 * grid + token, so every batch row says where it
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
+from fvq_jax import tasks
 from fvq_jax.data import codes
 from tests.codes_dirs import write_codes_dir
+from tests.train.gpt_codes import gpt_config, write_synthetic_codes
 
 GRID = (2, 2)
 TOKENS = GRID[0] * GRID[1]
@@ -162,15 +165,76 @@ def test_manifest_and_shards_disagree(tmp_path):
         codes.open_codes(directory)
 
 
+def flip_a_byte(path) -> None:
+    """Flip one byte in the middle of a shard's chunks (the file is mostly zero padding up to Riegeli's 64 KiB
+    blocks; a byte there is read by no record, though its SHA-256 still changes)."""
+    data = bytearray(open(path, "rb").read())
+    used = np.flatnonzero(np.frombuffer(bytes(data), np.uint8))
+    data[used[len(used) // 2]] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_byte_is_refused_when_the_codes_are_opened(tmp_path):
+    directory = write_codes(tmp_path, 10)
+    flip_a_byte(os.path.join(directory, "shard-00001-00001.array_record"))
+    with pytest.raises(ValueError, match=r"1 of the 3 shards of .* do not hold what was written: "
+                       r".*shard-00001-00001.array_record: its SHA-256 differs from the one recorded when it was "
+                       r"written \(corrupt\); run the extraction again \(same command and --workdir\)"):
+        codes.open_codes(directory)
+
+
+def test_an_unverified_corrupt_record_names_its_shard_and_record(tmp_path):
+    directory = write_codes(tmp_path, 10)
+    flip_a_byte(os.path.join(directory, "shard-00001-00001.array_record"))
+    dataset = codes.open_codes(directory, verify=False)
+    failed = []
+    for i in range(len(dataset)):
+        try:
+            np.testing.assert_array_equal(dataset[i]["codes"], image_codes(i, 5).reshape(5, TOKENS))
+        except ValueError as error:
+            failed.append(i)
+            assert re.fullmatch(rf"record {i - 4} of shard .*shard-00001-00001.array_record \(item {i} of "
+                                rf"{tmp_path}\) is unreadable: Corrupted Riegeli.*", str(error)), str(error)
+    assert len(failed) == 1 and 4 <= failed[0] < 8  # one record of shard 1 (images 4-7), every other one reads
+    with pytest.raises(ValueError, match=rf"record {failed[0] - 4} of shard .*shard-00001-00001.array_record"):
+        stream(dataset, 3, global_batch=4)  # the GPT's stream reaches every image in its first epoch
+
+
 @pytest.mark.parametrize("keep", ["half", "all but the last 100 bytes", "1000 bytes"])
 def test_truncated_shard(tmp_path, keep):
     directory = write_codes(tmp_path, 10)
     path = os.path.join(directory, "shard-00001-00001.array_record")
     data = open(path, "rb").read()
-    open(path, "wb").write(data[:{"half": len(data) // 2, "1000 bytes": 1000}.get(keep, len(data) - 100)])
+    kept = {"half": len(data) // 2, "1000 bytes": 1000}.get(keep, len(data) - 100)
+    open(path, "wb").write(data[:kept])
+    with pytest.raises(ValueError, match=rf"shard-00001-00001.array_record: it is {kept:,} bytes, {len(data):,} when "
+                       r"it was written \(truncated or overwritten\)"):
+        codes.open_codes(directory)
     with pytest.raises(ValueError, match=r"shard .*shard-00001-00001.array_record is unreadable \(truncated or "
                        r"corrupt: .*\); delete it and run the extraction again"):
-        codes.open_codes(directory)
+        codes.open_codes(directory, verify=False)
+
+
+def test_a_version_1_directory_reads_without_checksums_and_says_so(tmp_path, caplog):
+    directory = write_codes(tmp_path, 6)
+    path = os.path.join(directory, codes.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["version"] = 1
+    for shard in manifest["shards"]:
+        del shard["bytes"], shard["sha256"]
+    json.dump(manifest, open(path, "w"))
+    dataset = codes.open_codes(directory)
+    assert [int(item["index"]) for item in dataset] == list(range(6))
+    assert "is a version 1 codes directory: its shards carry no checksums" in caplog.text
+
+
+def test_gpt_training_refuses_corrupt_codes_before_making_its_workdir(tmp_path):
+    directory = write_synthetic_codes(tmp_path / "codes")
+    flip_a_byte(os.path.join(directory, "shard-00001-00001.array_record"))
+    workdir = tmp_path / "gpt"
+    with pytest.raises(ValueError, match=r"shard-00001-00001.array_record: its SHA-256 differs"):
+        tasks.run(gpt_config(directory), str(workdir))
+    assert not workdir.exists()
 
 
 def test_other_format_version(tmp_path):
@@ -179,5 +243,6 @@ def test_other_format_version(tmp_path):
     manifest = json.load(open(path))
     manifest["version"] = 99
     json.dump(manifest, open(path, "w"))
-    with pytest.raises(ValueError, match="'fvq_jax codes' version 99; this reader reads 'fvq_jax codes' version 1"):
+    with pytest.raises(ValueError, match=r"'fvq_jax codes' version 99; this reader reads 'fvq_jax codes' versions "
+                       r"\[1, 2\]"):
         codes.open_codes(directory)

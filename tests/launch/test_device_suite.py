@@ -1,7 +1,9 @@
 """launch/device_suite.sh with a fake python3 on PATH: the wheels it downloads and installs, the
-suite command under a timeout, and the log and table it leaves in the output folder."""
+suite command under a timeout, and the log and table it leaves in the output folder; --dry-run prints
+those commands and runs nothing."""
 
 import os
+import shlex
 import subprocess
 
 from tests.conftest import ROOT
@@ -55,3 +57,32 @@ def test_without_wheels_nothing_is_installed(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [c.split()[1] for c in calls] == ["-c", "-m"]
     assert f"--out {tmp_path / 'dir'} | PYTHONPATH={ROOT}" in calls[1]
+
+
+def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
+    wheel = "grain-0.2.18-cp312-cp312-manylinux_2_28_x86_64.whl"
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / wheel).write_text("")
+    out = tmp_path / "my out"
+    result, calls = script(tmp_path, "--dry-run", str(out), "--only", "quantizer", SUITE_TIMEOUT="30",
+                           JAX_COMPILATION_CACHE_DIR="/tmp/cache")
+    assert result.returncode == 0, result.stderr
+    assert calls == [] and not out.exists()
+    install, env, suite = result.stdout.splitlines()
+    assert shlex.split(install) == [
+        "python3", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+        "--upgrade", "--target", "/tmp/fvq_site", str(tmp_path / "wheels" / wheel)]
+    export, pythonpath, cache = shlex.split(env)
+    assert (export, cache) == ("export", "JAX_COMPILATION_CACHE_DIR=/tmp/cache")
+    assert pythonpath.startswith(f"PYTHONPATH=/tmp/fvq_site:{ROOT}")
+    assert shlex.split(suite) == ["timeout", "--signal=TERM", "--kill-after=15", "30", "python3", "-m",
+                                  "fvq_jax.benchmarks.suite", "--out", str(out), "--only", "quantizer", "2>&1", "|",
+                                  "tee", "-a", f"{out}/suite.log"]
+
+
+def test_dry_run_download_prints_the_pip_command(tmp_path):
+    result, calls = script(tmp_path, "--dry-run", "download")
+    assert result.returncode == 0 and calls == [] and not (tmp_path / "wheels").exists()
+    (line,) = result.stdout.splitlines()
+    assert shlex.split(line)[-5:] == [str(tmp_path / "wheels"), "grain==0.2.18", "array_record==0.8.6",
+                                      "portpicker==1.6.0", "ml_collections==1.1.0"]

@@ -1,7 +1,8 @@
 """launch/xm_launch.py against a stub of the XManager API it uses (XManager is not installed here),
-and its message when XManager is missing."""
+its --dry_run (the same jobs, printed, without XManager), and its message when XManager is missing."""
 
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,20 @@ def test_missing_xmanager_says_how_to_install_it():
     result = launch("--sweep=configs/sweeps/example.py", "--workdir_root=gs://bucket/sweeps/example")
     assert result.returncode == 1
     assert "needs XManager" in result.stderr and "pip install xmanager" in result.stderr
+
+
+def test_dry_run_prints_the_jobs_the_experiment_gets(tmp_path):
+    """Without XManager: the container and one fvq_jax.main command per job, the args the stub receives above."""
+    result = launch("--sweep=configs/sweeps/example.py", "--workdir_root=gs://bucket/sweeps/example",
+                    "--only=S4$", "--accelerator=h100", "--accelerator_count=4", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f"# experiment 'example': 2 Vertex AI jobs, 4 x h100 each, in a python:3.12 container built "
+                        f"from {ROOT}:")
+    assert lines[1:5] == [f"#   {line}" for line in (
+        "ENV LANG=C.UTF-8", f"COPY {ROOT.name}/ {ROOT.name}", f"WORKDIR {ROOT.name}",
+        "RUN python -m pip install --no-cache-dir 'jax[cuda12]' .")]
+    assert [shlex.split(line) for line in lines[5:]] == [
+        ["python", "-m", "fvq_jax.main", "--config=configs/tokenizer.py:local",
+         f"--config.quantizer.codebook_size={k}", "--config.quantizer.projector=S/4",
+         f"--workdir=gs://bucket/sweeps/example/k{k}_S4"] for k in (1024, 4096)]

@@ -10,7 +10,7 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.models.discriminator import PatchDiscriminator, logits_size
-from fvq_jax.models.factory import build_discriminator
+from fvq_jax.models.factory import DiscriminatorSpec, build_discriminator
 
 
 def _abstract(size, **kw):
@@ -117,8 +117,8 @@ def test_matches_torch_in_train_and_eval_mode():
 
 
 def test_build_from_config():
-    cfg = ml_collections.ConfigDict(dict(num_layers=2, filters=8))
-    model = nnx.eval_shape(lambda: build_discriminator(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    spec = DiscriminatorSpec.from_config(ml_collections.ConfigDict(dict(num_layers=2, filters=8)), "discriminator")
+    model = nnx.eval_shape(lambda: build_discriminator(spec, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     assert len(model.blocks) == 2 and model.blocks[-1].conv.out_features == 32 and model.dtype == jnp.bfloat16
     assert model.blocks[0].conv.kernel.dtype == jnp.float32  # parameters stay float32
 
@@ -127,5 +127,5 @@ def test_build_from_config():
 def test_bad_config_names_the_field(field, value):
     cfg = ml_collections.ConfigDict({"num_layers": 3, "filters": 64, field: value})
     with pytest.raises(config_lib.ConfigError, match="must be an int > 0") as info:
-        build_discriminator(cfg, rngs=nnx.Rngs(0))
+        DiscriminatorSpec.from_config(cfg, "discriminator")
     assert info.value.field == f"discriminator.{field}"

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from fvq_jax import config_lib
-from fvq_jax.models.factory import check_tokenizer_config
+from fvq_jax.models.factory import VQGANSpec, check_tokenizer_config
 from fvq_jax.quantizers import multiscale
-from fvq_jax.quantizers.factory import check_quantizer_config
 from fvq_jax.quantizers.multiscale import MultiScaleQuantizer
 from tests.quantizers import tiny_model
 
@@ -128,18 +127,19 @@ def test_split_and_join_scales_round_trip():
 
 
 def test_scales_validation():
-    with pytest.raises(ValueError, match="strictly increasing"):
-        MultiScaleQuantizer(K, D, scales=(1, 3, 2), projector="none", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="positive ints"):
-        MultiScaleQuantizer(K, D, scales=(0, 2), projector="none", rngs=nnx.Rngs(0))
+    for scales, message in (((1, 3, 2), "strictly increasing"), ((0, 2), "positive ints")):
+        with pytest.raises(config_lib.ConfigError, match=message) as info:
+            tiny_model.quantizer_config(type="multiscale", scales=scales)
+        assert info.value.field == "quantizer.scales"
     q = MultiScaleQuantizer(K, D, scales=(1, 2, 4), projector="none", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="last scale must equal the token grid"):
         q(jnp.zeros((1, 8, 8, D)))
     # Config: the grid is known once the model is; the error names the field.
     cfg = tiny_model.quantizer_config(type="multiscale", scales=(1, 2, 4))
-    check_quantizer_config(cfg)
+    spec = VQGANSpec(tiny_model.TINY, cfg)  # TINY downsamples by 2
+    assert spec.token_grid(8) == 4
     with pytest.raises(config_lib.ConfigError, match=r"last scale must equal the 8 x 8 token grid") as info:
-        check_quantizer_config(cfg, token_grid=8)
+        spec.token_grid(16)
     assert info.value.field == "quantizer.scales"
     config = tiny_model.tokenizer_config()
     config.quantizer.type = "multiscale"
@@ -147,7 +147,7 @@ def test_scales_validation():
     with pytest.raises(config_lib.ConfigError, match="quantizer.scales"):
         check_tokenizer_config(config)
     with pytest.raises(config_lib.ConfigError, match="quantizer.l2_norm"):
-        check_quantizer_config(tiny_model.quantizer_config(type="multiscale", l2_norm=True))
+        tiny_model.quantizer_config(type="multiscale", l2_norm=True)
 
 
 def test_tiny_vqgan_trains_and_decodes_codes():

@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 from fvq_jax import config_lib
-from fvq_jax.quantizers.factory import check_quantizer_config
 from fvq_jax.quantizers.residual import ResidualQuantizer
 from fvq_jax.quantizers.vq import VectorQuantizer
 from tests.quantizers import tiny_model
@@ -127,12 +126,11 @@ def test_usage_counts_every_depth():
 
 
 def test_l2_norm_is_rejected_by_the_config_check():
-    cfg = tiny_model.quantizer_config(type="residual", l2_norm=True)
     with pytest.raises(config_lib.ConfigError, match="residuals, which are not unit vectors") as info:
-        check_quantizer_config(cfg)
+        tiny_model.quantizer_config(type="residual", l2_norm=True)
     assert info.value.field == "quantizer.l2_norm"
     with pytest.raises(config_lib.ConfigError, match="quantizer.residual_depth"):
-        check_quantizer_config(tiny_model.quantizer_config(type="residual", residual_depth=0))
+        tiny_model.quantizer_config(type="residual", residual_depth=0)
 
 
 def test_tiny_vqgan_trains_and_decodes_codes():

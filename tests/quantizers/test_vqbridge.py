@@ -182,7 +182,7 @@ def test_bad_codebook_sizes_name_both_numbers():
     with pytest.raises(ValueError, match=r"codebook side 36 \(codebook_size=1296\) is not divisible by the bridge patch size 8"):
         _bridge("L/8", 1296, 8)
     with pytest.raises(ValueError, match=r"unknown projector 'L/3'"):
-        _bridge("L/3", 1024, 8)
+        vqbridge.check_projector("L/3", 1024)
 
 
 def _pre_change_bridge(bridge, e):
@@ -269,4 +269,4 @@ def test_bad_bridge_chunks_name_the_patch_rows():
     with pytest.raises(ValueError, match=r"bridge chunks=3 must be a positive divisor of the 8 patch rows"):
         vqbridge.make_projector("S/4", 1024, 8, bridge_chunks=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"applies to VQBridge projectors only"):
-        vqbridge.make_projector("lin/1", 1024, 8, bridge_chunks=2, rngs=nnx.Rngs(0))
+        vqbridge.check_projector("lin/1", 1024, bridge_chunks=2)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.models.vqgan import VQGAN, VQGANArch
-from fvq_jax.quantizers.factory import build_quantizer
+from fvq_jax.quantizers.factory import QuantizerSpec, build_quantizer
 
 TINY = VQGANArch(ch=16, ch_mult=(1, 2), enc_blocks=1, dec_blocks=1, z_channels=16, norm_groups=4)
 IMAGE_SIZE = 16  # -> 8 x 8 tokens
@@ -29,13 +29,13 @@ def tokenizer_config(arg: str = ""):
     return config_lib.load_file(_CONFIGS / "tokenizer.py").get_config(arg)
 
 
-def quantizer_config(**fields):
-    """The default config's quantizer block at test size (K = 64, D = 8), with `fields` set."""
-    cfg = tokenizer_config().quantizer
+def quantizer_config(**fields) -> QuantizerSpec:
+    """The default config's quantizer block at test size (K = 64, D = 8), with `fields` set, resolved."""
+    cfg = tokenizer_config().quantizer.to_dict()
     cfg.update(dict(codebook_size=64, code_dim=8, projector="XS/2", scales=TINY_SCALES, residual_depth=3,
                     usage_window=256))
     cfg.update(fields)
-    return cfg
+    return QuantizerSpec.from_config(cfg, "quantizer")
 
 
 def tiny_vqgan(seed=0, **quantizer_fields) -> VQGAN:

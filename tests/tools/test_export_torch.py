@@ -2,7 +2,9 @@
 up to the bridge's float rounding); a training run exports and re-imports unchanged; an imported GPT goes back to
 its reference file exactly and comes back unchanged; CLI errors."""
 
+import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -103,6 +105,9 @@ def test_gpt_goes_back_to_the_reference_file_and_returns_unchanged(suffix, impor
         assert state[key].dtype == np.float32, key
         np.testing.assert_array_equal(state[key], value, err_msg=key)
     assert state.metadata == {"n_head": "4", "grid": "4", "source": str(imported_gpt)}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file
     if suffix == ".pt":  # the layout LlamaGen's sampler reads: checkpoint["model"]
         assert sorted(torch.load(out, weights_only=True)) == ["fvq_jax", "model"]
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.value_range import to_model_range
-from fvq_jax.models.factory import build_tokenizer
+from fvq_jax.models.factory import VQGANSpec, build_tokenizer
 from fvq_jax.models.vqgan import count_params
 from fvq_jax.quantizers import vqbridge
 from fvq_jax.quantizers.export import bake
@@ -129,7 +129,7 @@ VARIANTS = {
 
 def random_tokenizer(config):
     """The tokenizer `config` describes, every array random (numpy: no per-op compiles)."""
-    graph, state = nnx.split(nnx.eval_shape(lambda: build_tokenizer(config, rngs=nnx.Rngs(0))))
+    graph, state = nnx.split(nnx.eval_shape(lambda: build_tokenizer(VQGANSpec.from_config(config), rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     return nnx.merge(graph, jax.tree.map(
         lambda x: jnp.asarray((0.1 * rng.standard_normal(x.shape)).astype(x.dtype)), state))

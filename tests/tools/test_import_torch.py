@@ -132,6 +132,25 @@ def test_bad_sources_fail_clearly(tmp_path, capsys, monkeypatch):
     assert "already exists; choose a new directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["tokenizer", "gpt"])
+def test_non_finite_weights_are_refused_naming_every_tensor(kind, tmp_path, capsys):
+    sd = ref.load("fvq").state_dict if kind == "tokenizer" else tiny_gpt.fixture_state_dict()
+    first, *_, last = sorted(sd)
+    bad = dict(sd, **{first: sd[first].copy(), last: sd[last].copy()})
+    bad[first].flat[[0, 3]] = np.nan
+    bad[last].flat[-1] = -np.inf
+    src = write_pt(bad, tmp_path / "bad.pt") if kind == "tokenizer" else write_safetensors(bad, tmp_path / "bad.safetensors")
+    flags = ["--grid", "4"] if kind == "gpt" else []
+    with pytest.raises(SystemExit) as info:
+        import_torch.main(["--src", str(src), "--kind", kind, "--out", str(tmp_path / "out"), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{src}: non-finite weights in 2 of {len(sd)} tensors" in err
+    assert f"{first}: 2 NaN, 0 Inf of {sd[first].size} values" in err
+    assert f"{last}: 0 NaN, 1 Inf of {sd[last].size} values" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_imported_checkpoint_restores_sharded_on_8_devices(tmp_path, python_runner):
     src = write_safetensors(ref.load("fvq").state_dict, tmp_path / "fvq.safetensors")
     import_torch.import_tokenizer(src, tmp_path / "out")

@@ -24,7 +24,8 @@ def test_report_tables_the_runs_and_plots_usage(tiny_run, tmp_path):
     sweep_file = tmp_path / "sweep_def.py"
     sweep_file.write_text("def method_of(params):\n    return params['method'].upper()\n")
     _fake_sweep(str(tmp_path), workdir, str(sweep_file))
-    out = sweep_report.write_report(str(tmp_path), str(tmp_path / "report" / "ablation.md"))
+    out = tmp_path / "report" / "ablation.md"
+    sweep_report.main([f"--sweep_root={tmp_path}", f"--out={out}"])
     text = open(out).read()
     final = json.load(open(os.path.join(workdir, "eval", "final", "metrics.json")))
     curve = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

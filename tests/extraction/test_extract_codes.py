@@ -1,7 +1,9 @@
-"""Code extraction (configs/extract_codes.py -> fvq_jax/tools/extract_codes.py) from the tiny trained photo run
+"""Code extraction (configs/extract_codes.py -> fvq_jax/extraction/) from the tiny trained photo run
 (16 x 16 images, 4 x 4 tokens, K = 64): the codes against the tokenizer's own encode of crops recomputed here,
-the manifest, resume, refusals, unreadable images, and 2 processes against 1."""
+the manifest, resume (over missing, truncated and corrupt shards), refusals, unreadable images, and 2 processes
+against 1."""
 
+import hashlib
 import io
 import json
 import os
@@ -12,7 +14,6 @@ import sys
 from contextlib import redirect_stdout
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,10 +25,12 @@ from fvq_jax.data import codes, sources
 from fvq_jax.data.pipeline import TrainExample
 from fvq_jax.data.transforms import TEN_CROP_VIEWS, center_crop
 from fvq_jax.data.value_range import to_model_range
+from fvq_jax.extraction import job as extraction
+from fvq_jax.extraction.spec import ExtractionSpec
 from fvq_jax.models.load import load_tokenizer, saved_config
-from fvq_jax.tools import extract_codes
 from tests.conftest import ROOT, run_python, subprocess_env
 from tests.data.conftest import write_jpegs
+from tests.data.test_codes import flip_a_byte
 from tests.data.test_transforms import reference_ten_crop
 from tests.nearest_codes import assert_same_codes
 from tests.test_configs import load_config_module
@@ -46,7 +49,7 @@ def extract_config(tokenizer, arg: str = "", **fields):
 def run(config, out) -> tuple[dict, str]:
     text = io.StringIO()
     with redirect_stdout(text):
-        manifest = extract_codes.extract_codes(config, out)
+        manifest = extraction.extract_codes(config, out)
     return manifest, text.getvalue()
 
 
@@ -124,7 +127,7 @@ def test_random_and_center_codes(tiny_run, model, photos, tmp_path, augment):
 def test_manifest_records_what_was_extracted(tencrop, tiny_run):
     out, manifest, _ = tencrop
     assert json.load(open(os.path.join(out, "manifest.json"))) == json.loads(json.dumps(manifest))
-    assert manifest["format"] == "fvq_jax codes" and manifest["version"] == 1 and manifest["status"] == "complete"
+    assert manifest["format"] == "fvq_jax codes" and manifest["version"] == 2 and manifest["status"] == "complete"
     assert manifest["record"]["grids_per_image"] == 10 and manifest["record"]["grid"] == [4, 4]
     assert manifest["record"]["header"] == ["label", "index"] and manifest["record"]["dtype"] == "int32"
     tokenizer = manifest["tokenizer"]
@@ -143,6 +146,9 @@ def test_manifest_records_what_was_extracted(tencrop, tiny_run):
     assert manifest["num_shards"] == 3 and manifest["shard_size"] == 1
     assert [(s["file"], s["process"], s["shard"], s["first"], s["end"], s["images"]) for s in manifest["shards"]] == [
         (f"{stem}.array_record", 0, i, i, i + 1, 1) for i, stem in enumerate(PHOTO_FILES)]
+    for entry in manifest["shards"]:  # the file as written, for open_codes to verify
+        data = open(os.path.join(out, entry["file"]), "rb").read()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
     extraction = manifest["extraction"]
     assert extraction["images_this_session"] == 3 and not extraction["resumed"] and extraction["process_count"] == 1
     assert extraction["seconds"] > 0 and extraction["images_per_second"] > 0 and extraction["batch_size"] == 2
@@ -187,6 +193,28 @@ def test_resume_rewrites_only_missing_shards_identically(tencrop, tiny_run, tmp_
         strip(resumed)
     assert {k: v for k, v in files(out).items() if k != "manifest.json"} == \
         {k: v for k, v in after.items() if k != "manifest.json"}
+
+
+def test_a_rerun_rewrites_truncated_and_corrupt_shards(tencrop, tiny_run, tmp_path):
+    source, manifest, _ = tencrop
+    out = str(tmp_path / "codes")
+    shutil.copytree(source, out)
+    before = files(out)
+    truncated, corrupt = (os.path.join(out, f"shard-00000-0000{i}.array_record") for i in (1, 2))
+    open(truncated, "wb").write(before[os.path.basename(truncated)][:1000])
+    flip_a_byte(corrupt)
+    with pytest.raises(ValueError, match="2 of the 3 shards of .* do not hold what was written"):
+        codes.open_codes(out)
+    resumed, printed = run(extract_config(tiny_run[0], "augment=tencrop,images=3,batch=2,shard=1"), out)
+    assert f"{truncated}: it is 1,000 bytes, {len(before[os.path.basename(truncated)]):,} when it was written " \
+           "(truncated or overwritten); writing it again" in printed
+    assert f"{corrupt}: its SHA-256 differs from the one recorded when it was written (corrupt); writing it " \
+           "again" in printed
+    assert resumed["extraction"]["images_this_session"] == 2 and resumed["num_images"] == 3
+    after = files(out)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert len(codes.open_codes(out)) == 3
 
 
 def test_settings_that_change_codes_are_refused(tencrop, tiny_run, tmp_path):
@@ -237,16 +265,21 @@ def test_multi_level_tokenizers_are_refused(tiny_run, tmp_path, kind):
 def test_config_checks_name_the_field(tiny_run):
     with pytest.raises(ConfigError, match="tokenizer: must name a training run or an export directory"):
         tasks.check_config(extract_config_module.get_config())
-    for arg, field in [("augment=fivecrop", "augment"), ("crops=0", "crops_per_image"), ("batch=0", "batch_size"),
-                       ("shard=0", "shard_size"), ("data=lmdb", "data.source")]:
+    for arg, field in [("augment=fivecrop", "augment"), ("crops=0", "crops_per_image"), ("batch=-1", "batch_size"),
+                       ("shard=0", "shard_size"), ("step=-2", "step")]:
         with pytest.raises(ConfigError, match=f"config field {field}:"):
             tasks.check_config(extract_config(tiny_run[0], arg))
     with pytest.raises(ConfigError, match="batch_size: 3 is not divisible by the 2 processes"):
         tasks.check_config(extract_config(tiny_run[0], "batch=3"), num_processes=2)
     config = extract_config_module.get_config("imagenet,tokenizer=gs://bucket/fvq16k")
     tasks.check_config(config)
-    assert (config.augment, config.batch_size, config.data.source, config.data.tfds_name, config.data.split,
-            config.data.image_size) == ("tencrop", 64, "tfds", "imagenet2012", "train", 256)
+    assert (config.augment, config.data.source, config.data.tfds_name, config.data.split,
+            config.data.image_size) == ("tencrop", "tfds", "imagenet2012", "train", 256)
+    spec = ExtractionSpec.from_config(config)  # batch_size 0: about 640 views, 64 per CPU device
+    assert spec.images_per_batch(spec.views_per_image("tencrop"), 1) == 64
+    assert spec.images_per_batch(spec.views_per_image("random"), 2) == 4 and spec.images_per_batch(1, 8) == 640
+    assert spec.images_per_batch(10, 1, cpu_devices=1) == 6 and spec.images_per_batch(10, 4, cpu_devices=8) == 48
+    assert spec.images_per_batch(128, 1, cpu_devices=1) == 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -270,28 +303,38 @@ def test_unreadable_images_are_skipped_and_named(tiny_run, model, tmp_path):
     assert_codes_of(model, dataset, lambda i: center_crop(Image.fromarray(pixels[i]), 16)[None])
 
 
+def resolve_data(config, saved: dict):
+    return ExtractionSpec.from_config(config).resolve_data(saved)
+
+
 def test_resolve_data_takes_the_tokenizers_values_and_names_missing_fields(tiny_run):
-    run_config = saved_config(tiny_run[0])
-    data = extract_codes.resolve_data(extract_config(tiny_run[0], "res=32"), run_config)
-    assert (data.source, data.split, data.image_size, data.train_crop) == ("photos", "train", 32, "zoom")
-    assert extract_codes.default_augment(data.source) == "random"
-    imported = ml_collections.ConfigDict({"quantizer": run_config.quantizer.to_dict()})  # no data block
+    saved = saved_config(tiny_run[0]).data.to_dict()
+    data, split, augment = resolve_data(extract_config(tiny_run[0], "res=32"), saved)
+    assert (data.source, split, data.image_size, data.train_crop, augment) == ("photos", "train", 32, "zoom", "random")
+    assert (data.num_workers, data.read_threads) == (saved["num_workers"], saved["read_threads"])
+    with pytest.raises(ConfigError, match=r"data.source: 'lmdb' is not one of \['tfds', 'folder', 'photos'\]"):
+        resolve_data(extract_config(tiny_run[0], "data=lmdb"), saved)
+    # An imported tokenizer records no data block: what the extraction reads must be set, the rest need not be.
     with pytest.raises(ConfigError, match=r"data.source: .* records no data.source \(an imported tokenizer\?\)"):
-        extract_codes.resolve_data(extract_config(tiny_run[0]), imported)
-    data = extract_codes.resolve_data(extract_config(tiny_run[0], "imagenet"), imported)
-    assert (data.source, data.tfds_name, data.split, data.image_size, data.tfds_data_dir) == \
-        ("tfds", "imagenet2012", "train", 256, "")
+        resolve_data(extract_config(tiny_run[0]), {})
+    data, split, augment = resolve_data(extract_config(tiny_run[0], "imagenet"), {})
+    assert (data.source, data.tfds_name, split, data.image_size, data.tfds_data_dir, augment) == \
+        ("tfds", "imagenet2012", "train", 256, "", "tencrop")
+    with pytest.raises(ConfigError, match=r"data.folder: .* records no data.folder"):
+        resolve_data(extract_config(tiny_run[0], "data=folder,split=train,res=32"), {})
+    with pytest.raises(ConfigError, match=r"data.train_crop: .* records no data.train_crop"):
+        resolve_data(extract_config(tiny_run[0], "imagenet,augment=random"), {})
 
 
 # ----------------------------------------------------------------------------- processes
 
 
 def test_shards_are_dealt_round_robin():
-    shards = extract_codes.plan_shards(10, 3)
+    shards = codes.plan_shards(10, 3)
     assert [(s.index, s.start, s.end) for s in shards] == [(0, 0, 3), (1, 3, 6), (2, 6, 9), (3, 9, 10)]
-    assert [s.index for s in extract_codes.deal(shards, 0, 2)] == [0, 2]
-    assert [s.index for s in extract_codes.deal(shards, 1, 2)] == [1, 3]
-    assert [s.index for s in extract_codes.deal(shards[1:], 1, 3)] == [2]
+    assert [s.index for s in extraction.deal(shards, 0, 2)] == [0, 2]
+    assert [s.index for s in extraction.deal(shards, 1, 2)] == [1, 3]
+    assert [s.index for s in extraction.deal(shards[1:], 1, 3)] == [2]
 
 
 def _free_port() -> int:
@@ -331,10 +374,10 @@ def test_eight_devices_write_what_one_does(tiny_run, tencrop, model, photos, tmp
     out = str(tmp_path / "codes")
     run_python(f"""
         from fvq_jax import config_lib
-        from fvq_jax.tools import extract_codes
+        from fvq_jax.extraction import job
         config = config_lib.load_file("configs/extract_codes.py").get_config(
             "tokenizer={tiny_run[0]},augment=tencrop,images=3,batch=4,shard=1")
-        extract_codes.extract_codes(config, {out!r})
+        job.extract_codes(config, {out!r})
         """, num_devices=8)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["extraction"]["device_count"] == 8 and manifest["extraction"]["mesh"]["data"] == 8
