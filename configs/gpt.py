@@ -24,6 +24,7 @@ KEYS = {
     "batch": ("train.global_batch", 16),
     "steps": ("train.num_steps", 300),
     "epochs": ("train.num_epochs", 0.0),
+    "min_steps": ("train.min_steps", 0),
     "lr": ("optim.base_lr", 1e-4),
     "precision": ("precision", "fp32"),
     "seed": ("seed", 0),
@@ -92,8 +93,9 @@ def paper_config() -> ml_collections.ConfigDict:
 
     config.train = dict(
         global_batch=2048,
-        num_steps=0,  # 0: num_epochs over the codes' images
-        num_epochs=300.0,
+        num_steps=0,  # 0: max(min_steps, ceil(num_epochs x the codes' images / global_batch))
+        num_epochs=300.0,  # passes over the codes' images (one grid of each image per pass); when num_steps is 0
+        min_steps=0,  # the fewest steps num_epochs may give
         log_every=100,
         checkpoint_every=5_000,
         keep_checkpoints=3,
@@ -106,7 +108,7 @@ def paper_config() -> ml_collections.ConfigDict:
 
     # The periodic sample grids; configs/sample.py samples (and scores) at scale.
     config.sample = dict(
-        classes=8,  # grid rows: the first `classes` classes (or all when fewer)
+        classes=16,  # grid rows: the codes' classes 0, 1, ... up to the last one with images, at most this many
         per_class=8,
         cfg_scale=1.75,
         cfg_schedule="constant",
@@ -132,7 +134,9 @@ def local_config() -> ml_collections.ConfigDict:
     config.loss.chunk_size = 0  # K = 1,024: the logits of a batch are small
     config.optim.base_lr = 1e-3  # a short run on a small set: well above the recipe's 1e-4 x 16 / 256
     config.optim.lr_ref_batch = 16
-    config.train.update(global_batch=16, num_steps=300, num_epochs=0.0, log_every=20, checkpoint_every=100,
-                        sample_every=100)
-    config.sample.update(classes=9, per_class=4, cfg_scale=2.0)
+    # 4 passes over the codes' images, at least 300 steps: the 9 photos train 300 steps at batch 16 (533 passes
+    # over few images, each seen in 128 views), a folder of 6,000 images 1,500 steps.
+    config.train.update(global_batch=16, num_steps=0, num_epochs=4.0, min_steps=300, log_every=20,
+                        checkpoint_every=100, sample_every=100)
+    config.sample.update(per_class=4, cfg_scale=2.0)
     return config

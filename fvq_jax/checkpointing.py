@@ -108,6 +108,15 @@ class Checkpointer:
         item = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
         return self._restore(step, {"state": item})["state"]
 
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of every array of the state saved with `step`, read from its metadata (no array is
+        read), named as `array_shapes` names a state in memory; CheckpointUnreadable when there is none."""
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            return array_shapes(metadata.tree)
+        except Exception as error:  # a missing or partial step directory: Orbax and the OS raise many types
+            raise CheckpointUnreadable(step, self.directory, error) from error
+
     def restore_config(self, step: int | None = None) -> dict:
         """The JSON config saved with `step` (default: latest)."""
         step = self.saved_step(step)
@@ -170,6 +179,13 @@ def load_export(directory, abstract_arrays):
     """The arrays of the export in `directory`, laid out as `abstract_arrays`' shardings (whose tree
     must match the saved one)."""
     return _export_item(directory, arrays=ocp.args.StandardRestore(abstract_arrays))["arrays"]
+
+
+def array_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{dotted name: shape} of the arrays of a pytree (arrays, abstract arrays or saved metadata), named as
+    Orbax names them in a checkpoint ("params.decoder.conv_in.kernel.value", "opt_state.0.mu...")."""
+    return {name: tuple(leaf.shape) for name, leaf in ocp.tree.to_flat_dict(tree, sep=".").items()
+            if leaf is not None}
 
 
 def run_facts(global_batch: int) -> dict:

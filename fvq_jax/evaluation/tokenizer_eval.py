@@ -10,10 +10,13 @@ Used by the trainer (periodically and at the end) and by the eval entry
               the same split (reference statistics computed once and cached, or given).
 Everything per image is reduced on device inside one jitted step, so it runs on any mesh and
 on several hosts; only per-batch sums (and Inception features, for rFID) reach the host.
+The reconstruction grid (reconstructions.png) shows images across the classes of the split
+(`GridPicker`): in a class-sorted folder its first images would all be of one class.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -40,6 +43,7 @@ from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
 from fvq_jax.quantizers.usage import UsageCounter
 
 METRICS = ("psnr", "ssim", "lpips", "usage", "rfid")
+GRID_IMAGES = 8  # input / reconstruction pairs in a grid (reports.reconstruction_grid shows up to 8)
 
 
 def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
@@ -60,6 +64,39 @@ def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
         keep = mask.reshape((-1,) + (1,) * (idx.ndim - 1))
         counts += ops.code_counts(jnp.where(keep, idx, num_codes), num_codes)  # num_codes: dropped
     return counts
+
+
+class GridPicker:
+    """The eval images a reconstruction grid shows, picked while the batches stream: the first `size` in
+    round-robin order over the classes (the first image of each class by label, then the second of each, ...),
+    holding no more than `size` pairs on the host. Labels and masks come from the global batch, so every process
+    picks the same rows (and takes part in the same gathers)."""
+
+    def __init__(self, size: int = GRID_IMAGES):
+        self.size = size
+        self._seen: collections.Counter = collections.Counter()  # label -> images met so far
+        self._kept: list[tuple[tuple[int, int], np.ndarray, np.ndarray]] = []  # ((rank, label), input, recon)
+
+    def add(self, batch: dict[str, jax.Array], recon: jax.Array) -> None:
+        """batch: {"image": uint8 [B, H, W, 3], "label": [B], "mask": [B]}; recon: [B, H, W, 3] in [-1, 1]."""
+        labels, mask = to_host(batch["label"]), to_host(batch["mask"])
+        offered = []
+        for row in np.flatnonzero(mask):
+            label = int(labels[row])
+            offered.append(((self._seen[label], label), row))
+            self._seen[label] += 1
+        cut = sorted([key for key, _, _ in self._kept] + [key for key, _ in offered])[:self.size]
+        rows = [(key, row) for key, row in offered if key in cut]
+        if not rows:
+            return
+        # Only the batches that bring an image into the pick reach the host whole; copies keep just their rows.
+        images, recons = to_host(batch["image"]), to_host(recon)
+        picked = [(key, images[row].copy(), recons[row].copy()) for key, row in rows]
+        self._kept = sorted([k for k in self._kept if k[0] in cut] + picked, key=lambda k: k[0])
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs uint8 [n, H, W, 3], reconstructions [n, H, W, 3] in [-1, 1]) in the picked order, n <= size."""
+        return np.stack([k[1] for k in self._kept]), np.stack([k[2] for k in self._kept])
 
 
 class TokenizerEvaluator:
@@ -133,17 +170,21 @@ class TokenizerEvaluator:
     # ------------------------------------------------------------------ public
 
     def reconstruction_grid(self, params: nnx.State, model_state: nnx.State) -> np.ndarray:
-        """uint8 grid: the first eval batch's inputs over their reconstructions by the tokenizer
-        (params, model_state) of the graph this evaluator was built with."""
+        """uint8 grid: inputs of the first eval batch, across its classes (GridPicker), over their
+        reconstructions by the tokenizer (params, model_state) of the graph this evaluator was built with."""
         batch = next(self._batches())
         _, _, recon = self._step(params, model_state, self._lpips_state, batch["image"], batch["mask"])
-        return reports.reconstruction_grid(to_model_range(batch["image"]), recon)
+        picker = GridPicker()
+        picker.add(batch, recon)
+        return reports.reconstruction_grid(*picker.pairs())
 
     def evaluate(self, params: nnx.State, model_state: nnx.State, *, weights: str = "raw", workdir=None,
-                 step: int | None = None) -> dict[str, float]:
+                 step: int | None = None, folder: str | None = None) -> dict[str, float]:
         """Metrics of the tokenizer (params, model_state) over the eval split; with `workdir`, also
-        metrics.json and the PNG reports there. `weights` ("ema" | "raw") is recorded in the protocol."""
-        totals, counts, grid_pair = None, None, None
+        metrics.json and the PNG reports in workdir/eval/<folder> (default step_<step>). `weights` ("ema" |
+        "raw") and `step` (the train step of the weights) are recorded in the protocol."""
+        totals, counts = None, None
+        picker = GridPicker() if workdir is not None else None
         fid_recon = fid_real = None
         if "rfid" in self.metrics:
             fid_recon, fid_real = self._inception_metrics()
@@ -155,9 +196,9 @@ class TokenizerEvaluator:
                                                    batch["image"], batch["mask"])
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             counts = batch_counts if counts is None else counts + batch_counts
-            if grid_pair is None and workdir is not None:
-                # Gathered here, on every process: an all-gather that only process 0 ran would hang.
-                grid_pair = (to_host(to_model_range(batch["image"])), to_host(recon))
+            if picker is not None:
+                # On every process: an all-gather that only process 0 ran would hang.
+                picker.add(batch, recon)
             if fid_recon is not None:
                 fid_recon.update(recon, mask=batch["mask"])
                 if fid_real is not None:
@@ -198,9 +239,9 @@ class TokenizerEvaluator:
             protocol.update(reference_stats=str(stats_path), reference_count=int(reference.count),
                             inception_sha256=fid_recon.weights_sha256)
         if workdir is not None and jax.process_index() == 0:
-            out = epath.Path(workdir) / "eval" / (f"step_{step}" if step is not None else "final")
+            out = epath.Path(workdir) / "eval" / (folder or f"step_{step}")
             out.mkdir(parents=True, exist_ok=True)
-            reports.save_reconstruction_grid(*grid_pair, out / "reconstructions.png")
+            reports.save_reconstruction_grid(*picker.pairs(), out / "reconstructions.png")
             reports.save_usage_histogram(counter.counts, out / "code_usage.png")
             reports.write_metrics_json(dict(results, protocol=protocol), out / "metrics.json")
             logging.info("Wrote evaluation reports to %s", out)

@@ -1,7 +1,6 @@
-"""The training loop every trainer runs: steps, progress, metrics, checkpoints, preemption, the guard.
+"""The loop of the training program (program.py): steps, progress, metrics, checkpoints, preemption, the guard.
 
-A trainer brings its jitted step, its state, its input iterator and its hooks (evaluation, image
-or sample grids); the loop owns the rest, the same for every model:
+It runs a model's `program.Parts` (its jitted step, state, input iterator and hooks), the same for every model:
   * steps are dispatched asynchronously; each step's metrics are read one step late, so the host
     never waits on the device except when logging or saving;
   * every `log_every` steps the mean of each metric, steps/s and throughput are written once to
@@ -13,9 +12,10 @@ or sample grids); the loop owns the rest, the same for every model:
   * checkpoints every `checkpoint_every` steps and at the end; SIGTERM (preemption) saves at the next
     step boundary, which every process agrees on, and the loop returns `preempted=True` (main.py
     exits with PREEMPTED_EXIT_CODE so schedulers requeue the run);
-  * state updates (`updates`: `Periodic`s whose run returns the new state, i.e. periodic changes made
+  * state updates (`Parts.updates`: `Periodic`s whose run returns the new state, i.e. periodic changes made
     outside the jitted step, such as reviving dead bridge positions) run right after their step,
     before it is logged or saved, so a checkpoint of step s holds them and a resumed run repeats them;
+  * hooks (`Parts.hooks`: sample or reconstruction grids, evaluations) run after the step is logged;
   * metrics.jsonl stays consistent across a resume: lines of steps after the resumed checkpoint
     (the trajectory the crash abandoned) move to metrics.rolled_back.jsonl before logging restarts.
 """
@@ -26,7 +26,7 @@ import dataclasses
 import json
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -35,8 +35,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from fvq_jax import checkpointing
+from fvq_jax.data.pipeline import to_global_batch
 from fvq_jax.progress import format_eta
 from fvq_jax.train.update import parameter_norms
+
+if TYPE_CHECKING:
+    from fvq_jax.train.program import Parts
 
 # EX_TEMPFAIL ("try again later"): a preempted run saved its checkpoint and should be started again.
 PREEMPTED_EXIT_CODE = 75
@@ -129,32 +133,13 @@ class MetricsLog:
             self._file.close()
 
 
-def train_loop(
-    *,
-    state,
-    train_step: Callable[[Any, Any], tuple[Any, dict]],
-    batches: Iterator,
-    total_steps: int,
-    train_cfg,
-    checkpointer: checkpointing.Checkpointer,
-    save_extras: Callable[[], dict],
-    writer,
-    metrics_log: MetricsLog,
-    console: Callable[[int, dict], str],
-    rates: Mapping[str, float],
-    periodic: Sequence[Periodic] = (),
-    updates: Sequence[Periodic] = (),
-    log_extras: Callable[[Any], Mapping[str, float]] = lambda state: {},
-    data_skipped: Callable[[], int] = lambda: 0,
-) -> LoopResult:
-    """Run `train_step(state, batch)` from state.step to `total_steps`.
+def train_loop(state, parts: Parts, *, total_steps: int, train_cfg, checkpointer: checkpointing.Checkpointer,
+               saved_config: dict, writer, metrics_log: MetricsLog) -> LoopResult:
+    """Run `parts.step(state, batch)` from state.step to `total_steps` on the batches of `parts.data`.
 
-    batches: yields device-ready global batches. save_extras(): the keyword arguments of
-    checkpointer.save besides step and state (data iterator, config). console(step, summary): the
-    progress line's text before its throughput and ETA. rates: {name: units per step}, e.g.
-    {"images_per_sec": global_batch}, logged beside steps_per_sec. The step's metrics must hold
-    "finite" (the guard's verdict) and the values it checked. log_extras(state): values read from the
-    state at each logged step (not averaged), logged with the step's metrics.
+    train_cfg: the `train` block (log_every, checkpoint_every). Checkpoints hold the state, the input
+    iterator's position and `saved_config`. The step's metrics must hold "finite" (the guard's verdict) and
+    the values it checked.
     """
     step = start = int(state.step)
     preemption = Preemption()
@@ -180,19 +165,21 @@ def train_loop(
         history.append(host)
 
     def save(step):
-        checkpointer.save(step, state, force=True, **save_extras())
+        checkpointer.save(step, state, force=True, data_iterator=parts.data, config=saved_config)
+
+    batches = (to_global_batch(batch, parts.batch_sharding) for batch in parts.data)
 
     try:
         if start >= total_steps:
             logging.info("Already trained %d steps", start)
         while step < total_steps:
-            state, metrics = train_step(state, next(batches))
+            state, metrics = parts.step(state, next(batches))
             metrics = dict(metrics, **_parameter_norms(state))
             if pending is not None:
                 check(pending)
             step += 1
             pending = (step, metrics)
-            for update in updates:
+            for update in parts.updates:
                 if update.every and step % update.every == 0:
                     state = update.run(step, state)
             progress(step)
@@ -202,17 +189,17 @@ def train_loop(
                 pending = None
                 summary = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
                 summary["steps_per_sec"] = (step - step_log) / (time.time() - t_log)
-                summary.update({name: summary["steps_per_sec"] * per_step for name, per_step in rates.items()})
-                summary["data_skipped"] = float(data_skipped())
-                summary.update({k: float(v) for k, v in jax.device_get(log_extras(state)).items()})
+                summary.update({name: summary["steps_per_sec"] * per_step for name, per_step in parts.rates.items()})
+                summary["data_skipped"] = float(parts.data_skipped())
+                summary.update({k: float(v) for k, v in jax.device_get(parts.log_extras(state)).items()})
                 writer.write_scalars(step, summary)
                 metrics_log.write(step, summary)
                 eta = (total_steps - step) / max(summary["steps_per_sec"], 1e-9)
                 if jax.process_index() == 0:
-                    print(f"step {step}/{total_steps}  {console(step, summary)}  ETA {format_eta(eta)}", flush=True)
+                    print(f"step {step}/{total_steps}  {parts.console(step, summary)}  ETA {format_eta(eta)}", flush=True)
                 history.clear()
                 t_log, step_log = time.time(), step
-            for hook in periodic:
+            for hook in parts.hooks:
                 if hook.every and step % hook.every == 0 and not (stop and hook.skip_at_stop):
                     with progress.timed("hooks"):
                         hook.run(step, state)

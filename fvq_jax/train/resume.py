@@ -2,8 +2,10 @@
 
 `resume_or_init` picks the step to resume (the newest, or `train.restore_step`), refuses a config
 that changed any field that alters the computation (listing each as field: old -> new; fields named
-in `train.allow_changes` may change), and falls back past a broken newest checkpoint to the
-previous one (naming the step and the error, the broken one set aside, never deleted).
+in `train.allow_changes` may change), refuses an allowed change that gives the model other arrays than
+the saved ones (a changed model cannot resume: it points to a new workdir, with `train.init_from` where
+the trainer has it), and falls back past a broken newest checkpoint to the previous one (naming the step
+and the error, the broken one set aside, never deleted).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from fvq_jax import checkpointing, config_lib
 S = TypeVar("S")
 
 # Fields that never change what a run computes: logging and checkpoint cadence, evaluation, the
-# device mesh (checkpoints restore on any mesh), decoding threads and buffers, resume controls.
+# device mesh (checkpoints restore on any mesh), decoding threads and buffers, resume controls, and what
+# only derives train.num_steps (epochs, the step floor: the resolved num_steps is saved and compared).
 RESUME_SAFE_FIELDS = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.keep_every", "train.image_every",
-    "train.eval_every", "train.sample_every", "train.allow_changes", "train.restore_step", "eval", "sample", "mesh",
-    "data.read_threads", "data.prefetch_buffer", "run",
+    "train.eval_every", "train.sample_every", "train.allow_changes", "train.restore_step", "train.num_epochs",
+    "train.min_steps", "eval", "sample", "mesh", "data.read_threads", "data.prefetch_buffer", "run",
 )
+# The most arrays a refusal lists by name.
+LISTED = 8
 
 
 class ConfigChanged(config_lib.ConfigError):
@@ -57,8 +62,9 @@ def with_later_fields(saved: dict) -> dict:
     return dict(saved, quantizer={**QuantizerSpec.later_fields(), **saved["quantizer"]})
 
 
-def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
-    """ConfigChanged listing every field that differs from the checkpoint's config and may not."""
+def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> list[str]:
+    """ConfigChanged listing every field that differs from the checkpoint's config and may not; returns the
+    fields that differ because train.allow_changes allows them."""
     saved = with_later_fields(saved)
     allowed = allowed_changes(config)
     changes = config_lib.config_changes(saved, config_json(config), ignore=RESUME_SAFE_FIELDS + allowed)
@@ -72,6 +78,34 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: in
     if permitted:
         logging.warning("resuming step %d with changes allowed by train.allow_changes: %s", step,
                         "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in permitted))
+    return [field for field, _, _ in permitted]
+
+
+def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: ml_collections.ConfigDict,
+                      step: int, allowed: list[str], workdir) -> None:
+    """ConfigChanged unless the state this config builds has the arrays (names and shapes, `built`) of the one
+    saved with `step` (`saved`): a model changed by an allowed field (model.preset, a width, an EMA turned on)
+    cannot take the saved arrays, and restoring it would only fail as if every checkpoint were unreadable.
+    The message says what can start from the saved run instead: train.init_from (where the trainer has it)
+    when the parameters agree and only the optimizer state or EMA differ, else a new workdir."""
+    # In the built state's order (a TrainState lists its parameters first), then what only the saved one has.
+    differ = [name for name in {**built, **saved} if saved.get(name) != built.get(name)]
+    if not differ:
+        return
+    lines = "\n".join(f"  {name}: {saved.get(name, 'absent')} -> {built.get(name, 'absent')}"
+                      for name in differ[:LISTED])
+    more = f"\n  ... and {len(differ) - LISTED} more" if len(differ) > LISTED else ""
+    cause = (f"the changes allowed by train.allow_changes ({', '.join(allowed)}) change the model" if allowed else
+             "this version of the code builds it differently")
+    can_init = "init_from" in config.train
+    if can_init and not any(name.startswith("params.") for name in differ):
+        start = f"start a new run from its weights instead: --workdir=NEW_DIR --config.train.init_from={workdir}"
+    else:
+        start = "train it in a new --workdir instead" + (
+            " (train.init_from cannot start it from these weights either: their shapes differ)" if can_init else "")
+    raise ConfigChanged("train.allow_changes", f"the checkpoint of step {step} holds other arrays than the state this "
+                        f"config builds ({len(differ)} differ, saved -> built):\n{lines}{more}\n{cause}, and a changed "
+                        f"model cannot resume: {start}")
 
 
 def _everyone(ok: bool) -> bool:
@@ -91,11 +125,9 @@ def _set_aside(checkpointer: checkpointing.Checkpointer, steps, reason: str) -> 
 
 
 def resume_or_init(checkpointer: checkpointing.Checkpointer, config: ml_collections.ConfigDict,
-                   init: Callable[[], S], restore: Callable[[int], S]) -> S:
-    """The state to train from: `restore(step)` of the chosen saved step, or `init()` when none is saved.
-
-    restore(step) must raise checkpointing.CheckpointUnreadable for a step that cannot be read.
-    """
+                   init: Callable[[], S], abstract: S, data_iterator=None) -> S:
+    """The state to train from: the chosen saved step restored onto `abstract` (its shardings; the input
+    iterator `data_iterator` set to the saved position), or `init()` when none is saved."""
     steps = sorted(checkpointer.all_steps())
     requested = config.train.get("restore_step", 0) or None
     if requested is not None:
@@ -111,9 +143,10 @@ def resume_or_init(checkpointer: checkpointing.Checkpointer, config: ml_collecti
     broken = []
     for step in reversed(steps):
         try:
-            saved = checkpointer.restore_config(step)
-            check_resume_config(saved, config, step)
-            state = restore(step)
+            allowed = check_resume_config(checkpointer.restore_config(step), config, step)
+            check_same_arrays(checkpointer.saved_shapes(step), checkpointing.array_shapes(abstract), config, step,
+                              allowed, checkpointer.directory.parent)
+            state = checkpointer.restore(step, abstract, data_iterator=data_iterator)
             ok = True
         except checkpointing.CheckpointUnreadable as error:
             if requested is not None:

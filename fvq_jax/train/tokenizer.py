@@ -1,11 +1,11 @@
-"""FVQ tokenizer training: `train_and_evaluate(config, workdir)`, on the shared training machinery.
+"""FVQ tokenizer training: `train_and_evaluate(config, workdir)`, the tokenizer's parts of the training program.
 
-What the tokenizer brings to it: a state with a discriminator beside the generator
-(tokenizer_state.py), the joint G + D step (tokenizer_step.py), LPIPS, reconstruction grids and the
-tokenizer evaluation. The loop, checkpoints, resume checks, preemption, the non-finite guard and
-the workdir lock are fvq_jax/train's shared core (loop.py, resume.py, update.py, lock.py, state.py).
+What the tokenizer brings to the program (program.py: workdir, lock, checkpoints, resume, metrics, the
+loop with its guard and preemption): its config checks, a state with a discriminator beside the generator
+(tokenizer_state.py), the joint G + D step (tokenizer_step.py) with LPIPS, reconstruction grids, periodic
+and final evaluations (evaluation/tokenizer_eval.py) and the revive of dead bridge positions.
 
-Reads top to bottom: checks, mesh, input, model and update, checkpoint, evals, loop, final eval.
+Reads top to bottom: checks, model and update, then `build_parts`: input, step, evals, console, state updates.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 from flax import nnx
 
-from fvq_jax import checkpointing, config_lib, sharding
+from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.evaluation import tokenizer_eval
@@ -31,10 +29,9 @@ from fvq_jax.models.vqgan import VQGANArch
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import bridge_positions
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
-from fvq_jax.train import checks, loop, resume, schedules
-from fvq_jax.train.lock import WorkdirLock
+from fvq_jax.train import checks, loop, program, schedules
 from fvq_jax.train.optimizer import make_optimizer
-from fvq_jax.train.state import StateLayout, create_state, num_params
+from fvq_jax.train.state import StateLayout, create_state
 from fvq_jax.train.tokenizer_state import Graphs, TokenizerState, build
 from fvq_jax.train.tokenizer_step import make_train_step
 
@@ -126,59 +123,35 @@ def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLa
     return jax.jit(position_metrics), revive
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the tokenizer in `workdir`; returns the final evaluation metrics, or
-    {"preempted_at_step": step} when SIGTERM stopped the run (its checkpoint saved)."""
-    check_config(config, jax.device_count(), jax.process_count())
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh)
-    with WorkdirLock(workdir), jax.set_mesh(mesh):  # raw PartitionSpecs below resolve on the mesh
-        return _train_and_evaluate(config, workdir, mesh)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: jax.sharding.Mesh) -> dict:
-    # ------------------------------------------------------------------ setup
-    is_chief = jax.process_index() == 0
-    # clu's metric writers import TensorFlow: only a training run needs them, not the step builders that the
-    # benchmarks use on accelerator images without TensorFlow (benchmarks/suite.py).
-    from clu import metric_writers
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=False)
-    total_steps = config.train.num_steps
-    global_batch = config.train.global_batch
-    logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
-
+def build_parts(config: ml_collections.ConfigDict, context: program.Context) -> program.Parts:
+    """The tokenizer's parts of the training program: input, G + D step, reconstruction grids, evaluations, the
+    revive, and the final evaluation (eval/final/)."""
     # ------------------------------------------------------------------ input
+    global_batch = config.train.global_batch
     train_iter = data_pipeline.train_iterator(config.data, global_batch=global_batch, seed=config.seed)
 
     # ------------------------------------------------------------------ model and update
-    trainer = build_trainer(config, mesh)
-
-    # ------------------------------------------------------------------ checkpoint
-    checkpointer = checkpointing.Checkpointer(
-        workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints, keep_period=config.train.keep_every)
-    saved_config = dict(resume.config_json(config), run=checkpointing.run_facts(global_batch))
-    state = resume.resume_or_init(
-        checkpointer, config, trainer.init,
-        lambda step: checkpointer.restore(step, trainer.layout.abstract, data_iterator=train_iter))
-    if int(state.step):
-        logging.info("Resuming from step %d", int(state.step))
-    else:
-        logging.info("Initialised a new model: %s parameters", f"{num_params(state.params):,}")
+    trainer = build_trainer(config, context.mesh)
 
     # ------------------------------------------------------------------ evals
-    evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, mesh,
+    evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, context.mesh,
                                                   lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
 
     def write_images(step, state):
         params, _ = state.inference_params()
-        writer.write_images(step, {"reconstructions": evaluator.reconstruction_grid(params, state.model_state)[None]})
+        grid = evaluator.reconstruction_grid(params, state.model_state)
+        context.writer.write_images(step, {"reconstructions": grid[None]})
 
     def evaluate(step, state):
         params, weights = state.inference_params()
-        writer.write_scalars(step, evaluator.evaluate(params, state.model_state, weights=weights))
+        context.writer.write_scalars(step, evaluator.evaluate(params, state.model_state, weights=weights))
 
-    # ------------------------------------------------------------------ loop
+    def final(state, step):
+        params, weights = state.inference_params()
+        return evaluator.evaluate(params, state.model_state, weights=weights, workdir=context.workdir, step=step,
+                                  folder="final")
+
+    # ------------------------------------------------------------------ console and state updates
     def console(step, s):
         pulled = f"  pulled {int(s['pulled_codes'])}" if "pulled_codes" in s else ""  # quantizer.restart 'pull' / 'claim'
         return (f"loss {s['loss']:.4f}  rec {s['pixel_loss']:.4f}  lpips {s['perceptual_loss']:.4f}  "
@@ -187,34 +160,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     def revive(step, state):
         state, dead = trainer.revive(state, jnp.asarray(step, jnp.int32))
         dead = np.asarray(jax.device_get(dead))
-        if dead.any() and jax.process_index() == 0:
+        if dead.any() and context.is_chief:
             print(f"step {step}: re-seeded the bridge head rows of in-patch positions {np.flatnonzero(dead).tolist()}",
                   flush=True)
         return state
 
-    metrics_log = loop.MetricsLog(workdir, int(state.step), enabled=is_chief)
-    try:
-        result = loop.train_loop(
-            state=state,
-            train_step=lambda state, batch: trainer.train_step(state, trainer.lpips_state, batch),
-            batches=(data_pipeline.to_global_batch(b, trainer.batch_sharding) for b in train_iter),
-            total_steps=total_steps, train_cfg=config.train, checkpointer=checkpointer,
-            save_extras=lambda: dict(data_iterator=train_iter, config=saved_config),
-            writer=writer, metrics_log=metrics_log, console=console, rates={"images_per_sec": global_batch},
-            periodic=[loop.Periodic(config.train.image_every, write_images),
-                      loop.Periodic(config.train.eval_every, evaluate, skip_at_stop=True)],
-            updates=[loop.Periodic(config.quantizer.revive_every, revive)] if trainer.revive else [],
-            log_extras=lambda state: trainer.position_metrics(state.model_state) if trainer.position_metrics else {},
-            data_skipped=lambda: train_iter.num_skipped)
-        if result.preempted:
-            return {"preempted_at_step": result.step}
-        # -------------------------------------------------------------- final evaluation
-        params, weights = result.state.inference_params()
-        results = evaluator.evaluate(params, result.state.model_state, weights=weights, workdir=workdir)
-        writer.write_scalars(total_steps, results)
-        print("final evaluation: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(results.items())), flush=True)
-        return results
-    finally:
-        checkpointer.wait()
-        writer.flush()
-        metrics_log.close()
+    return program.Parts(
+        layout=trainer.layout,
+        step=lambda state, batch: trainer.train_step(state, trainer.lpips_state, batch),
+        data=train_iter, batch_sharding=trainer.batch_sharding, console=console, rates={"images_per_sec": global_batch},
+        hooks=[loop.Periodic(config.train.image_every, write_images),
+               loop.Periodic(config.train.eval_every, evaluate, skip_at_stop=True)],
+        updates=[loop.Periodic(config.quantizer.revive_every, revive)] if trainer.revive else [],
+        log_extras=lambda state: trainer.position_metrics(state.model_state) if trainer.position_metrics else {},
+        data_skipped=lambda: train_iter.num_skipped,
+        final=final)
+
+
+RECIPE = program.Recipe("tokenizer", check_config, build_parts)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) the tokenizer in `workdir`; returns the final evaluation metrics, or
+    {"preempted_at_step": step} when SIGTERM stopped the run (its checkpoint saved)."""
+    return program.train_and_evaluate(RECIPE, config, workdir)

@@ -114,3 +114,24 @@ def test_errors_are_clear_and_early(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="data.source") as info:
         tokenizer_eval.evaluate_checkpoint(eval_config("data=imagenet"), workdir)
     assert info.value.field == "data.source"
+
+
+def test_the_grid_picks_across_classes_while_the_batches_stream():
+    """A class-sorted split streamed in batches with padding: the grid holds the first 8 images in round-robin
+    order over the classes (by a sort of the whole split), not the first 8 images (all of class 0)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [9, 2, 5])  # class-sorted, as an image folder lists its files
+    images = rng.integers(0, 256, (len(labels), 4, 4, 3), dtype=np.uint8)
+    picker = tokenizer_eval.GridPicker()
+    for start in range(0, len(labels) + 4, 6):  # batches of 6, the last one padded (mask False)
+        rows = np.arange(start, start + 6)
+        valid = rows < len(labels)
+        rows = np.where(valid, rows, 0)
+        batch = {"image": images[rows], "label": labels[rows], "mask": valid}
+        picker.add(batch, to_model_range(images[rows]) * 0.5)
+    rank = np.array([np.sum(labels[:i] == labels[i]) for i in range(len(labels))])
+    expected = np.lexsort((labels, rank))[:8]  # rank first, then label
+    inputs, recons = picker.pairs()
+    np.testing.assert_array_equal(inputs, images[expected])
+    np.testing.assert_allclose(recons, to_model_range(images[expected]) * 0.5)
+    assert [int(labels[i]) for i in expected] == [0, 1, 2, 0, 1, 2, 0, 2]

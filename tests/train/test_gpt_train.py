@@ -1,8 +1,11 @@
 """GPT training on codes (synthetic class patterns): learning, sample grids, exact resume after a kill,
-the sharded step against one device, and the sampling job on 1 vs 8 devices and at two batch sizes."""
+the sharded step against one device, the sampling job on 1 vs 8 devices and at two batch sizes; the config
+resolved against the codes before it is checked, the step count from epochs, corrupt codes refused before the
+workdir exists, a changed model refused on resume, sample grids over every class up to the cap."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +18,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from fvq_jax import config_lib
+from fvq_jax import config_lib, tasks
+from fvq_jax.data import codes as codes_data
 from fvq_jax.models.load import load_gpt
 from fvq_jax.sampling.sampler import SamplingConfig, sample_keys, sample_tokens
-from fvq_jax.train import gpt
+from fvq_jax.train import gpt, resume
+from tests.codes_dirs import write_codes_dir
 from tests.conftest import ROOT, run_python, subprocess_env
 from tests.train.gpt_codes import CLASSES, GRID, K, gpt_config, pattern, write_synthetic_codes
 
@@ -207,3 +212,84 @@ def test_a_run_starts_from_another_runs_weights(trained, codes_dir, tmp_path):
     other.model.preset = "GPT-S"
     with pytest.raises(config_lib.ConfigError, match=r"train.init_from: .* differ from this run's in \d+ arrays"):
         gpt.train_and_evaluate(other, str(tmp_path / "other"))
+
+
+def test_the_codes_fill_in_the_model_before_it_is_checked(codes_dir):
+    """--config.model.vocab_size=64 alone (the right value): resolved against the codes, then checked whole."""
+    config = gpt_config(codes_dir)
+    config.model.vocab_size = K
+    tasks.check_config(config, num_devices=1, num_processes=1)  # what main.py runs first: nothing to refuse
+    resolved, dataset = gpt.prepare(config)
+    gpt.check_config(resolved, num_devices=1, num_processes=1)
+    assert (resolved.model.vocab_size, resolved.model.num_classes, resolved.model.grid) == (K, CLASSES, GRID)
+    assert len(dataset) == 48
+    config.model.vocab_size = 2 * K
+    with pytest.raises(config_lib.ConfigError, match=rf"model.vocab_size: {2 * K} does not fit the codes .*vocab_size {K}"):
+        gpt.prepare(config)
+
+
+def test_the_step_count_follows_epochs_over_the_codes(codes_dir):
+    """train.num_steps 0: max(min_steps, ceil(epochs x images / batch)); the photos' default stays 300 steps."""
+    config = gpt_config(codes_dir, num_steps=0, num_epochs=2.5, min_steps=0)
+    assert gpt.prepare(config)[0].train.num_steps == int(np.ceil(2.5 * 48 / 8)) == 15
+    config.train.min_steps = 20
+    assert gpt.prepare(config)[0].train.num_steps == 20
+    default = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("")
+    assert default.train.num_steps == 0 and default.train.global_batch == 16
+    assert gpt.epoch_steps(default.train, 9) == 300  # the nine photos' codes: as before
+    steps = gpt.epoch_steps(default.train, 6000)
+    assert steps * 16 >= 3 * 6000  # a folder of 6,000 images: a few passes
+    config.train.min_steps = -1
+    with pytest.raises(config_lib.ConfigError, match="train.min_steps"):
+        gpt.prepare(config)
+
+
+def test_corrupt_codes_refuse_the_run_before_its_workdir_exists(codes_dir, tmp_path):
+    broken = tmp_path / "codes"
+    shutil.copytree(codes_dir, broken)
+    shard = sorted(broken.glob("*.array_record"))[1]
+    shard.write_bytes(shard.read_bytes()[:-40])  # a truncated shard
+    with pytest.raises(ValueError, match=rf"{shard.name}"):
+        gpt.train_and_evaluate(gpt_config(broken), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_model_cannot_resume_and_says_what_can(trained, codes_dir, tmp_path):
+    """A resume whose allowed changes give the model other arrays is refused as such, not as unreadable
+    checkpoints: another preset needs a new workdir; an EMA turned on can start from the weights (init_from)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    other = gpt_config(codes_dir, num_steps=STEPS, sample_every=20, allow_changes="model.preset")
+    other.model.preset = "GPT-S"
+    with pytest.raises(resume.ConfigChanged) as info:
+        gpt.train_and_evaluate(other, str(workdir))
+    message = str(info.value)
+    assert f"the checkpoint of step {STEPS} holds other arrays than the state this config builds" in message
+    first = message.splitlines()[1]  # the first array listed: a parameter, saved -> built (GPT-tiny -> GPT-S)
+    assert first.startswith("  params.") and first.endswith(", 256)"), message
+    assert "(model.preset) change the model, and a changed model cannot resume: train it in a new --workdir" in message
+    assert "train.init_from cannot start it from these weights either" in message and "unreadable" not in message
+    ema = gpt_config(codes_dir, num_steps=STEPS, sample_every=20, allow_changes="optim.ema_decay")
+    ema.optim.ema_decay = 0.9
+    with pytest.raises(resume.ConfigChanged, match=rf"ema_params\..* absent -> (?s:.*)start a new run from its "
+                                                   rf"weights instead: .*--config.train.init_from={workdir}"):
+        gpt.train_and_evaluate(ema, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted(os.listdir(os.path.join(trained[0], "checkpoints")))
+    assert not (workdir / "checkpoints.aside").exists()
+
+
+def test_sample_grids_show_every_class_with_images_up_to_the_cap(tiny_run, tmp_path):
+    """12 classes, the last two without images (held out, as the photos' two are): 10 rows; a cap of 4: 4 rows."""
+    classes, rng = 12, np.random.default_rng(0)
+    labels = [i % 10 for i in range(20)]
+    codes_dir = write_codes_dir(tmp_path / "codes", rng.integers(0, K, (20, 1, GRID, GRID)), labels, codebook_size=K,
+                                num_classes=classes, tokenizer=dict(path=tiny_run[0], step=2, weights="ema"))
+    manifest_path = os.path.join(codes_dir, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["images_per_class"] = [labels.count(c) for c in range(classes)]
+    json.dump(manifest, open(manifest_path, "w"))
+    gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=1, sample_every=1), str(tmp_path / "run"))
+    grid = Image.open(tmp_path / "run" / "samples" / "step_1.png")
+    assert grid.size == (4 * 16 + 5 * 2, 10 * 16 + 11 * 2)  # 10 rows of 4 samples (sample.per_class)
+    assert gpt.sample_rows(codes_data.open_codes(codes_dir), 4) == 4
+    assert gpt.sample_rows(codes_data.open_codes(codes_dir), 16) == 10

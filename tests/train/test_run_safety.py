@@ -104,6 +104,22 @@ def test_an_allowed_change_extends_the_run(copy_of, base_run):
     assert losses(logged[:STEPS]) == losses(metrics(base_run))
 
 
+def test_a_changed_model_cannot_resume(copy_of):
+    """An allowed change that gives the tokenizer other arrays (a width) is refused naming them, not read as
+    unreadable checkpoints; nothing is set aside."""
+    workdir = copy_of()
+    wider = config(allow_changes="model.ch")
+    wider.model.ch = 8
+    with pytest.raises(resume.ConfigChanged) as info:
+        tokenizer.train_and_evaluate(wider, workdir)
+    message = str(info.value)
+    assert "the checkpoint of step 4 holds other arrays than the state this config builds" in message
+    assert message.splitlines()[1].startswith("  params.") and "unreadable" not in message
+    assert message.endswith("(model.ch) change the model, and a changed model cannot resume: train it in a new "
+                            "--workdir instead"), message
+    assert steps(workdir) == [2, 4] and aside(workdir) == []
+
+
 def test_guard_rejects_an_overflowing_update_before_it_is_saved(copy_of):
     """A learning rate of 1e30 gives finite losses but parameters near 1e27: the step is refused, the run
     stops naming it, the last checkpoint stays good, and restore_step resumes from an earlier one."""

@@ -74,7 +74,7 @@ def test_loss_falls_and_usage_is_reported(uninterrupted):
     grid = Image.open(os.path.join(workdir, "eval", "final", "reconstructions.png"))
     assert grid.size[1] == 2 * 16 + 3 * 2  # inputs over reconstructions, 16-pixel images
     saved = json.load(open(os.path.join(workdir, "eval", "final", "metrics.json")))
-    assert saved["psnr"] == pytest.approx(results["psnr"])
+    assert saved["psnr"] == pytest.approx(results["psnr"]) and saved["protocol"]["step"] == STEPS
     config = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_config()
     assert config["run"]["global_batch"] == 4 and config["quantizer"]["codebook_size"] == 64
 
