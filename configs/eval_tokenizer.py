@@ -40,7 +40,10 @@ DATA_FIELDS = {"source": str, "tfds_name": str, "tfds_data_dir": str, "folder": 
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS, flags=FLAGS)
+
+
+def base_config(flags: set[str]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "eval_tokenizer"
     config.data = {name: config_dict.placeholder(kind) for name, kind in DATA_FIELDS.items()}
@@ -55,9 +58,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "imagenet" in flags:
         config.data.update(source="tfds", tfds_name="imagenet2012", eval_split="validation", image_size=256)
         config.eval.update(num_images=50_000, metrics=("psnr", "ssim", "lpips", "usage", "rfid"))
-    for key, value in values.items():
-        block, field = KEYS[key][0].split(".")
-        config[block][field] = value
     # The devices present now, whatever mesh the run trained on.
     config.mesh = sharding.default_mesh_config()
     return config

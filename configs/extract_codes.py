@@ -44,7 +44,10 @@ DATA_FIELDS = {"source": str, "tfds_name": str, "tfds_data_dir": str, "folder": 
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS, flags=FLAGS)
+
+
+def base_config(flags: set[str]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "extract_codes"
     config.tokenizer = config_dict.placeholder(str)  # a training run or an export directory; required
@@ -65,11 +68,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data.update(source="tfds", tfds_name="imagenet2012", split="train", image_size=256, num_workers=16,
                            read_threads=4, prefetch_buffer=2)
         config.augment = "tencrop"
-    for key, value in values.items():
-        node, (*parents, leaf) = config, KEYS[key][0].split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
     # The devices present now, whatever mesh the tokenizer trained on.
     config.mesh = sharding.default_mesh_config()
     return config

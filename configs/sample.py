@@ -42,7 +42,10 @@ KEYS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS, flags=FLAGS)
+
+
+def base_config(flags: set[str]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "sample"
     config.sample = dict(
@@ -66,8 +69,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     if "imagenet" in flags:
         config.sample.update(num_samples=50_000, per_class=50, batch_size=256, cfg_scale=1.75)
-    for key, value in values.items():
-        block, field = KEYS[key][0].split(".")
-        config[block][field] = value
     config.mesh = sharding.default_mesh_config()
     return config

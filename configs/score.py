@@ -29,7 +29,7 @@ from fvq_jax import config_lib
 
 # Short argument keys -> (config field, a value of the field's type); `ref` sets several (reference_fields).
 KEYS = {
-    "ref": ("reference", "photos"),
+    "ref": (lambda config, ref: config.reference.update(reference_fields(ref)), "photos"),
     "split": ("reference.split", "train"),
     "crop": ("reference.crop", "train"),
     "images": ("reference.num_images", 0),
@@ -55,7 +55,10 @@ def reference_fields(ref: str) -> dict:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    _, values = config_lib.parse_arg(arg, flags=(), keys={k: v[1] for k, v in KEYS.items()})
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS)
+
+
+def base_config(_: set[str]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "score"
     config.score = dict(
@@ -85,10 +88,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         read_threads=2,
         prefetch_buffer=2,
     )
-    for key, value in values.items():
-        if key == "ref":
-            config.reference.update(reference_fields(value))
-            continue
-        block, field = KEYS[key][0].split(".")
-        config[block][field] = value
     return config

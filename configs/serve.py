@@ -28,7 +28,10 @@ KEYS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    _, values = config_lib.parse_arg(arg, flags=(), keys={k: v[1] for k, v in KEYS.items()})
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS)
+
+
+def base_config(_: set[str]) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "serve"
     config.serve = dict(
@@ -50,8 +53,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         top_k=0,
         top_p=1.0,
     )
-    for key, value in values.items():
-        block, field = KEYS[key][0].split(".")
-        config[block][field] = value
     config.mesh = sharding.default_mesh_config()
     return config

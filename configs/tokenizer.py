@@ -24,7 +24,8 @@ KEYS = {
     "dim": ("quantizer.code_dim", 32),
     "bridge": ("quantizer.projector", "S/4"),
     "quantizer": ("quantizer.type", "vq"),
-    "model": ("model.preset", "local"),
+    "model": (lambda config, preset: setattr(config, "model", ml_collections.ConfigDict(
+        LOCAL_ARCH if preset == "local" else arch_fields(preset))), "local"),
     "res": ("data.image_size", 64),
     "batch": ("train.global_batch", 8),
     "steps": ("train.num_steps", 360),
@@ -40,19 +41,11 @@ LOCAL_ARCH = dict(preset="local", ch=32, ch_mult=(1, 2, 2), enc_blocks=1, dec_bl
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
-    config = paper_config() if "paper" in flags else tiny_config() if "tiny" in flags else local_config()
-    if "model" in values:
-        config.model = ml_collections.ConfigDict(LOCAL_ARCH if values["model"] == "local" else arch_fields(values["model"]))
-    for key, value in values.items():
-        if key == "model":
-            continue
-        node, field = config, KEYS[key][0]
-        *parents, leaf = field.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS, flags=FLAGS)
+
+
+def base_config(flags: set[str]) -> ml_collections.ConfigDict:
+    return paper_config() if "paper" in flags else tiny_config() if "tiny" in flags else local_config()
 
 
 def paper_config() -> ml_collections.ConfigDict:

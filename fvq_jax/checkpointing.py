@@ -20,12 +20,17 @@ An export (`save_export` / `load_export`) is one standalone checkpoint directory
 from __future__ import annotations
 
 import time
+from typing import Any, Callable, TypeVar
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+T = TypeVar("T")
 
 
 def absolute(directory) -> epath.Path:
@@ -148,6 +153,74 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _everyone(ok: bool) -> bool:
+    """True when `ok` holds on every process (the same verdict everywhere)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def newest_readable(checkpointer: Checkpointer, read: Callable[[int], T], *,
+                    step: int | None = None) -> tuple[int, T, list[int]]:
+    """`read(s)` of the newest saved step s that every process reads, or of exactly `step` when one is asked for:
+    the one place that falls back past a broken checkpoint. Returns (s, its value, the newer steps that were
+    unreadable). A step whose read raises CheckpointUnreadable is reported by step and cause and the previous
+    one is read, unless `step` was asked for (then the error stands); any other error (a config refused, a model
+    of another task) stands at once. FileNotFoundError when nothing is saved or every step is unreadable."""
+    candidates = [checkpointer.saved_step(step)] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    broken = []
+    for candidate in candidates:
+        value, ok = None, True
+        try:
+            value = read(candidate)
+        except CheckpointUnreadable as error:
+            if step is not None:
+                raise
+            logging.error("%s; falling back to the previous checkpoint", error)
+            ok = False
+        if _everyone(ok):
+            return candidate, value, broken
+        broken.append(candidate)
+    raise FileNotFoundError(f"no readable checkpoint in {checkpointer.directory}: steps {sorted(broken)} are all "
+                            "unreadable (see the errors above)")
+
+
+class Saved:
+    """A model saved for reading: a training run (holds checkpoints/) or an export (config/ and arrays/),
+    told apart and checked to exist once, when opened.
+
+    `read(fn, step)` calls fn(config, restore, step) once, on the newest readable checkpoint of a run (or `step`;
+    `newest_readable`) or on the export: `config` is the JSON config saved with the arrays, `restore(target)`
+    reads the arrays `target` names (a run: any fields of its state, e.g. {"params": ..., "model_state": ...},
+    nothing else read; an export: its whole tree), laid out as the target's shardings.
+    """
+
+    def __init__(self, path):
+        self.path = epath.Path(path)
+        self.is_run = (self.path / "checkpoints").exists()
+        if not self.is_run and not (self.path / "config").exists():
+            raise FileNotFoundError(f"no checkpoint under {path}: train first, or check --workdir (a training run "
+                                    "holds checkpoints/, an export config/ and arrays/)")
+        self.checkpointer = Checkpointer(self.path / "checkpoints", read_only=True,
+                                         async_save=False) if self.is_run else None
+
+    def read(self, fn: Callable[[dict, Callable[[Any], Any], int | None], T], step: int | None = None) -> T:
+        if not self.is_run:
+            if step is not None:
+                raise ValueError(f"{self.path} is an export (one set of weights): a step applies to training runs")
+            return fn(load_export_config(self.path), lambda target: load_export(self.path, target), None)
+        checkpointer = self.checkpointer
+        _, value, _ = newest_readable(checkpointer, lambda s: fn(
+            checkpointer.restore_config(s), lambda target: checkpointer.restore_partial(s, target), s), step=step)
+        return value
+
+    def config(self, step: int | None = None) -> dict:
+        """The config saved with the arrays (a run: of `step`, or the newest readable checkpoint)."""
+        return self.read(lambda config, restore, step: config, step)
 
 
 def save_export(directory, arrays, config: dict) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
@@ -68,6 +68,31 @@ def parse_arg(arg: str | None, *, flags: tuple[str, ...], keys: Mapping[str, Any
             raise ConfigError("arg", f"unknown key {key!r}; choose from {sorted(keys)}")
         values[key] = _coerce(key, raw, keys[key])
     return found_flags, values
+
+
+def config_from_arg(arg: str | None, base: Callable[[set[str]], ml_collections.ConfigDict], *,
+                    keys: Mapping[str, tuple[str | Callable[[ml_collections.ConfigDict, Any], None], Any]],
+                    flags: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """What every config file's `get_config(arg)` returns: `base(the flags in arg)`, then each `key=value` of `arg`
+    set where `keys` says.
+
+    keys: {key: (target, default)}: the target is a dotted field ("quantizer.codebook_size") or a function
+    (config, value) for a key that means more than one field (a preset filling a block); functions run first,
+    so a plain key always has the last word on its field. The default fixes the value's type (see parse_arg).
+    """
+    found, values = parse_arg(arg, flags=flags, keys={key: default for key, (_, default) in keys.items()})
+    config = base(found)
+    for key in sorted(values, key=lambda key: not callable(keys[key][0])):
+        target, value = keys[key][0], values[key]
+        if callable(target):
+            target(config, value)
+            continue
+        *parents, leaf = target.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
 
 
 def _split_top_level(arg: str) -> list[str]:

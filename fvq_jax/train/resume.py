@@ -1,6 +1,7 @@
 """Starting a run: a fresh state, or the saved one, checked against the config before anything is read.
 
-`resume_or_init` picks the step to resume (the newest, or `train.restore_step`), refuses a config
+`resume_or_init` picks the step to resume (the newest readable one, or `train.restore_step`; the fallback is
+checkpointing.newest_readable's), refuses a config
 that changed any field that alters the computation (listing each as field: old -> new; fields named
 in `train.allow_changes` may change), refuses an allowed change that gives the model other arrays than
 the saved ones (a changed model cannot resume: it points to a new workdir, with `train.init_from` where
@@ -15,7 +16,6 @@ from typing import Callable, TypeVar
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -108,13 +108,6 @@ def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: 
                         f"model cannot resume: {start}")
 
 
-def _everyone(ok: bool) -> bool:
-    """True when `ok` holds on every process (the same verdict everywhere)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
 def _set_aside(checkpointer: checkpointing.Checkpointer, steps, reason: str) -> None:
     if jax.process_index() == 0:
         for step in steps:
@@ -140,23 +133,14 @@ def resume_or_init(checkpointer: checkpointing.Checkpointer, config: ml_collecti
         steps = [s for s in steps if s <= requested]
     if not steps:
         return init()
-    broken = []
-    for step in reversed(steps):
-        try:
-            allowed = check_resume_config(checkpointer.restore_config(step), config, step)
-            check_same_arrays(checkpointer.saved_shapes(step), checkpointing.array_shapes(abstract), config, step,
-                              allowed, checkpointer.directory.parent)
-            state = checkpointer.restore(step, abstract, data_iterator=data_iterator)
-            ok = True
-        except checkpointing.CheckpointUnreadable as error:
-            if requested is not None:
-                raise
-            logging.error("%s; falling back to the previous checkpoint", error)
-            ok = False
-        if _everyone(ok):
-            if broken:
-                _set_aside(checkpointer, broken, "unreadable")
-            return state
-        broken.append(step)
-    raise FileNotFoundError(f"no readable checkpoint in {checkpointer.directory}: steps {sorted(broken)} are all "
-                            "unreadable (see the errors above)")
+
+    def read(step: int) -> S:
+        allowed = check_resume_config(checkpointer.restore_config(step), config, step)
+        check_same_arrays(checkpointer.saved_shapes(step), checkpointing.array_shapes(abstract), config, step,
+                          allowed, checkpointer.directory.parent)
+        return checkpointer.restore(step, abstract, data_iterator=data_iterator)
+
+    _, state, broken = checkpointing.newest_readable(checkpointer, read, step=requested)
+    if broken:
+        _set_aside(checkpointer, broken, "unreadable")
+    return state
