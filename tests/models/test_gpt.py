@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -434,3 +435,21 @@ def test_sharded_forward_gradient_and_sampling_match_one_device(python_runner):
         assert run["loss"][0] == pytest.approx(run["loss"][1], rel=1e-5)
         assert run["grad_err"] < 1e-4
         assert run["tokens_equal"]
+
+
+def test_the_optimizer_updates_scanned_parameters_as_looped_ones():
+    """AdamW with weight decay on >= 2-D arrays: a stack of norm scales [n_layer, dim] is still a norm scale."""
+    from fvq_jax.train.optimizer import make_optimizer
+
+    optim = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("paper").optim
+    optim.update(base_lr=0.1, lr_ref_batch=1)  # large steps: a decayed norm scale would stand out
+    tx = make_optimizer(optim, total_steps=10, global_batch=1)
+    tokens, labels = _tokens(TINY, 2, 10)
+    updated = {}
+    for config in (TINY, SCANNED):
+        params = nnx.state(random_gpt(config), nnx.Param)
+        _, grads = _loss_and_grads(random_gpt(config), tokens, labels)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        pure = nnx.to_pure_dict(optax.apply_updates(params, updates))
+        updated[config.scan_layers] = gpt.unstack_layers(pure) if config.scan_layers else pure
+    _grads_close(updated[True], updated[False], rtol=1e-6, atol=1e-7)

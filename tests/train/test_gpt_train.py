@@ -207,3 +207,19 @@ def test_a_run_starts_from_another_runs_weights(trained, codes_dir, tmp_path):
     other.model.preset = "GPT-S"
     with pytest.raises(config_lib.ConfigError, match=r"train.init_from: .* differ from this run's in \d+ arrays"):
         gpt.train_and_evaluate(other, str(tmp_path / "other"))
+
+
+def test_a_scanned_run_trains_like_the_looped_one_from_its_weights(trained, codes_dir, tmp_path):
+    """Fine-tuning from the looped run into a scanned one (its weights stacked on load): the same losses and
+    gradient norms step for step as a looped fine-tune (the decay mask, the optimizer and the step alike)."""
+    workdir, _ = trained
+    logged = {}
+    for scan_layers in (False, True):
+        config = gpt_config(codes_dir, num_steps=3, init_from=workdir)
+        config.model.scan_layers = scan_layers
+        gpt.train_and_evaluate(config, str(tmp_path / str(scan_layers)))
+        logged[scan_layers] = read_metrics(tmp_path / str(scan_layers))
+    for looped, scanned in zip(logged[False], logged[True]):
+        for key in ("loss", "grad_norm", "param_norm"):
+            assert scanned[key] == pytest.approx(looped[key], rel=1e-5), (looped["step"], key)
+    assert load_gpt(tmp_path / "True").model.layers.attention.wqkv.kernel[...].ndim == 5  # stacked [n_layer, ...]
