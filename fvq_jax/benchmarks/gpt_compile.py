@@ -1,6 +1,6 @@
 """Scanned vs looped GPT layers: the train step's compile time by depth, and the step time they give.
 
-  python -m fvq_jax.benchmarks.gpt_compile           # GPT-XL and GPT-3B compiled, GPT-S stepped: minutes on a CPU
+  python -m fvq_jax.benchmarks.gpt_compile           # GPT-XL, -XXL, -3B compiled, GPT-S stepped: minutes on a CPU
   python -m fvq_jax.benchmarks.gpt_compile --tiny    # GPT-tiny both ways: seconds (the tests run this)
 
 Compile: the trainer's own step (train.gpt.build_trainer on configs/gpt.py:paper, bf16, as
@@ -12,7 +12,9 @@ Step: `--step-preset` (GPT-S, fp32, batch 16, 16 x 16 codes, K = 1,024: the defa
 arrays (gpt_train_step.measure), the median of `--steps` steps, both layouts.
 
 Each measurement is one JSON line; the ratios follow: looped / scanned compile time per preset, the
-deepest / shallowest preset's compile time per layout (1.0 = flat in depth), scanned / looped step time.
+deepest / the shallowest preset's compile time per layout beside their ratio of layers (time_ratio 1.0:
+flat in depth; the presets differ in width too, which the compile time hardly sees), scanned / looped
+step time.
 Targets: scanned compile time flat in depth and >= 5x faster than looped at GPT-3B; step time within 5%.
 """
 
@@ -51,6 +53,7 @@ def compile_times(config) -> dict:
 
 
 def with_layout(config, scan_layers: bool):
+    """A copy of the GPT `config` with model.scan_layers set."""
     config = config.copy_and_resolve_references()
     config.model.scan_layers = scan_layers
     return config
@@ -58,7 +61,7 @@ def with_layout(config, scan_layers: bool):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default="GPT-XL,GPT-3B", help="compiled, comma-separated")
+    parser.add_argument("--presets", default="GPT-XL,GPT-XXL,GPT-3B", help="compiled, comma-separated")
     parser.add_argument("--batch", type=int, default=8, help="sequences per device of the compiled steps")
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=16384)
@@ -77,6 +80,7 @@ def main(argv=None) -> dict:
     results = {"compile": {}, "step": {}}
 
     presets = args.presets.split(",")
+    depth = {}  # preset -> n_layer
     for preset in presets:
         base = gpt_train_step.gpt_config(preset=preset, batch=args.batch, grid=args.grid, vocab=args.vocab,
                                          precision="bf16")
@@ -84,15 +88,17 @@ def main(argv=None) -> dict:
             config = with_layout(base, scan_layers)
             times = compile_times(config)
             results["compile"][preset, scan_layers] = times
-            n_layer = GPTConfig.from_config(config.model, "model").n_layer
-            emit(dict(what="gpt_compile", preset=preset, n_layer=n_layer, scan_layers=scan_layers, **times), args.out)
+            depth[preset] = GPTConfig.from_config(config.model, "model").n_layer
+            emit(dict(what="gpt_compile", preset=preset, n_layer=depth[preset], scan_layers=scan_layers, **times),
+                 args.out)
     for preset in presets:
         looped, scanned = (results["compile"][preset, s]["total_s"] for s in LAYOUTS)
         emit(dict(what="gpt_compile_ratio", preset=preset, looped_over_scanned=looped / scanned), args.out)
+    shallow, deep = (min(presets, key=depth.get), max(presets, key=depth.get))
     for scan_layers in LAYOUTS:
-        totals = [results["compile"][preset, scan_layers]["total_s"] for preset in presets]
-        emit(dict(what="gpt_compile_depth", scan_layers=scan_layers, presets=presets,
-                  slowest_over_fastest=max(totals) / min(totals)), args.out)
+        times = [results["compile"][preset, scan_layers]["total_s"] for preset in (shallow, deep)]
+        emit(dict(what="gpt_compile_depth", scan_layers=scan_layers, shallow=shallow, deep=deep,
+                  layers_ratio=depth[deep] / depth[shallow], time_ratio=times[1] / times[0]), args.out)
 
     base = gpt_train_step.gpt_config(preset=args.step_preset, batch=args.step_batch, grid=args.step_grid,
                                      vocab=args.step_vocab, classes=11, precision="fp32", chunk=0)

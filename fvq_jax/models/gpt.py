@@ -63,9 +63,9 @@ GPT_PRESETS: dict[str, GPTSize] = {
 }
 CUSTOM = "custom"  # the preset of a GPT whose sizes are all given (an imported model of another shape)
 
-# What stays of each block's activations for the backward pass (MaxText's `remat_policy` names): none = all of
-# them (nothing recomputed); full = only the block's input (the whole block recomputed); dots_saveable = the
-# matmul outputs (norms, rotary, softmax and SwiGLU recomputed).
+# What stays of each block's activations for the backward pass (MaxText's `remat_policy` names none and full,
+# JAX's dots_saveable policy): none = all of them (nothing recomputed); full = only the block's input (the whole
+# block recomputed); dots_saveable = the matmul outputs (norms, rotary, softmax and SwiGLU recomputed).
 REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
@@ -276,7 +276,7 @@ class Attention(nnx.Module):
         return self.wo(constrain(jax.nn.dot_product_attention(q, k, v, is_causal=True), BLHD))
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               layer: int, position: jax.Array):
+               layer: jax.Array, position: jax.Array):
         """One position against the cache. x: [B, 1, dim]; cos, sin: [1, hd/2]; cache_k, cache_v: the whole
         cache [n_layer, B, N, H, hd] -> (out [B, 1, dim], cache_k, cache_v with (layer, position) written).
 
@@ -326,7 +326,7 @@ class Block(nnx.Module):
         h = h + dropout(self.feed_forward(self.ffn_norm(h)), self.ffn_dropout, keys[1])
         return constrain(h, BLD)
 
-    def decode(self, h, cos, sin, cache_k, cache_v, layer: int, position):
+    def decode(self, h, cos, sin, cache_k, cache_v, layer: jax.Array, position):
         """Block.__call__ for one position, without dropout (see Attention.decode)."""
         out, cache_k, cache_v = self.attention.decode(self.attention_norm(h), cos, sin, cache_k, cache_v, layer,
                                                       position)
