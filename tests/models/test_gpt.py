@@ -14,6 +14,7 @@ from flax import nnx
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.models import gpt
+from fvq_jax.train import resume
 from tests.models.tiny_gpt import TINY, forward, param_arrays, random_gpt
 
 SCANNED = dataclasses.replace(TINY, scan_layers=True)
@@ -83,6 +84,14 @@ def test_config_blocks_old_and_new():
         assert gpt.GPTConfig.from_config(block, "model") == want
     with pytest.raises(ValueError, match=r"not GPTConfig fields: \['depth'\]"):
         gpt.model_block(depth=3)
+    # A run saved before resumes: its old block is no change, a different remat is.
+    config = configs.get_config("")
+    saved = resume.config_json(config)
+    saved["model"] = {**{k: v for k, v in saved["model"].items() if k != "scan_layers"}, "remat": False}
+    resume.check_resume_config(saved, config, 100)
+    saved["model"]["remat"] = True
+    with pytest.raises(resume.ConfigChanged, match="model.remat: 'full' -> 'none'"):
+        resume.check_resume_config(saved, config, 100)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
