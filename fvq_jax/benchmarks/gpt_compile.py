@@ -9,7 +9,8 @@ True, lowered and compiled against abstract inputs (the state's ShapeDtypeStruct
 a ShapeDtypeStruct batch): nothing is allocated, so GPT-3B compiles on any CPU. Lowering traces the
 Python (one block per layer when looped); compiling is XLA's work on the program it gets.
 Step: `--step-preset` (GPT-S, fp32, batch 16, 16 x 16 codes, K = 1,024: the default run's step) on real
-arrays (gpt_train_step.measure), the median of `--steps` steps, both layouts.
+arrays, both layouts built first and then stepped in turn (one step of each, `--steps` times, after 2
+warm-up steps each), so a load that drifts on a shared machine weighs on both alike; median and min.
 
 Each measurement is one JSON line; the ratios follow: looped / scanned compile time per preset, the
 deepest / the shallowest preset's compile time per layout beside their ratio of layers (time_ratio 1.0:
@@ -21,6 +22,7 @@ Targets: scanned compile time flat in depth and >= 5x faster than looped at GPT-
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
@@ -28,7 +30,7 @@ import numpy as np
 
 from fvq_jax import sharding
 from fvq_jax.benchmarks import gpt_train_step
-from fvq_jax.benchmarks.common import describe_device, emit
+from fvq_jax.benchmarks.common import compiled_memory, describe_device, emit
 from fvq_jax.models.gpt import GPTConfig
 
 LAYOUTS = (False, True)  # model.scan_layers
@@ -57,6 +59,39 @@ def with_layout(config, scan_layers: bool):
     config = config.copy_and_resolve_references()
     config.model.scan_layers = scan_layers
     return config
+
+
+def interleaved_steps(configs: dict, steps: int) -> dict:
+    """{key: median and min step ms, tokens/s, XLA memory} of the train steps of `configs` ({key: config}, one
+    device mesh), timed one step of each in turn on one random batch."""
+    from fvq_jax.train.gpt import build_trainer
+
+    mesh = sharding.make_mesh(next(iter(configs.values())).mesh)
+    runs, times = {}, {key: [] for key in configs}
+    with jax.set_mesh(mesh):
+        for key, config in configs.items():
+            trainer = build_trainer(config, mesh)
+            rng = np.random.default_rng(0)
+            rows, n = config.train.global_batch, config.model.grid ** 2
+            batch = jax.device_put({"codes": rng.integers(0, config.model.vocab_size, (rows, n), dtype=np.int32),
+                                    "label": rng.integers(0, config.model.num_classes, (rows,), dtype=np.int32)},
+                                   trainer.batch_sharding)
+            state = trainer.layout.init()
+            runs[key] = [trainer.train_step.lower(state, batch).compile(), state, batch]
+        for i in range(2 + steps):
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run[1], metrics = run[0](run[1], run[2])
+                jax.block_until_ready(metrics)
+                if i >= 2:
+                    times[key].append(1e3 * (time.perf_counter() - start))
+    records = {}
+    for key, config in configs.items():
+        median = statistics.median(times[key])
+        tokens = config.train.global_batch * config.model.grid ** 2
+        records[key] = dict(median_ms=median, min_ms=min(times[key]), tokens_per_sec=1e3 * tokens / median,
+                            **compiled_memory(runs[key][0]))
+    return records
 
 
 def main(argv=None) -> dict:
@@ -102,10 +137,10 @@ def main(argv=None) -> dict:
 
     base = gpt_train_step.gpt_config(preset=args.step_preset, batch=args.step_batch, grid=args.step_grid,
                                      vocab=args.step_vocab, classes=11, precision="fp32", chunk=0)
+    results["step"] = interleaved_steps({s: with_layout(base, s) for s in LAYOUTS}, args.steps)
     for scan_layers in LAYOUTS:
-        record = gpt_train_step.measure(with_layout(base, scan_layers), args.steps)
-        results["step"][scan_layers] = record
-        emit(dict(what="gpt_step", preset=args.step_preset, scan_layers=scan_layers, **record), args.out)
+        emit(dict(what="gpt_step", preset=args.step_preset, scan_layers=scan_layers, **results["step"][scan_layers]),
+             args.out)
     looped, scanned = (results["step"][s]["median_ms"] for s in LAYOUTS)
     emit(dict(what="gpt_step_ratio", preset=args.step_preset, scanned_over_looped=scanned / looped), args.out)
     return results
