@@ -56,7 +56,7 @@ def paper_config() -> ml_collections.ConfigDict:
 
     # Every field at GPTConfig's default (fvq_jax/models/gpt.py documents them); vocab_size, num_classes and grid
     # None: the codes' (their K, classes and token grid side); dim, n_layer, n_head, ffn_dim None: the preset's.
-    # scan_layers: one compiled block whatever the depth (GPT-XXL and GPT-3B compile in seconds, not minutes);
+    # scan_layers: one compiled block whatever the depth (the deep presets' steps compile 3-5x faster: RESULTS.md);
     # remat: none | full | dots_saveable (what each block keeps for the backward pass: memory for FLOPs).
     config.model = gpt.model_block(preset="GPT-L", scan_layers=True)  # GPT-B | -L | -XL | -XXL | -3B | -S | -tiny
 
