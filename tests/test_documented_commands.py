@@ -60,6 +60,8 @@ ENTRY_POINTS = {
     "fvq_jax.benchmarks.gpt_train_step": (f"{BENCH}::test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run",),
     "fvq_jax.benchmarks.gpt_loss_memory": (f"{BENCH}::test_gpt_loss_memory_full_against_chunked",),
     "fvq_jax.benchmarks.sampling": (f"{BENCH}::test_sampling_kv_cache_against_the_naive_sampler",),
+    "fvq_jax.benchmarks.gpt_compile": (
+        "tests/benchmarks/test_gpt_compile.py::test_tiny_mode_compiles_and_steps_both_layouts",),
     "fvq_jax.benchmarks.extraction": (
         "tests/benchmarks/test_extraction.py::test_tiny_benchmark_runs_every_path_and_finds_the_same_codes",),
     "fvq_jax.benchmarks.suite": (

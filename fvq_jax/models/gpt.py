@@ -99,7 +99,7 @@ class GPTConfig(config_lib.Spec):
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     remat: str = "none"
-    scan_layers: bool = False
+    scan_layers: bool = config_lib.later(False)
 
     def __post_init__(self):
         config_lib.require_choice(self.preset, "preset", tuple(GPT_PRESETS) + (CUSTOM,))
@@ -147,10 +147,11 @@ class GPTConfig(config_lib.Spec):
 
 
 def upgraded_block(block) -> dict:
-    """A `model` block (ConfigDict or dict) in today's fields: one saved before scanned layers and remat policies
-    existed has no scan_layers (its layers are looped: False) and says remat true / false ("full" / "none")."""
-    block = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
-    block.setdefault("scan_layers", False)
+    """A `model` block (ConfigDict or dict) in today's fields: one saved before a field existed gets its
+    `GPTConfig.later_fields` value (scan_layers: False, the looped layers it was saved with), and one saved
+    before remat policies says remat true / false: "full" / "none"."""
+    block = {**GPTConfig.later_fields(),
+             **(block.to_dict() if isinstance(block, ml_collections.ConfigDict) else block)}
     if isinstance(block.get("remat"), bool):
         block["remat"] = "full" if block["remat"] else "none"
     return block
