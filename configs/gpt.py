@@ -15,6 +15,7 @@ rebuilds its GPT without the codes. Any field can also be set with --config.<fie
 import ml_collections
 
 from fvq_jax import config_lib, sharding
+from fvq_jax.models import gpt
 
 FLAGS = ("paper", "local")
 # Short argument keys -> (config field, a value of the field's type).
@@ -54,23 +55,11 @@ def paper_config() -> ml_collections.ConfigDict:
         prefetch_buffer=2,
     )
 
-    config.model = dict(
-        preset="GPT-L",  # GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B | GPT-S | GPT-tiny
-        dim=ml_collections.config_dict.placeholder(int),  # None: the preset's (set for other shapes)
-        n_layer=ml_collections.config_dict.placeholder(int),
-        n_head=ml_collections.config_dict.placeholder(int),
-        ffn_dim=ml_collections.config_dict.placeholder(int),  # None: find_multiple(8 dim / 3, 256)
-        vocab_size=ml_collections.config_dict.placeholder(int),  # None: the codes' K
-        num_classes=ml_collections.config_dict.placeholder(int),  # None: the codes' classes
-        grid=ml_collections.config_dict.placeholder(int),  # None: the codes' token grid side
-        token_dropout=0.1,
-        resid_dropout=0.1,
-        ffn_dropout=0.1,
-        class_dropout=0.1,  # labels replaced by the null class: trains the unconditional model for CFG
-        rope_base=10000.0,
-        norm_eps=1e-5,
-        remat=False,  # recompute each block in the backward pass (memory for FLOPs)
-    )
+    # Every field at GPTConfig's default (fvq_jax/models/gpt.py documents them); vocab_size, num_classes and grid
+    # None: the codes' (their K, classes and token grid side); dim, n_layer, n_head, ffn_dim None: the preset's.
+    # scan_layers: one compiled block whatever the depth (the deep presets' steps compile 3-5x faster: RESULTS.md);
+    # remat: none | full | dots_saveable (what each block keeps for the backward pass: memory for FLOPs).
+    config.model = gpt.model_block(preset="GPT-L", scan_layers=True)  # GPT-B | -L | -XL | -XXL | -3B | -S | -tiny
 
     config.loss = dict(
         chunk_size=4096,  # tokens whose [tokens, K] logits exist at once; 0 = the whole batch
@@ -131,6 +120,7 @@ def local_config() -> ml_collections.ConfigDict:
     config.codes.dir = "workdir/photo_codes"
     config.codes.read_threads = 1
     config.model.preset = "GPT-S"
+    config.model.scan_layers = False  # the looped layers: this run's logged numbers stay those it always gave
     config.loss.chunk_size = 0  # K = 1,024: the logits of a batch are small
     config.optim.base_lr = 1e-3  # a short run on a small set: well above the recipe's 1e-4 x 16 / 256
     config.optim.lr_ref_batch = 16

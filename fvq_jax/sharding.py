@@ -55,6 +55,7 @@ DEFAULT_RULES: Rules = (
     ("qkv", None),
     ("classes", None),
     ("norm", None),
+    ("layers", None),  # the stacked dimension of scanned layers: every device holds every layer's slice
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),

@@ -63,6 +63,8 @@ ENTRY_POINTS = {
     "fvq_jax.benchmarks.gpt_loss_memory": (f"{BENCH}::test_gpt_loss_memory_full_against_chunked",),
     "fvq_jax.benchmarks.sampling": (f"{BENCH}::test_sampling_kv_cache_against_the_naive_sampler",),
     "fvq_jax.benchmarks.inception": ("tests/benchmarks/test_inception.py::test_tiny_run_compares_both_inceptions",),
+    "fvq_jax.benchmarks.gpt_compile": (
+        "tests/benchmarks/test_gpt_compile.py::test_tiny_mode_compiles_and_steps_both_layouts",),
     "fvq_jax.benchmarks.extraction": (
         "tests/benchmarks/test_extraction.py::test_tiny_benchmark_runs_every_path_and_finds_the_same_codes",),
     "fvq_jax.benchmarks.serve": ("tests/benchmarks/test_serve_benchmark.py::test_the_tiny_load_benchmark",),

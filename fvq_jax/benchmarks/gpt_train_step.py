@@ -22,12 +22,13 @@ import numpy as np
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.benchmarks.common import compiled_flops, compiled_memory, describe_device, emit, mfu_fields, time_fn
+from fvq_jax.models.gpt import REMAT_POLICIES, GPTConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def gpt_config(*, preset: str, batch: int, grid: int, vocab: int, precision: str, classes: int = 1000,
-               chunk: int = 4096, remat: bool = False):
+               chunk: int = 4096, remat: str = "none"):
     """configs/gpt.py:paper for the benchmark's model (batch: sequences per device), resolved as the
     trainer resolves it from codes."""
     config = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("paper")
@@ -41,8 +42,7 @@ def gpt_config(*, preset: str, batch: int, grid: int, vocab: int, precision: str
 
 def analytic_flops_per_token(config) -> float:
     """6 x (matmul parameters) + 6 x attention (2 N dim per layer, causal half) per trained token."""
-    from fvq_jax.models.factory import gpt_config as resolve
-    c = resolve(config.model)
+    c = GPTConfig.from_config(config.model, "model")
     matmul_params = c.n_layer * (4 * c.dim * c.dim + 3 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
     attention = c.n_layer * 2 * c.seq_len * c.dim / 2
     return 6.0 * (matmul_params + attention)
@@ -83,7 +83,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=4096, help="loss.chunk_size (0 = the whole batch's logits)")
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--baseline", default="fp32", choices=["fp32", "none"])

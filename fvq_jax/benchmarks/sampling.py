@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from fvq_jax.benchmarks.common import describe_device, emit, time_fn
-from fvq_jax.models.gpt import GPT, gpt_config
+from fvq_jax.models.gpt import GPT, GPTConfig
 from fvq_jax.sampling.sampler import SamplingConfig, generation_fn, sample_keys
 
 
@@ -35,7 +35,7 @@ def random_weights(model: GPT, seed: int = 0) -> GPT:
 
 def random_model(preset: str, *, vocab: int, classes: int, grid: int, precision: str) -> GPT:
     """A GPT of `preset` with random weights (`random_weights`), built without a real init."""
-    config = gpt_config(preset, vocab_size=vocab, num_classes=classes, grid=grid)
+    config = GPTConfig(preset=preset, vocab_size=vocab, num_classes=classes, grid=grid)
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     return random_weights(nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0))))
 

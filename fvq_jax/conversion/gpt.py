@@ -13,10 +13,15 @@ The shapes give dim, n_layer, K, the classes and ffn_dim. The reference file sto
 (taken from the preset of the same dim and depth, else an argument) nor the token grid of the tokenizer the GPT
 was trained on (an argument: 16 for 256px images with VQ-16, 24 for 384px). Files export_torch writes record
 both as metadata, which is read back unless an argument says otherwise.
+
+The table names the layers one by one (`layers/<i>/...`, the looped layout); a scanned GPT's stacked
+parameters convert through `models.gpt.stack_layers` / `unstack_layers`, so both layouts read and write the
+same torch file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterator, Mapping
 
@@ -29,12 +34,7 @@ from flax import nnx
 from fvq_jax import sharding
 from fvq_jax.conversion.table import (LINEAR, Hook, Row, Shape, StateDict, check_covers, check_kind, check_source,
                                       flatten, leaf_shapes, nest, setting, to_ours, to_torch)
-from fvq_jax.models.factory import gpt_config
-from fvq_jax.models.gpt import GPT, GPT_PRESETS, GPTConfig, find_multiple
-
-# What the reference's c2i models are built with (LlamaGen's ModelArgs defaults); none of it is in the file.
-REFERENCE_SETTINGS = dict(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1,
-                          rope_base=10000.0, norm_eps=1e-5)
+from fvq_jax.models.gpt import CUSTOM, GPT, GPT_PRESETS, GPTConfig, stack_layers, unstack_layers
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -60,7 +60,7 @@ def wo_hook(n_head: int, head_dim: int) -> Hook:
 
 
 def table(config: GPTConfig) -> tuple[Row, ...]:
-    """One row per parameter of the GPT `config` describes: (our path, torch key, hook)."""
+    """One row per parameter of the GPT `config` describes, in the looped layout: (our path, torch key, hook)."""
     wqkv, wo = wqkv_hook(config.n_head, config.head_dim), wo_hook(config.n_head, config.head_dim)
     rows = [Row("tok_embeddings/embedding", "tok_embeddings.weight"),
             Row("cls_embedding/embedding", "cls_embedding.embedding_table.weight")]
@@ -80,10 +80,10 @@ def describe(config: GPTConfig) -> str:
             f"vocab_size={config.vocab_size} num_classes={config.num_classes} grid={config.grid}")
 
 
-def preset_of(config: GPTConfig) -> str:
-    """The GPT_PRESETS name of config's (dim, n_layer, n_head), or "custom"."""
-    size = (config.dim, config.n_layer, config.n_head)
-    return next((name for name, p in GPT_PRESETS.items() if (p.dim, p.n_layer, p.n_head) == size), "custom")
+def preset_of(dim: int, n_layer: int, n_head: int) -> str:
+    """The GPT_PRESETS name of (dim, n_layer, n_head), or "custom"."""
+    return next((name for name, p in GPT_PRESETS.items() if (p.dim, p.n_layer, p.n_head) == (dim, n_layer, n_head)),
+                CUSTOM)
 
 
 def metadata(config: GPTConfig) -> dict[str, str]:
@@ -108,7 +108,8 @@ def infer_config(state: Mapping[str, np.ndarray], *, grid: int | None = None, n_
     """The GPT a LlamaGen state dict (a StateDict or {key: array}) holds. dim, vocab_size, num_classes (table rows
     - 1: the last row is the null class), n_layer and ffn_dim come from the shapes; `n_head` and `grid` from the
     arguments, else what a file we exported recorded, else (n_head only) the preset of the same dim and n_layer.
-    `overrides` replace REFERENCE_SETTINGS (dropouts, rope_base, norm_eps) or set remat."""
+    The rest (dropouts, rope_base, norm_eps: none of it is in the file) are GPTConfig's defaults, which are
+    LlamaGen's; `overrides` replace them or set remat / scan_layers."""
     state = StateDict.of(state)
     shapes, meta = state.shapes, state.metadata
     check_kind(shapes, "gpt")
@@ -133,32 +134,19 @@ def infer_config(state: Mapping[str, np.ndarray], *, grid: int | None = None, n_
         raise ValueError("the token grid is not stored in a LlamaGen state dict: give grid (import_torch --grid), "
                          "the token grid side of the tokenizer the GPT was trained on (16 for 256px images with "
                          "VQ-16, 24 for 384px)")
-    return GPTConfig(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab_size,
-                     num_classes=shapes["cls_embedding.embedding_table.weight"][0] - 1, grid=grid,
-                     ffn_dim=_ffn_dim(shapes, layers), **{**REFERENCE_SETTINGS, **overrides})
+    return GPTConfig(preset=preset_of(dim, n_layer, n_head), dim=dim, n_layer=n_layer, n_head=n_head,
+                     vocab_size=vocab_size, num_classes=shapes["cls_embedding.embedding_table.weight"][0] - 1,
+                     grid=grid, ffn_dim=_ffn_dim(shapes, layers), **overrides)
 
 
 def model_config(config: GPTConfig) -> ml_collections.ConfigDict:
     """The config `models.load.load_gpt` rebuilds `config`'s GPT from: task "gpt", precision "fp32", and the model
-    block (the matching preset's name, or "custom" with every size; ffn_dim only where it is not the default)."""
-    preset = preset_of(config)
-    custom = preset == "custom"
-    default_ffn = find_multiple(int(2 * 4 * config.dim / 3), 256)
+    block holding every field of `config`."""
     out = ml_collections.ConfigDict()
     out.task = "gpt"
     out.precision = "fp32"
-    out.model = dict(
-        preset=preset, dim=config.dim if custom else None, n_layer=config.n_layer if custom else None,
-        n_head=config.n_head if custom else None,
-        ffn_dim=config.ffn_dim if custom or config.ffn_dim != default_ffn else None,
-        vocab_size=config.vocab_size, num_classes=config.num_classes, grid=config.grid,
-        token_dropout=config.token_dropout, resid_dropout=config.resid_dropout, ffn_dropout=config.ffn_dropout,
-        class_dropout=config.class_dropout, rope_base=config.rope_base, norm_eps=config.norm_eps,
-        remat=config.remat)
+    out.model = dataclasses.asdict(config)
     out.mesh = sharding.default_mesh_config()
-    rebuilt = gpt_config(out.model)
-    if rebuilt != config:
-        raise AssertionError(f"the model block rebuilds {rebuilt}, not {config}")
     return out
 
 
@@ -167,17 +155,25 @@ def _abstract(config: GPTConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.S
     return nnx.split(nnx.eval_shape(lambda: GPT(config, dtype=dtype, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
+def _looped_shapes(config: GPTConfig, params: nnx.State) -> dict[str, Shape]:
+    """{our path in the looped layout: shape} of `config`'s GPT parameters `params` (abstract or not)."""
+    pure = nnx.to_pure_dict(params)
+    return leaf_shapes(jax.eval_shape(unstack_layers, pure) if config.scan_layers else pure)
+
+
 def _read_params(state: Mapping[str, np.ndarray], config: GPTConfig, params: nnx.State) -> dict:
     state = StateDict.of(state)
     rows = table(config)
-    our_shapes = leaf_shapes(nnx.to_pure_dict(params))
+    our_shapes = _looped_shapes(config, params)
     check_covers(rows, our_shapes)
     check_source(state.shapes, rows, our_shapes, what=f"LlamaGen GPT, {describe(config)}")
-    return nest(to_ours(state.__getitem__, rows))
+    looped = nest(to_ours(state.__getitem__, rows))
+    return stack_layers(looped) if config.scan_layers else looped
 
 
 def import_params(state: Mapping[str, np.ndarray], config: GPTConfig) -> dict:
-    """The GPT's parameters (nested like `nnx.to_pure_dict`, float32 numpy) from the torch `state` (a StateDict,
+    """The GPT's parameters (nested like `nnx.to_pure_dict`, float32 numpy, in `config`'s layout: stacked when it
+    scans its layers) from the torch `state` (a StateDict,
     read one array at a time, or a plain {key: array} dict). StateDictMismatch lists every missing, unexpected
     and mis-shaped key."""
     _, params, _ = _abstract(config)
@@ -199,9 +195,10 @@ def from_torch(state: Mapping[str, np.ndarray], config: GPTConfig | None = None,
 def to_state_dict(model: GPT) -> Iterator[tuple[str, np.ndarray]]:
     """(torch key, numpy array) pairs of `model` in the reference's layout. Each array is gathered to the host when
     its turn comes (`jax.device_get` per leaf), so a sharded model never needs more host memory than the state
-    dict being written."""
-    params = nnx.state(model, nnx.Param)
+    dict being written (a scanned model's layers are sliced on the device first)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = unstack_layers(params) if model.config.scan_layers else params
     rows = table(model.config)
-    check_covers(rows, leaf_shapes(nnx.to_pure_dict(params)))
-    params = flatten(nnx.to_pure_dict(params))
+    check_covers(rows, leaf_shapes(params))
+    params = flatten(params)
     return to_torch(lambda path: np.asarray(jax.device_get(params[path])), rows)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from fvq_jax import config_lib
 from fvq_jax.models.discriminator import PatchDiscriminator, logits_size
-from fvq_jax.models.gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config as make_gpt_config
+from fvq_jax.models.gpt import GPT, GPTConfig
 from fvq_jax.models.vqgan import VQGAN, VQGAN_PRESETS, VQGANArch
 from fvq_jax.quantizers.factory import QuantizerSpec, build_quantizer
 
@@ -91,45 +91,7 @@ def build_discriminator(spec: DiscriminatorSpec, *, dtype=jnp.float32, rngs: nnx
     return PatchDiscriminator(3, spec.filters, spec.num_layers, dtype=dtype, rngs=rngs)
 
 
-GPT_DROPOUTS = ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout")
-GPT_SIZE_FIELDS = ("dim", "n_layer", "n_head", "ffn_dim")  # None: the preset's
-
-
-def check_gpt_config(cfg: ml_collections.ConfigDict, prefix: str = "model") -> None:
-    """ConfigError naming the field for a `config.model` block a GPT cannot be built from (the vocabulary,
-    classes and grid must be filled in: trainers take them from the codes' manifest)."""
-    def f(name):
-        return f"{prefix}.{name}"
-
-    config_lib.require_choice(cfg.preset, f("preset"), tuple(GPT_PRESETS) + ("custom",))
-    for name in ("vocab_size", "num_classes", "grid"):
-        config_lib.require_number(cfg[name], f(name), integer=True)
-    for name in GPT_SIZE_FIELDS:
-        if cfg.get(name) is not None or (cfg.preset == "custom" and name != "ffn_dim"):
-            config_lib.require_number(cfg.get(name), f(name), integer=True)
-    for name in GPT_DROPOUTS:
-        config_lib.require(isinstance(cfg[name], (int, float)) and 0.0 <= cfg[name] < 1.0, f(name),
-                           f"must lie in [0, 1), got {cfg[name]!r}")
-    config_lib.require_number(cfg.rope_base, f("rope_base"))
-    config_lib.require_number(cfg.norm_eps, f("norm_eps"))
-    config_lib.require(isinstance(cfg.remat, bool), f("remat"), f"must be true or false, got {cfg.remat!r}")
-
-
-def gpt_config(cfg: ml_collections.ConfigDict) -> GPTConfig:
-    """The GPTConfig of a checked `config.model` block: the preset's sizes, unless dim / n_layer / n_head /
-    ffn_dim are set; preset "custom" takes them all from the block (an imported model of another shape)."""
-    check_gpt_config(cfg)
-    sizes = {name: cfg[name] for name in GPT_SIZE_FIELDS if cfg.get(name) is not None}
-    common = dict(vocab_size=cfg.vocab_size, num_classes=cfg.num_classes, grid=cfg.grid, rope_base=cfg.rope_base,
-                  norm_eps=cfg.norm_eps, remat=cfg.remat, **{name: cfg[name] for name in GPT_DROPOUTS})
-    try:
-        if cfg.preset == "custom":
-            return GPTConfig(**sizes, **common)
-        return make_gpt_config(cfg.preset, **common, **sizes)
-    except ValueError as e:  # e.g. a dim the heads do not divide
-        raise config_lib.ConfigError("model", str(e)) from None
-
-
 def build_gpt(cfg: ml_collections.ConfigDict, *, dtype=jnp.float32, rngs: nnx.Rngs) -> GPT:
-    """GPT(config.model) in compute dtype `dtype` (parameters float32)."""
-    return GPT(gpt_config(cfg), dtype=dtype, rngs=rngs)
+    """GPT(config.model) in compute dtype `dtype` (parameters float32); the block resolved by GPTConfig, which
+    names a bad field as model.<field>."""
+    return GPT(GPTConfig.from_config(cfg, "model"), dtype=dtype, rngs=rngs)

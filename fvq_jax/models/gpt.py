@@ -8,8 +8,14 @@ Numerics: parameters float32; matmuls in the compute dtype (`dtype`, float32 or 
 rotary, attention softmax statistics and logits in float32; the residual stream stays float32 (as in
 the reference under autocast, where the float32 embeddings promote every residual add).
 
+The blocks run as a Python loop over a list of blocks (parameters `layers/<i>/...`) or, with
+`scan_layers`, as one scan over a single block whose parameters are stacked [n_layer, ...] (logical axis
+"layers"): one compiled block whatever the depth. `remat` names what a block keeps for the backward
+pass (REMAT_POLICIES). `stack_layers` / `unstack_layers` convert saved parameters between the two layouts.
+
 Sampling uses `init_cache` + `decode`: a fixed-shape KV cache [n_layer, B, N, H, hd] that a jitted
-loop carries, one position per call (position 0 consumes the class label).
+loop carries, one position per call (position 0 consumes the class label); each layer writes its slot
+(layer, position) in place (dynamic_update_slice), in both layouts.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from fvq_jax.sharding import constrain
+from fvq_jax import config_lib
+from fvq_jax.sharding import constrain, logical_axes_of
 
 normal_002 = nnx.initializers.normal(0.02)
 zeros = nnx.initializers.zeros_init()
@@ -33,51 +41,6 @@ BLHD = ("act_batch", "act_length", "act_heads", None)
 def find_multiple(n: int, k: int) -> int:
     """The smallest multiple of k that is >= n."""
     return n if n % k == 0 else n + k - n % k
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """Shape and regularisation of a GPT. ffn_dim None -> find_multiple(int(8 * dim / 3), 256)."""
-
-    dim: int
-    n_layer: int
-    n_head: int
-    vocab_size: int  # the tokenizer's K
-    num_classes: int  # the null class (CFG) is row num_classes of the class table
-    grid: int  # token grid side: N = grid * grid codes per image
-    ffn_dim: int | None = None
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    class_dropout: float = 0.1
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    remat: bool = False
-
-    def __post_init__(self):
-        if self.dim % self.n_head:
-            raise ValueError(f"GPT dim {self.dim} is not divisible by n_head {self.n_head}")
-        if (self.dim // self.n_head) % 4:
-            raise ValueError(f"GPT head_dim {self.dim // self.n_head} must be a multiple of 4: the 2-D rotary "
-                             "embedding gives a quarter of each head to row and a quarter to column frequencies")
-        for name in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"GPT {name} must be in [0, 1), got {getattr(self, name)}")
-        if self.ffn_dim is None:
-            object.__setattr__(self, "ffn_dim", find_multiple(int(2 * 4 * self.dim / 3), 256))
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def seq_len(self) -> int:
-        """N: positions per sequence (the class token plus N - 1 codes in, N logits out)."""
-        return self.grid * self.grid
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +61,131 @@ GPT_PRESETS: dict[str, GPTSize] = {
     "GPT-XXL": GPTSize(dim=1536, n_layer=48, n_head=24),
     "GPT-3B": GPTSize(dim=3200, n_layer=24, n_head=32),
 }
+CUSTOM = "custom"  # the preset of a GPT whose sizes are all given (an imported model of another shape)
+
+# What stays of each block's activations for the backward pass (MaxText's `remat_policy` names none and full,
+# JAX's dots_saveable policy): none = all of them (nothing recomputed); full = only the block's input (the whole
+# block recomputed); dots_saveable = the matmul outputs (norms, rotary, softmax and SwiGLU recomputed).
+REMAT_POLICIES = {"none": None, "full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
 
-def gpt_config(preset: str, *, vocab_size: int, num_classes: int, grid: int, **overrides) -> GPTConfig:
-    """GPTConfig of a named size for a tokenizer (K codes on a grid x grid token grid); `overrides` may also
-    replace the preset's dim / n_layer / n_head."""
-    if preset not in GPT_PRESETS:
-        raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
-    fields = {**dataclasses.asdict(GPT_PRESETS[preset]), **overrides}
-    return GPTConfig(**fields, vocab_size=vocab_size, num_classes=num_classes, grid=grid)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTConfig(config_lib.Spec):
+    """The `model` block of a GPT config resolved (`GPTConfig.from_config(config.model, "model")`): every field
+    is checked here and only here. The defaults are LlamaGen's (its c2i `ModelArgs`), which is also what an
+    imported reference checkpoint is built with; configs/gpt.py writes its block from them (`model_block`).
+
+    dim, n_layer, n_head None: the preset's; ffn_dim None: find_multiple(int(8 * dim / 3), 256). vocab_size (the
+    tokenizer's K), num_classes and grid (the token grid side: N = grid * grid codes per image) come from the
+    codes' manifest. The null class (CFG) is row num_classes of the class table. remat: a REMAT_POLICIES name.
+    scan_layers: the blocks' parameters stacked [n_layer, ...] and run by one scanned block (one compiled block
+    whatever the depth: configs/gpt.py:paper); False: a list of blocks run in a Python loop (parameters
+    `layers/<i>/...`), the layout of everything saved before scanning existed, and of the local default run,
+    whose logged gradient norms the scan changes in the last bit (see README).
+    """
+
+    vocab_size: int
+    num_classes: int
+    grid: int
+    preset: str = CUSTOM
+    dim: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    ffn_dim: int | None = None
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1  # labels replaced by the null class: trains the unconditional model for CFG
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    remat: str = "none"
+    scan_layers: bool = config_lib.later(False)
+
+    def __post_init__(self):
+        config_lib.require_choice(self.preset, "preset", tuple(GPT_PRESETS) + (CUSTOM,))
+        size = GPT_PRESETS.get(self.preset)
+        for name in ("dim", "n_layer", "n_head"):
+            if getattr(self, name) is None and size is not None:
+                object.__setattr__(self, name, getattr(size, name))
+        for name in ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "grid"):
+            config_lib.require_number(getattr(self, name), name, integer=True)
+        config_lib.require(self.dim % self.n_head == 0, "n_head",
+                           f"GPT dim {self.dim} is not divisible by n_head {self.n_head}")
+        config_lib.require(self.head_dim % 4 == 0, "n_head",
+                           f"GPT head_dim {self.head_dim} (dim / n_head) must be a multiple of 4: the 2-D rotary "
+                           "embedding gives a quarter of each head to row and a quarter to column frequencies")
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", find_multiple(int(2 * 4 * self.dim / 3), 256))
+        config_lib.require_number(self.ffn_dim, "ffn_dim", integer=True)
+        for name in ("token_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
+            value = getattr(self, name)
+            config_lib.require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0,
+                               name, f"must lie in [0, 1), got {value!r}")
+        config_lib.require_number(self.rope_base, "rope_base")
+        config_lib.require_number(self.norm_eps, "norm_eps")
+        config_lib.require_choice(self.remat, "remat", tuple(REMAT_POLICIES))
+        config_lib.require(isinstance(self.scan_layers, bool), "scan_layers",
+                           f"must be true or false, got {self.scan_layers!r}")
+
+    @classmethod
+    def from_config(cls, block, prefix: str = "", **overrides) -> "GPTConfig":
+        """The spec of a `model` block, read through `upgraded_block` (a block saved by an older version too)."""
+        return super().from_config(upgraded_block(block), prefix, **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def seq_len(self) -> int:
+        """N: positions per sequence (the class token plus N - 1 codes in, N logits out)."""
+        return self.grid * self.grid
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+
+def upgraded_block(block) -> dict:
+    """A `model` block (ConfigDict or dict) in today's fields: one saved before a field existed gets its
+    `GPTConfig.later_fields` value (scan_layers: False, the looped layers it was saved with), and one saved
+    before remat policies says remat true / false: "full" / "none"."""
+    block = {**GPTConfig.later_fields(),
+             **(block.to_dict() if isinstance(block, ml_collections.ConfigDict) else block)}
+    if isinstance(block.get("remat"), bool):
+        block["remat"] = "full" if block["remat"] else "none"
+    return block
+
+
+def stack_layers(params: dict) -> dict:
+    """A GPT's parameters (nested like `nnx.to_pure_dict`) from the looped layout, {"layers": {0: block, 1: block,
+    ...}, ...}, to the scanned one, {"layers": block with every array stacked [n_layer, ...], ...}; the rest as is.
+    numpy arrays stay numpy, jax arrays jax (and abstract ones abstract under jax.eval_shape)."""
+    def stack(*arrays):
+        return (np.stack if isinstance(arrays[0], np.ndarray) else jnp.stack)(arrays)
+
+    layers = params["layers"]
+    return {**params, "layers": jax.tree.map(stack, *(layers[i] for i in range(len(layers))))}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: the scanned layout's [n_layer, ...] arrays -> one block per layer."""
+    layers = params["layers"]
+    n_layer = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": {i: jax.tree.map(lambda x: x[i], layers) for i in range(n_layer)}}
+
+
+def model_block(**values) -> dict:
+    """The `model` block of a GPT config (configs/gpt.py): every GPTConfig field at its default (None, typed int,
+    where the preset or the codes fill it in), then `values`."""
+    block = {}
+    for field in dataclasses.fields(GPTConfig):
+        default = None if field.default is dataclasses.MISSING else field.default
+        block[field.name] = ml_collections.config_dict.placeholder(int) if default is None else default
+    unknown = sorted(set(values) - set(block))
+    if unknown:
+        raise ValueError(f"not GPTConfig fields: {unknown}")
+    return {**block, **values}
 
 
 def num_params(config: GPTConfig) -> int:
@@ -198,7 +277,7 @@ class Attention(nnx.Module):
         return self.wo(constrain(jax.nn.dot_product_attention(q, k, v, is_causal=True), BLHD))
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               layer: int, position: jax.Array):
+               layer: jax.Array, position: jax.Array):
         """One position against the cache. x: [B, 1, dim]; cos, sin: [1, hd/2]; cache_k, cache_v: the whole
         cache [n_layer, B, N, H, hd] -> (out [B, 1, dim], cache_k, cache_v with (layer, position) written).
 
@@ -248,7 +327,7 @@ class Block(nnx.Module):
         h = h + dropout(self.feed_forward(self.ffn_norm(h)), self.ffn_dropout, keys[1])
         return constrain(h, BLD)
 
-    def decode(self, h, cos, sin, cache_k, cache_v, layer: int, position):
+    def decode(self, h, cos, sin, cache_k, cache_v, layer: jax.Array, position):
         """Block.__call__ for one position, without dropout (see Attention.decode)."""
         out, cache_k, cache_v = self.attention.decode(self.attention_norm(h), cos, sin, cache_k, cache_v, layer,
                                                       position)
@@ -256,9 +335,16 @@ class Block(nnx.Module):
         return h + self.feed_forward(self.ffn_norm(h)), cache_k, cache_v
 
 
-def _run_block(block: Block, h, cos, sin, dropout_key):
-    """A block call as a function of the block, which nnx.remat can wrap."""
-    return block(h, cos, sin, dropout_key)
+def _stacked(blocks: list[Block]) -> Block:
+    """One Block holding the blocks' parameters stacked [n_layer, ...], their logical axes led by "layers"."""
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        first = variables[0]
+        return first.replace(jnp.stack([v[...] for v in variables]),
+                             logical_axes=("layers",) + logical_axes_of(first))
+
+    states = [nnx.state(block) for block in blocks]
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(nnx.graphdef(blocks[0]), stacked)
 
 
 class GPT(nnx.Module):
@@ -272,11 +358,35 @@ class GPT(nnx.Module):
                                         embedding_metadata={"logical_axes": ("vocab", "embed")})
         self.cls_embedding = nnx.Embed(config.num_classes + 1, d, embedding_init=normal_002, rngs=rngs,
                                        embedding_metadata={"logical_axes": ("classes", "embed")})
-        self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layer)])
+        # Built one by one in both layouts, so a scanned GPT starts from the looped one's initial weights.
+        blocks = [Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layer)]
+        self.layers = _stacked(blocks) if config.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype)
         self.output = nnx.Linear(d, config.vocab_size, use_bias=False, kernel_init=zeros, dtype=dtype,
                                  preferred_element_type=jnp.float32, rngs=rngs,
                                  kernel_metadata={"logical_axes": ("embed", "vocab")})
+
+    def _over_layers(self, fn, carry, xs, remat: str = "none"):
+        """carry = fn(block i, carry, xs[i]) for i = 0 ... n_layer - 1, each call rematerialised by the
+        REMAT_POLICIES `remat`: one jax.lax.scan over the stacked block (one compiled block), or a Python loop over
+        the list of blocks. xs: arrays (or None) leading with [n_layer].
+
+        The scan runs over the block's split state, merging the block inside each step, not through nnx.scan: an
+        nnx transform refuses a module of an enclosing trace, and the sampler's jitted loop calls `decode` on a
+        model merged outside its loop body."""
+        scan = self.config.scan_layers
+
+        def step(graph, state, carry, x):
+            return fn(nnx.merge(graph, state), carry, x)
+
+        if remat != "none":  # inside a scan, the loop already keeps XLA from merging the recomputation away
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=not scan, static_argnums=(0,))
+        if scan:
+            graph, state = nnx.split(self.layers)
+            return jax.lax.scan(lambda c, layer: (step(graph, layer[0], c, layer[1]), None), carry, (state, xs))[0]
+        for i, block in enumerate(self.layers):
+            carry = step(*nnx.split(block), carry, jax.tree.map(lambda x: x[i], xs))
+        return carry
 
     def _rope(self) -> tuple[jax.Array, jax.Array]:
         c = self.config
@@ -303,10 +413,10 @@ class GPT(nnx.Module):
         h = constrain(dropout(h, c.token_dropout, None if key is None else jax.random.fold_in(key, 1)), BLD)
         t = h.shape[1]
         cos, sin = (x[:t] for x in self._rope())
-        run = nnx.remat(_run_block) if c.remat else _run_block
-        for i, block in enumerate(self.layers):
-            block_key = None if key is None else jax.random.fold_in(jax.random.fold_in(key, 2), i)
-            h = run(block, h, cos, sin, block_key)
+        # Block i draws its dropout from fold_in(fold_in(key, 2), i).
+        keys = None if key is None else jax.vmap(jax.random.fold_in, (None, 0))(
+            jax.random.fold_in(key, 2), jnp.arange(c.n_layer))
+        h = self._over_layers(lambda block, h, block_key: block(h, cos, sin, block_key), h, keys, c.remat)
         return self.norm(h)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -336,7 +446,7 @@ class GPT(nnx.Module):
         h = jnp.where(first, self.cls_embedding(jnp.where(first, ids, 0)),
                       self.tok_embeddings(jnp.where(first, 0, ids)))[:, None]
         cos, sin = (jax.lax.dynamic_slice_in_dim(x, position, 1) for x in self._rope())
-        cache_k, cache_v = cache["k"], cache["v"]
-        for i, block in enumerate(self.layers):
-            h, cache_k, cache_v = block.decode(h, cos, sin, cache_k, cache_v, i, position)
+        h, cache_k, cache_v = self._over_layers(
+            lambda block, carry, layer: block.decode(carry[0], cos, sin, *carry[1:], layer, position),
+            (h, cache["k"], cache["v"]), jnp.arange(self.config.n_layer))
         return self.logits(self.norm(h))[:, 0], {"k": cache_k, "v": cache_v}

@@ -24,6 +24,7 @@ from flax import nnx
 
 from fvq_jax import checkpointing, sharding
 from fvq_jax.models.factory import VQGANSpec, build_gpt, build_tokenizer, compute_dtype
+from fvq_jax.models.gpt import GPT, stack_layers, unstack_layers
 
 
 def choose_weights(has_ema: bool, use_ema: bool) -> str:
@@ -147,9 +148,23 @@ def build_gpt_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
 
 
 def load_gpt(path, *, step: int | None = None, use_ema: bool = True,
-             mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
-    """The GPT of a training run or an export; see the module docstring."""
-    return load_model(path, build_gpt_for_inference, task="gpt", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg)
+             mesh_cfg: ml_collections.ConfigDict | None = None, scan_layers: bool | None = None) -> Loaded:
+    """The GPT of a training run or an export; see the module docstring. scan_layers: the layout of the model
+    returned (None: the one it was saved in, which `config` describes; saved parameters of the other layout are
+    converted by models.gpt.stack_layers / unstack_layers)."""
+    loaded = load_model(path, build_gpt_for_inference, task="gpt", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg)
+    if scan_layers is None or scan_layers == loaded.model.config.scan_layers:
+        return loaded
+    return dataclasses.replace(loaded, model=_with_layers(loaded.model, scan_layers))
+
+
+def _with_layers(model: GPT, scan_layers: bool) -> GPT:
+    """`model` (nothing but parameters) rebuilt in the other layout of its layers, holding the same weights."""
+    config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    graph, params = nnx.split(nnx.eval_shape(lambda: GPT(config, dtype=model.dtype, rngs=nnx.Rngs(0))))
+    convert = stack_layers if scan_layers else unstack_layers
+    nnx.replace_by_pure_dict(params, convert(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    return nnx.merge(graph, params)
 
 
 def load_recorded_tokenizer(record, *, mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:

@@ -26,7 +26,8 @@ from flax import nnx
 from fvq_jax import config_lib, sharding
 from fvq_jax.data import codes as codes_data
 from fvq_jax.evaluation import reports
-from fvq_jax.models.factory import build_gpt, check_gpt_config, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.factory import build_gpt, compute_dtype, COMPUTE_DTYPES
+from fvq_jax.models.gpt import GPTConfig
 from fvq_jax.models.load import load_gpt, load_recorded_tokenizer
 from fvq_jax.sampling.images import Painter
 from fvq_jax.sampling.sampler import SamplingConfig
@@ -102,7 +103,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     config_lib.require_choice(config.precision, "precision", tuple(COMPUTE_DTYPES))
     config_lib.require_number(config.loss.chunk_size, "loss.chunk_size", strict=False, integer=True)
     if all(config.model[name] is not None for name in CODES_FIELDS):
-        check_gpt_config(config.model)
+        GPTConfig.from_config(config.model, "model")
     checks.check_train_config(config, num_devices, num_processes, steps_from_epochs=True)
     config_lib.require_number(config.train.sample_every, "train.sample_every", strict=False, integer=True)
     sampling_config(config.sample)
@@ -149,7 +150,7 @@ def _init_from(path: str, trainer: Trainer, config: ml_collections.ConfigDict) -
     (a run: its EMA weights if it kept them; or an export, e.g. an imported LlamaGen checkpoint)."""
     def init() -> TrainState:
         state = trainer.layout.init()
-        source = load_gpt(path, mesh_cfg=config.mesh)
+        source = load_gpt(path, mesh_cfg=config.mesh, scan_layers=config.model.scan_layers)
         params = nnx.state(source.model, nnx.Param)
         want = {k: v.shape for k, v in nnx.to_flat_state(state.params)}
         got = {k: v.shape for k, v in nnx.to_flat_state(params)}

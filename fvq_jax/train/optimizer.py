@@ -10,13 +10,20 @@ from __future__ import annotations
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
+from fvq_jax import sharding
 from fvq_jax.train.schedules import learning_rate_schedule
 
 
 def decay_mask(params):
-    """True for the arrays weight decay applies to (>= 2-D)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for the arrays weight decay applies to: >= 2-D, not counting the [n_layer] that leads the stacked
+    parameters of scanned layers (a stack of norm scales is not decayed either)."""
+    def mask(x):
+        ndim = x.ndim - ((sharding.logical_axes_of(x) or ())[:1] == ("layers",))
+        return jax.tree.map(lambda p: ndim >= 2, x)
+
+    return jax.tree.map(mask, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int,

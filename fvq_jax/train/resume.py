@@ -54,9 +54,13 @@ def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def with_later_fields(saved: dict) -> dict:
     """The saved config with the quantizer fields added since it was written read as the values that
-    reproduce it (QuantizerSpec.later_fields): a field that did not exist is not a change."""
+    reproduce it (QuantizerSpec.later_fields), and a GPT's model block as models.gpt.upgraded_block
+    reads it: a field that did not exist is not a change."""
+    from fvq_jax.models.gpt import upgraded_block
     from fvq_jax.quantizers.factory import QuantizerSpec
 
+    if saved.get("task") == "gpt":
+        return dict(saved, model=upgraded_block(saved["model"]))
     if not isinstance(saved.get("quantizer"), dict):
         return saved
     return dict(saved, quantizer={**QuantizerSpec.later_fields(), **saved["quantizer"]})

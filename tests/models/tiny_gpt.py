@@ -1,5 +1,6 @@
 """Tiny GPTs for the model, loss and sampler tests, and the torch fixture (tests/fixtures/gpt_tiny.npz)."""
 
+import dataclasses
 import functools
 import pathlib
 
@@ -10,7 +11,7 @@ from flax import nnx
 
 from fvq_jax.conversion import gpt as conversion
 from fvq_jax.conversion.table import flatten, nest
-from fvq_jax.models.gpt import GPT, GPTConfig
+from fvq_jax.models.gpt import GPT, GPTConfig, stack_layers
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "gpt_tiny.npz"
 
@@ -21,11 +22,15 @@ TINY = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=5, grid
 def random_gpt(config: GPTConfig = TINY, seed: int = 0, **kwargs) -> GPT:
     """A GPT whose every parameter is random (the output layer too, which init leaves at zero), scaled so
     that the logits spread over a few units: N(0, 1) embeddings, 1 + N(0, 0.1) norm scales, N(0, 1/fan_in)
-    matrices with fan_in the width they contract."""
-    graph, params, rest = nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), **kwargs)), nnx.Param, ...)
+    matrices with fan_in the width they contract. Drawn in the looped layout, so a scanned GPT of the same
+    seed holds the same weights, stacked."""
+    def abstract(config):
+        return nnx.split(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), **kwargs)), nnx.Param, ...)
+
+    _, looped, _ = abstract(dataclasses.replace(config, scan_layers=False))
     rng = np.random.default_rng(seed)
     values = {}
-    for path, leaf in nnx.to_flat_state(params):
+    for path, leaf in nnx.to_flat_state(looped):
         name = "/".join(map(str, path))
         noise = rng.normal(size=leaf.shape).astype(np.float32)
         if name.endswith("scale"):
@@ -35,12 +40,15 @@ def random_gpt(config: GPTConfig = TINY, seed: int = 0, **kwargs) -> GPT:
         else:
             fan_in = config.ffn_dim if name.endswith("w2/kernel") else config.dim
             values[name] = noise / np.sqrt(fan_in)
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, nest(values.items())))
+    values = nest(values.items())
+    graph, params, rest = abstract(config)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, stack_layers(values) if config.scan_layers else values))
     return nnx.merge(graph, params, rest)
 
 
 def param_arrays(model: GPT) -> dict[str, np.ndarray]:
-    """{our path ('layers/0/attention/wqkv/kernel'): numpy array} of a model's parameters."""
+    """{our path ('layers/0/attention/wqkv/kernel'; scanned: 'layers/attention/wqkv/kernel'): numpy array} of a
+    model's parameters."""
     return {path: np.asarray(v) for path, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
@@ -66,7 +74,8 @@ def fixture_state_dict() -> dict[str, np.ndarray]:
     return {k[len("sd/"):]: v for k, v in fixture().items() if k.startswith("sd/")}
 
 
-def fixture_gpt(dtype=jnp.float32) -> GPT:
+def fixture_gpt(dtype=jnp.float32, scan_layers: bool = False) -> GPT:
     """The fixture's reference weights in our GPT (dim 64, 2 layers, 4 heads, K 256, 4 x 4, 10 classes)."""
     state = fixture_state_dict()
-    return conversion.from_torch(state, conversion.infer_config(state, n_head=4, grid=4), dtype=dtype)
+    config = conversion.infer_config(state, n_head=4, grid=4, scan_layers=scan_layers)
+    return conversion.from_torch(state, config, dtype=dtype)

@@ -222,9 +222,9 @@ def test_gpt_cli_import_reproduces_the_reference(suffix, imported_vq, tmp_path, 
     config = saved_config(out)
     assert (config.task, config.precision) == ("gpt", "fp32")
     assert config.model.to_dict() == dict(
-        preset="GPT-tiny", dim=None, n_layer=None, n_head=None, ffn_dim=None, vocab_size=256, num_classes=10, grid=4,
+        preset="GPT-tiny", dim=64, n_layer=2, n_head=4, ffn_dim=256, vocab_size=256, num_classes=10, grid=4,
         token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1, rope_base=10000.0, norm_eps=1e-5,
-        remat=False)
+        remat="none", scan_layers=False)
     assert config.codes.tokenizer.to_dict() == dict(path=str(imported_vq), step=None, weights="raw")
     assert config["import"].to_dict() == dict(source=str(src), sha256=file_sha256(src), kind="gpt", format="llamagen",
                                               weights="model" if suffix == ".pt" else "top", ignored=[])

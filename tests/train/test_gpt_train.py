@@ -293,3 +293,19 @@ def test_sample_grids_show_every_class_with_images_up_to_the_cap(tiny_run, tmp_p
     assert grid.size == (4 * 16 + 5 * 2, 10 * 16 + 11 * 2)  # 10 rows of 4 samples (sample.per_class)
     assert gpt.sample_rows(codes_data.open_codes(codes_dir), 4) == 4
     assert gpt.sample_rows(codes_data.open_codes(codes_dir), 16) == 10
+
+
+def test_a_scanned_run_trains_like_the_looped_one_from_its_weights(trained, codes_dir, tmp_path):
+    """Fine-tuning from the looped run into a scanned one (its weights stacked on load): the same losses and
+    gradient norms step for step as a looped fine-tune (the decay mask, the optimizer and the step alike)."""
+    workdir, _ = trained
+    logged = {}
+    for scan_layers in (False, True):
+        config = gpt_config(codes_dir, num_steps=3, init_from=workdir)
+        config.model.scan_layers = scan_layers
+        gpt.train_and_evaluate(config, str(tmp_path / str(scan_layers)))
+        logged[scan_layers] = read_metrics(tmp_path / str(scan_layers))
+    for looped, scanned in zip(logged[False], logged[True]):
+        for key in ("loss", "grad_norm", "param_norm"):
+            assert scanned[key] == pytest.approx(looped[key], rel=1e-5), (looped["step"], key)
+    assert load_gpt(tmp_path / "True").model.layers.attention.wqkv.kernel[...].ndim == 5  # stacked [n_layer, ...]
