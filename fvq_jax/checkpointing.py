@@ -15,6 +15,10 @@ partial step directory, a truncated array file) raises `CheckpointUnreadable` na
 An export (`save_export` / `load_export`) is one standalone checkpoint directory for inference:
   arrays  a pytree of plain nested dicts of arrays (readable without Flax);
   config  JSON: what is needed to rebuild the module the arrays belong to.
+
+Reading: `newest_readable` is the one place that picks "the newest step that can be read, else the one before"
+(resuming, loading for inference, evaluation, export and sampling all go through it), and `Saved` opens a run
+or an export once for any reader.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from fvq_jax.data.value_range import to_model_range, to_pixel_levels
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
 from fvq_jax.models.factory import compute_dtype
-from fvq_jax.models.load import load_tokenizer, saved_config
+from fvq_jax.models.load import load_tokenizer
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import ops
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
@@ -269,11 +269,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     config_lib.require_number(config.eval.step, "eval.step", strict=False, integer=True)
     config_lib.require(isinstance(config.eval.use_ema, bool), "eval.use_ema",
                        f"must be true or false, got {config.eval.use_ema!r}")
-    step = config.eval.step or None
-    run_config = eval_run_config(saved_config(workdir, step), config)
-    check_eval_config(run_config.eval)
-    DataSpec.from_config(run_config.data, "data")
-    loaded = load_tokenizer(workdir, step=step, use_ema=config.eval.use_ema, mesh_cfg=config.mesh)
+    resolved = []
+
+    def check(saved: ml_collections.ConfigDict) -> None:  # before any array is read
+        run_config = eval_run_config(saved, config)
+        check_eval_config(run_config.eval)
+        DataSpec.from_config(run_config.data, "data")
+        resolved.append(run_config)
+
+    loaded = load_tokenizer(workdir, step=config.eval.step or None, use_ema=config.eval.use_ema, mesh_cfg=config.mesh,
+                            check=check)
+    run_config = resolved[-1]
     run_config.mesh = config.mesh
     lpips_graph = lpips_state = None
     if "lpips" in run_config.eval.metrics:

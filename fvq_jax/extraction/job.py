@@ -54,7 +54,7 @@ from fvq_jax.extraction import manifest as manifest_lib
 from fvq_jax.extraction.pipeline import Encoder, encode_batches, image_batches
 from fvq_jax.extraction.spec import ExtractionSpec
 from fvq_jax.extraction.views import Views, make_views
-from fvq_jax.models.load import Loaded, load_tokenizer, saved_config
+from fvq_jax.models.load import Loaded, load_tokenizer
 from fvq_jax.models.vqgan import VQGANArch
 from fvq_jax.progress import Progress
 from fvq_jax.train.lock import WorkdirLock
@@ -139,16 +139,20 @@ def batch_size(spec: ExtractionSpec, num_views: int, mesh_cfg: ml_collections.Co
 def make_plan(spec: ExtractionSpec, mesh_cfg: ml_collections.ConfigDict, out: str) -> Plan:
     """Resolve the extraction against the tokenizer, the data and the devices, load the tokenizer, and refuse a
     finished or unfinished extraction in `out` made with other settings."""
-    step = spec.step or None
-    tokenizer_config = saved_config(spec.tokenizer, step)
-    data, split, augment = spec.resolve_data(tokenizer_config.get("data", {}))
-    check_tokenizer(spec.tokenizer, tokenizer_config, data.image_size)
-    num_views = spec.views_per_image(augment)
+    resolved = []
+
+    def resolve(tokenizer_config: ml_collections.ConfigDict) -> None:  # before the tokenizer's arrays are read
+        data, split, augment = spec.resolve_data(tokenizer_config.get("data", {}))
+        check_tokenizer(spec.tokenizer, tokenizer_config, data.image_size)
+        num_views = spec.views_per_image(augment)
+        source = split_source(data, split)
+        resolved.append((data, split, augment, num_views, source, batch_size(spec, num_views, mesh_cfg)))
+
+    loaded = load_tokenizer(spec.tokenizer, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=mesh_cfg,
+                            check=resolve)
+    data, split, augment, num_views, source, batch = resolved[-1]
     views = make_views(data, augment, num_views, spec.crop_range, spec.seed)
-    source = split_source(data, split)
     num_images = min(spec.num_images, len(source)) if spec.num_images else len(source)
-    batch = batch_size(spec, num_views, mesh_cfg)
-    loaded = load_tokenizer(spec.tokenizer, step=step, use_ema=spec.use_ema, mesh_cfg=mesh_cfg)
     settings = manifest_lib.code_settings(spec, data, split, augment, loaded, num_images)
     previous = read_previous(out)
     if previous is not None:

@@ -8,7 +8,8 @@ serve every reader alike. `path` is
   an export (`python -m fvq_jax.tools.export_vq`, `python -m fvq_jax.tools.import_torch`): its arrays.
 The module is rebuilt from the config saved beside the arrays, which are restored against an abstract
 target carrying the current mesh's shardings (a run saved on 8 devices loads on 1 CPU, and back).
-A newest checkpoint that cannot be read is reported and the previous one loaded (when no step was asked).
+A newest checkpoint that cannot be read is reported and the previous one loaded (when no step was asked):
+`checkpointing.Saved` opens the run once and `checkpointing.newest_readable` is the one fallback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Callable
 
 import jax
 import ml_collections
-from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -46,34 +46,9 @@ def is_run(path) -> bool:
     return (epath.Path(path) / "checkpoints").exists()
 
 
-def _check_exists(path) -> None:
-    path = epath.Path(path)
-    if not is_run(path) and not (path / "config").exists():
-        raise FileNotFoundError(f"no checkpoint under {path}: train first, or check --workdir (a training run holds "
-                                "checkpoints/, an export config/ and arrays/)")
-
-
-def run_checkpointer(path) -> checkpointing.Checkpointer:
-    """A read-only view of the run's checkpoints; FileNotFoundError when there is none."""
-    _check_exists(path)
-    return checkpointing.Checkpointer(epath.Path(path) / "checkpoints", read_only=True, async_save=False)
-
-
 def saved_config(path, step: int | None = None) -> ml_collections.ConfigDict:
     """The config saved in a run's checkpoint (`step`, or the newest readable one) or with an export."""
-    _check_exists(path)
-    if not is_run(path):
-        return ml_collections.ConfigDict(checkpointing.load_export_config(path))
-    checkpointer = run_checkpointer(path)
-    candidates = [checkpointer.saved_step(step)] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
-    for candidate in candidates:
-        try:
-            return ml_collections.ConfigDict(checkpointer.restore_config(candidate))
-        except checkpointing.CheckpointUnreadable as error:
-            if candidate == candidates[-1] or step is not None:
-                raise
-            logging.warning("%s; reading the previous checkpoint's config", error)
-    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    return ml_collections.ConfigDict(checkpointing.Saved(path).config(step))
 
 
 def _abstract(build: Callable[[ml_collections.ConfigDict], nnx.Module], config, mesh, mesh_cfg):
@@ -82,52 +57,42 @@ def _abstract(build: Callable[[ml_collections.ConfigDict], nnx.Module], config, 
     return graph, shard(params), shard(rest)
 
 
-def load_model(path, build: Callable[[ml_collections.ConfigDict], nnx.Module], *, task: str, step: int | None = None,
-               use_ema: bool = True, mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
-    """The model of task `task` saved in `path` (see module docstring), built by `build(config)`."""
-    _check_exists(path)
+def load_model(path, *, task: str | None, step: int | None = None, use_ema: bool = True,
+               mesh_cfg: ml_collections.ConfigDict | None = None,
+               check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Loaded:
+    """The model saved in `path` (see module docstring): of task `task` ("tokenizer" | "gpt"; None: whichever it
+    holds). `check(config)`, when given, runs on the saved config before any array is read (its errors stand:
+    no fallback)."""
+    saved = checkpointing.Saved(path)
+    if not saved.is_run and (step is not None or not use_ema):
+        raise ValueError(f"{path} is an export (one set of weights): a step and the EMA choice apply to training runs")
     mesh_cfg = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
     mesh = sharding.make_mesh(mesh_cfg)
-    if not is_run(path):
-        if step is not None or not use_ema:
-            raise ValueError(f"{path} is an export (one set of weights): a step and the EMA choice apply to "
-                             "training runs")
-        config = saved_config(path)
-        _check_task(config, task, path)
-        graph, params, rest = _abstract(build, config, mesh, mesh_cfg)
-        arrays = checkpointing.load_export(path, {"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)})
-        nnx.replace_by_pure_dict(params, arrays["params"])
-        nnx.replace_by_pure_dict(rest, arrays["state"])
-        record = config.get("export", {})
-        return Loaded(nnx.merge(graph, params, rest), config, record.get("step"), record.get("weights", "raw"),
-                      str(path), mesh)
 
-    checkpointer = run_checkpointer(path)
-    candidates = [checkpointer.saved_step(step)] if step is not None else sorted(checkpointer.all_steps(), reverse=True)
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    for candidate in candidates:
-        try:
-            config = ml_collections.ConfigDict(checkpointer.restore_config(candidate))
-            _check_task(config, task, path)
-            weights = choose_weights(bool(config.optim.get("ema_decay", 0.0)), use_ema)
-            graph, params, rest = _abstract(build, config, mesh, mesh_cfg)
-            field = "ema_params" if weights == "ema" else "params"
-            restored = checkpointer.restore_partial(candidate, {field: params, "model_state": rest})
-        except checkpointing.CheckpointUnreadable as error:
-            if step is not None or candidate == candidates[-1]:
-                raise
-            logging.warning("%s; loading the previous checkpoint", error)
-            continue
-        return Loaded(nnx.merge(graph, restored[field], restored["model_state"]), config, candidate, weights,
-                      str(path), mesh)
-    raise AssertionError("unreachable")
+    def read(config: dict, restore: Callable, step: int | None) -> Loaded:
+        config = ml_collections.ConfigDict(config)
+        saved_task = config.get("task", "tokenizer")
+        if task is not None and saved_task != task:
+            raise ValueError(f"{path} holds a {saved_task!r} model, not a {task!r} one")
+        if saved_task not in BUILDERS:
+            raise ValueError(f"{path} holds a {saved_task!r} model: not a tokenizer or a GPT")
+        if check is not None:
+            check(config)
+        graph, params, rest = _abstract(BUILDERS[saved_task], config, mesh, mesh_cfg)
+        if not saved.is_run:
+            arrays = restore({"params": nnx.to_pure_dict(params), "state": nnx.to_pure_dict(rest)})
+            nnx.replace_by_pure_dict(params, arrays["params"])
+            nnx.replace_by_pure_dict(rest, arrays["state"])
+            record = config.get("export", {})
+            return Loaded(nnx.merge(graph, params, rest), config, record.get("step"), record.get("weights", "raw"),
+                          str(path), mesh)
+        weights = choose_weights(bool(config.optim.get("ema_decay", 0.0)), use_ema)
+        field = "ema_params" if weights == "ema" else "params"
+        restored = restore({field: params, "model_state": rest})
+        return Loaded(nnx.merge(graph, restored[field], restored["model_state"]), config, step, weights, str(path),
+                      mesh)
 
-
-def _check_task(config, task: str, path) -> None:
-    saved = config.get("task", "tokenizer")
-    if saved != task:
-        raise ValueError(f"{path} holds a {saved!r} model, not a {task!r} one")
+    return saved.read(read, step)
 
 
 def build_tokenizer_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -136,10 +101,10 @@ def build_tokenizer_for_inference(config: ml_collections.ConfigDict) -> nnx.Modu
 
 
 def load_tokenizer(path, *, step: int | None = None, use_ema: bool = True,
-                   mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
-    """The tokenizer (VQGAN) of a training run or an export; see the module docstring."""
-    return load_model(path, build_tokenizer_for_inference, task="tokenizer", step=step, use_ema=use_ema,
-                      mesh_cfg=mesh_cfg)
+                   mesh_cfg: ml_collections.ConfigDict | None = None,
+                   check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Loaded:
+    """The tokenizer (VQGAN) of a training run or an export; see the module docstring and `load_model`."""
+    return load_model(path, task="tokenizer", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg, check=check)
 
 
 def build_gpt_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -147,12 +112,16 @@ def build_gpt_for_inference(config: ml_collections.ConfigDict) -> nnx.Module:
     return build_gpt(config.model, dtype=compute_dtype(config.precision), rngs=nnx.Rngs(0))
 
 
+# What builds each task's model from its saved config (weights are overwritten on load).
+BUILDERS = {"tokenizer": build_tokenizer_for_inference, "gpt": build_gpt_for_inference}
+
+
 def load_gpt(path, *, step: int | None = None, use_ema: bool = True,
              mesh_cfg: ml_collections.ConfigDict | None = None, scan_layers: bool | None = None) -> Loaded:
     """The GPT of a training run or an export; see the module docstring. scan_layers: the layout of the model
     returned (None: the one it was saved in, which `config` describes; saved parameters of the other layout are
     converted by models.gpt.stack_layers / unstack_layers)."""
-    loaded = load_model(path, build_gpt_for_inference, task="gpt", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg)
+    loaded = load_model(path, task="gpt", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg)
     if scan_layers is None or scan_layers == loaded.model.config.scan_layers:
         return loaded
     return dataclasses.replace(loaded, model=_with_layers(loaded.model, scan_layers))

@@ -31,7 +31,7 @@ import pathlib
 from etils import epath
 
 from fvq_jax.conversion import gpt, tokenizer, torch_files
-from fvq_jax.models.load import is_run, load_gpt, load_tokenizer, saved_config
+from fvq_jax.models.load import is_run, load_model
 
 SUFFIXES = torch_files.SAFETENSORS_SUFFIXES + torch_files.TORCH_SUFFIXES
 
@@ -39,27 +39,26 @@ SUFFIXES = torch_files.SAFETENSORS_SUFFIXES + torch_files.TORCH_SUFFIXES
 def export(workdir, out, *, format: str | None = None, step: int | None = None, use_ema: bool = True) -> dict:
     """Write the tokenizer or GPT in `workdir` to the state-dict file `out`; returns what was written: the source,
     `description` and `notes` (where the reference's code must change to build the model)."""
-    task = saved_config(workdir, step).get("task", "tokenizer")
-    source = dict(workdir=str(epath.Path(workdir).absolute()))
-    if task == "gpt":
-        if format is not None:
+    def check(config):
+        if config.get("task", "tokenizer") == "gpt" and format is not None:
             raise ValueError(f"--format {format}: tokenizer formats; {workdir} holds a GPT (written in LlamaGen's "
                              f"layout)")
-        loaded = load_gpt(workdir, step=step, use_ema=use_ema)
+
+    loaded = load_model(workdir, task=None, step=step, use_ema=use_ema, check=check)
+    task = loaded.config.get("task", "tokenizer")
+    source = dict(workdir=str(epath.Path(workdir).absolute()))
+    if task == "gpt":
         config = loaded.model.config
         torch_files.save_state_dict(out, gpt.to_state_dict(loaded.model),
                                     metadata=dict(gpt.metadata(config), source=source["workdir"]))
         written = dict(description=f"gpt (LlamaGen layout): {gpt.describe(config)}", notes=[])
-    elif task == "tokenizer":
-        loaded = load_tokenizer(workdir, step=step, use_ema=use_ema)
+    else:
         projector = loaded.model.quantizer.projector_name
         spec, items = tokenizer.to_state_dict(loaded.model, format)
         torch_files.save_state_dict(out, items, metadata=dict(spec.metadata(), projector=projector,
                                                               source=source["workdir"]))
         baked = f" (projector {projector} baked into the codebook)" if spec.projector != projector else ""
         written = dict(description=spec.describe() + baked, notes=spec.reference_notes())
-    else:
-        raise ValueError(f"{workdir} holds a {task!r} model: export_torch writes tokenizers and GPTs")
     if is_run(workdir):
         source.update(step=loaded.step, weights=loaded.weights)
     return dict(source, **written, out=str(pathlib.Path(out).absolute()), bytes=os.path.getsize(out))

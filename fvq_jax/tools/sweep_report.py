@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fvq_jax import config_lib
-from fvq_jax.checkpointing import Checkpointer
+from fvq_jax.checkpointing import Saved
 
 COLUMNS = (  # (header, key in the row, format)
     ("run", "name", "{}"), ("K", "K", "{}"), ("method", "method", "{}"), ("LR schedule", "schedule", "{}"), ("steps", "num_steps", "{}"),
@@ -62,7 +62,7 @@ def load_run(entry: dict, method_of) -> dict[str, Any] | None:
     for record in _read_jsonl(os.path.join(workdir, "metrics.jsonl")):
         curves[record["step"]] = record  # a resumed run re-logs steps: the last record wins
     steps = sorted(curves)
-    config = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_config()
+    config = Saved(workdir).config()
     usage = np.array([curves[s]["usage"] for s in steps])
     late = usage[int(0.7 * len(usage)):]
     return {

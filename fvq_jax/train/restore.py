@@ -11,8 +11,7 @@ import dataclasses
 import jax
 import ml_collections
 
-from fvq_jax import sharding
-from fvq_jax.models.load import run_checkpointer
+from fvq_jax import checkpointing, sharding
 from fvq_jax.train.optimizer import make_optimizer
 from fvq_jax.train.state import create_state
 from fvq_jax.train.tokenizer_state import TokenizerState, build
@@ -27,16 +26,21 @@ class RestoredTokenizer:
 
 
 def restore_tokenizer(workdir, *, step: int | None = None, mesh_cfg=None) -> RestoredTokenizer:
-    """The train state saved in `workdir` (latest step unless `step`), laid out on the mesh `mesh_cfg`
-    describes (default: data parallel over all devices present).
+    """The train state saved in `workdir` (the newest readable step unless `step`), laid out on the mesh
+    `mesh_cfg` describes (default: data parallel over all devices present).
 
     FileNotFoundError when `workdir` has no checkpoint, or none of `step` (naming the saved steps).
     """
-    checkpointer = run_checkpointer(workdir)
-    step = checkpointer.saved_step(step)
-    config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    config.mesh = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
-    mesh = sharding.make_mesh(config.mesh)
-    tx = make_optimizer(config.optim, total_steps=config.train.num_steps, global_batch=config.train.global_batch)
-    layout = create_state(lambda: build(config, tx, tx), mesh, config.mesh)
-    return RestoredTokenizer(config=config, step=step, state=checkpointer.restore(step, layout.abstract), mesh=mesh)
+    checkpointer = checkpointing.Saved(workdir).checkpointer
+    if checkpointer is None:
+        raise ValueError(f"{workdir} is an export: it holds weights, not a train state")
+
+    def read(step: int) -> RestoredTokenizer:
+        config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+        config.mesh = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
+        mesh = sharding.make_mesh(config.mesh)
+        tx = make_optimizer(config.optim, total_steps=config.train.num_steps, global_batch=config.train.global_batch)
+        layout = create_state(lambda: build(config, tx, tx), mesh, config.mesh)
+        return RestoredTokenizer(config=config, step=step, state=checkpointer.restore(step, layout.abstract), mesh=mesh)
+
+    return checkpointing.newest_readable(checkpointer, read, step=step)[1]
