@@ -140,6 +140,9 @@ class Spec:
     type is itself a Spec is resolved from its sub-block the same way (`quantizer.codebook_size`). Code below
     takes the spec, never the ConfigDict, and checks nothing again.
 
+    A Spec-typed field declared with `inline()` is resolved from this block itself rather than a sub-block:
+    the sampling numbers of a `sample` block (`SamplingConfig`) sit beside the block's other fields.
+
     Fields added after checkpoints were first written are declared with `later(default)`: the value that
     reproduces an older run, so a saved config without them reads as what it computed (`later_fields`).
     """
@@ -150,7 +153,12 @@ class Spec:
         hints = typing.get_type_hints(cls)
         fields = {}
         for field in dataclasses.fields(cls):
-            if not field.init or field.name in overrides or field.name not in values:
+            if not field.init or field.name in overrides:
+                continue
+            if field.metadata.get("inline"):
+                fields[field.name] = hints[field.name].from_config(values, prefix)
+                continue
+            if field.name not in values:
                 continue
             value, kind = values[field.name], hints[field.name]
             if isinstance(kind, type) and issubclass(kind, Spec) and isinstance(value, (Mapping,
@@ -173,6 +181,11 @@ class Spec:
 def later(default: Any) -> Any:
     """A Spec field added after checkpoints were first written; `default` reproduces the runs that predate it."""
     return dataclasses.field(default=default, metadata={"later": True})
+
+
+def inline() -> Any:
+    """A Spec-typed field of a Spec resolved from the same config block as the Spec itself (see `Spec`)."""
+    return dataclasses.field(metadata={"inline": True})
 
 
 def require(condition: bool, field: str, message: str) -> None:

@@ -18,6 +18,9 @@ def _f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
+PIXEL_LOSSES = ("l2", "l1")  # the kinds of pixel_loss
+
+
 def pixel_loss(x: jax.Array, y: jax.Array, kind: str = "l2") -> jax.Array:
     """mean((x - y)^2) ('l2') or mean(|x - y|) ('l1') over all elements."""
     diff = _f32(x) - _f32(y)

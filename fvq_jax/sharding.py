@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -73,33 +73,74 @@ def default_mesh_config(**overrides) -> dict:
 # ----------------------------------------------------------------------------- mesh
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-    """Axis sizes for `config.mesh` (one of them may be -1: all remaining devices)."""
-    sizes = [mesh_cfg.get(axis, 1) for axis in MESH_AXES]
-    for axis, size in zip(MESH_AXES, sizes):
-        config_lib.require(isinstance(size, int) and (size == -1 or size >= 1), f"mesh.{axis}",
-                           f"must be a positive int or -1, got {size!r}")
-    config_lib.require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        config_lib.require(num_devices % known == 0, "mesh",
-                           f"{num_devices} devices do not split into the fixed axes {dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = num_devices // known
-    config_lib.require(math.prod(sizes) == num_devices, "mesh",
-                       f"{dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are present")
-    return tuple(sizes)
+@dataclasses.dataclass(frozen=True)
+class MeshSpec(config_lib.Spec):
+    """The `mesh` block resolved: the axis sizes (one of them may be -1: all remaining devices), the size rule's
+    `fsdp_min_size` and the logical-axis `rules` table. `shape(num_devices)` fits it to the devices present.
+    tensor, fsdp_min_size and rules came after the first configs were written (`later`)."""
+
+    data: int
+    fsdp: int
+    tensor: int = config_lib.later(1)
+    fsdp_min_size: int = config_lib.later(2 ** 18)
+    rules: Rules = config_lib.later(DEFAULT_RULES)
+
+    def __post_init__(self):
+        sizes = dict(zip(MESH_AXES, (self.data, self.fsdp, self.tensor)))
+        for axis, size in sizes.items():
+            config_lib.require(isinstance(size, int) and not isinstance(size, bool) and (size == -1 or size >= 1),
+                               axis, f"must be a positive int or -1, got {size!r}")
+        for axis in [axis for axis, size in sizes.items() if size == -1][1:]:
+            config_lib.require(False, axis, f"at most one axis may be -1, got {sizes}")
+        config_lib.require_number(self.fsdp_min_size, "fsdp_min_size", strict=False, integer=True)
+        rules = self.rules
+        config_lib.require(isinstance(rules, (tuple, list)), "rules",
+                           f"must be a tuple of (name, mesh axes) pairs, got {rules!r}")
+        table = []
+        for rule in rules:
+            ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            config_lib.require(ok, "rules", f"each rule is a (logical name, mesh axes) pair, got {rule!r}")
+            name, axes = rule
+            axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
+            for axis in (axes if isinstance(axes, tuple) else (axes,)):
+                config_lib.require(axis is None or axis in MESH_AXES, "rules",
+                                   f"rule {name!r} maps to {axis!r}, which is not a mesh axis {MESH_AXES}")
+            table.append((name, axes))
+        object.__setattr__(self, "rules", tuple(table))
+
+    @classmethod
+    def default(cls, **overrides) -> MeshSpec:
+        """The configs' default mesh block (`default_mesh_config`), resolved."""
+        return cls.from_config(default_mesh_config(**overrides), "mesh")
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        """The axis sizes on `num_devices` devices (-1 filled in); ConfigError("mesh") when they do not fit."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            config_lib.require(num_devices % known == 0, "mesh",
+                               f"{num_devices} devices do not split into the fixed axes {dict(zip(MESH_AXES, sizes))}")
+            sizes[sizes.index(-1)] = num_devices // known
+        config_lib.require(math.prod(sizes) == num_devices, "mesh",
+                           f"{dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} are present")
+        return tuple(sizes)
+
+    def batch_shards(self, num_devices: int) -> int:
+        """How many ways the batch is split (data x fsdp) on `num_devices` devices."""
+        sizes = dict(zip(MESH_AXES, self.shape(num_devices)))
+        return math.prod(sizes[a] for a in BATCH_AXES)
+
+    def check_batch(self, batch: int, field: str, num_devices: int) -> None:
+        """ConfigError(field) unless `batch` splits over the data-parallel devices (data x fsdp)."""
+        shards = self.batch_shards(num_devices)
+        config_lib.require(batch % shards == 0, field, f"{batch} does not split over the {shards} data-parallel "
+                           f"devices (mesh data x fsdp of {num_devices} devices)")
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+def make_mesh(spec: MeshSpec, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-
-
-def batch_shards(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> int:
-    """How many ways the batch is split (data x fsdp) on `num_devices` devices."""
-    sizes = dict(zip(MESH_AXES, mesh_shape(mesh_cfg, num_devices)))
-    return math.prod(sizes[a] for a in BATCH_AXES)
+    return jax.make_mesh(spec.shape(len(devices)), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -112,27 +153,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # ----------------------------------------------------------------------------- rules
-
-
-def check_rules(rules: Any, field: str = "mesh.rules") -> Rules:
-    """The rules table as a tuple of (name, mesh axes) pairs; ConfigError(field) if malformed."""
-    config_lib.require(isinstance(rules, (tuple, list)), field, f"must be a tuple of (name, mesh axes) pairs, got {rules!r}")
-    out = []
-    for rule in rules:
-        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-        config_lib.require(ok, field, f"each rule is a (logical name, mesh axes) pair, got {rule!r}")
-        name, axes = rule
-        axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
-        for axis in (axes if isinstance(axes, tuple) else (axes,)):
-            config_lib.require(axis is None or axis in MESH_AXES, field,
-                               f"rule {name!r} maps to {axis!r}, which is not a mesh axis {MESH_AXES}")
-        out.append((name, axes))
-    return tuple(out)
-
-
-def rules_of(mesh_cfg) -> Rules:
-    """config.mesh.rules, or DEFAULT_RULES for configs written before the table existed."""
-    return check_rules(mesh_cfg.get("rules", DEFAULT_RULES) if mesh_cfg is not None else DEFAULT_RULES)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh,
@@ -204,10 +224,9 @@ def state_shardings(abstract_state, mesh: Mesh, *, rules: Rules = DEFAULT_RULES,
     return jax.tree.map(rule, abstract_state, is_leaf=_is_variable)
 
 
-def config_shardings(abstract_state, mesh: Mesh, mesh_cfg):
-    """`state_shardings` with the rules and fsdp_min_size of `config.mesh`."""
-    return state_shardings(abstract_state, mesh, rules=rules_of(mesh_cfg),
-                           fsdp_min_size=mesh_cfg.get("fsdp_min_size", 2 ** 18))
+def config_shardings(abstract_state, mesh: Mesh, spec: MeshSpec):
+    """`state_shardings` with the rules and fsdp_min_size of the mesh block `spec`."""
+    return state_shardings(abstract_state, mesh, rules=spec.rules, fsdp_min_size=spec.fsdp_min_size)
 
 
 def with_shardings(abstract_state, shardings):
@@ -221,9 +240,9 @@ _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("fvq_axis_
 
 
 @contextlib.contextmanager
-def axis_rules(rules: Iterable[tuple[str, MeshAxes]]):
-    """Resolve `constrain` names through `rules` while tracing inside this block."""
-    token = _RULES.set(check_rules(tuple(rules)))
+def axis_rules(rules: Rules):
+    """Resolve `constrain` names through `rules` (a MeshSpec's) while tracing inside this block."""
+    token = _RULES.set(rules)
     try:
         yield
     finally:

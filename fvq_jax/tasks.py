@@ -1,10 +1,14 @@
-"""The jobs `python -m fvq_jax.main` runs, chosen by `config.task`: checking a config, running it.
+"""The jobs `python -m fvq_jax.main` runs, chosen by `config.task`: resolving a config, running it.
 
-`check_config` runs every check that needs no model, data or devices (launch/sweep.py calls it for
-each run before starting any); `run` is what main.py calls and returns the process exit status.
+`resolve` turns the config into the task's spec once, before anything is built: every field checked in the one
+place that checks it (the spec of its block: README, "Config"), with the device and process counts when they
+are known (launch/sweep.py calls it for each run before starting any, without them); `run` is what main.py
+calls: it resolves once, hands the spec to the job and returns the process exit status.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 
@@ -13,52 +17,58 @@ from fvq_jax import config_lib
 TASKS = ("tokenizer", "eval_tokenizer", "extract_codes", "gpt", "sample", "score", "serve")
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                 num_processes: int | None = None) -> None:
-    """ConfigError naming the field for a value the task cannot run with (device counts: None = unknown)."""
+def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None,
+            num_processes: int | None = None) -> Any:
+    """The spec of `config`'s task (TokenizerRunSpec, EvalTaskSpec, ExtractionSpec, GPTRunSpec, SampleTaskSpec,
+    the score and reference specs, ServeTaskSpec); ConfigError naming the field for a value the task cannot run
+    with. Device and process counts: None = unknown, not checked."""
     task = config.get("task")
     config_lib.require_choice(task, "task", TASKS)
     if task == "tokenizer":
         from fvq_jax.train import tokenizer
-        tokenizer.check_config(config, num_devices, num_processes)
-    elif task == "extract_codes":
+        return tokenizer.resolve(config, num_devices, num_processes)
+    if task == "eval_tokenizer":
+        from fvq_jax.evaluation import tokenizer_eval
+        return tokenizer_eval.resolve(config)
+    if task == "extract_codes":
         from fvq_jax.extraction import job as extraction
-        extraction.check_config(config, num_processes)
-    elif task == "gpt":
+        return extraction.resolve(config, num_processes)
+    if task == "gpt":
         from fvq_jax.train import gpt
-        gpt.check_config(config, num_devices, num_processes)
-    elif task == "sample":
+        return gpt.resolve(config, num_devices, num_processes)
+    if task == "sample":
         from fvq_jax.sampling import job
-        job.check_config(config)
-    elif task == "score":
+        return job.resolve(config, num_devices, num_processes)
+    if task == "score":
         from fvq_jax.evaluation import scoring
-        scoring.check_config(config)
-    elif task == "serve":
-        from fvq_jax.serving import server
-        server.check_config(config)
+        return scoring.resolve(config)
+    from fvq_jax.serving import server
+    return server.resolve(config, num_devices, num_processes)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     """Run the task; returns the exit status (loop.PREEMPTED_EXIT_CODE when preemption stopped a run)."""
-    check_config(config)
+    import jax
+
+    spec = resolve(config, jax.device_count(), jax.process_count())
     if config.task in ("tokenizer", "gpt"):
         from fvq_jax.train import gpt, loop, tokenizer
         trainer = tokenizer if config.task == "tokenizer" else gpt
-        results = trainer.train_and_evaluate(config, workdir)
+        results = trainer.train_and_evaluate(spec, workdir)
         return loop.PREEMPTED_EXIT_CODE if "preempted_at_step" in results else 0
-    if config.task == "extract_codes":
+    if config.task == "eval_tokenizer":
+        from fvq_jax.evaluation import tokenizer_eval
+        tokenizer_eval.evaluate_checkpoint(spec, workdir)
+    elif config.task == "extract_codes":
         from fvq_jax.extraction import job as extraction
-        extraction.extract_codes(config, workdir)
+        extraction.extract_codes(spec, workdir)
     elif config.task == "sample":
         from fvq_jax.sampling import job
-        job.sample_run(config, workdir)
+        job.sample_run(spec, workdir)
     elif config.task == "score":
         from fvq_jax.evaluation import scoring
-        scoring.score_samples(config, workdir)
-    elif config.task == "serve":
-        from fvq_jax.serving import server
-        server.serve(config, workdir)
+        scoring.Scorer(*spec)(workdir)
     else:
-        from fvq_jax.evaluation import tokenizer_eval
-        tokenizer_eval.evaluate_checkpoint(config, workdir)
+        from fvq_jax.serving import server
+        server.serve(spec, workdir)
     return 0

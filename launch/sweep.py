@@ -155,7 +155,7 @@ class _ConfigLoader:
         from fvq_jax import config_lib, tasks
 
         try:
-            tasks.check_config(config)  # device counts are the job's business: not checked here
+            tasks.resolve(config)  # device counts are the job's business: not checked here
         except config_lib.ConfigError as e:
             raise SweepError(f"{where}: {e}") from e
         train = config.get("train")

@@ -62,10 +62,9 @@ def tiny_run(tmp_path_factory):
     """A tiny tokenizer run on the built-in photos (tests/train/tiny.py), shared by the tests that
     need a trained checkpoint: 2 steps with an EMA of the weights, checkpoints at steps 1 and 2.
     -> (workdir, the run's final in-process evaluation)."""
-    from fvq_jax.train import tokenizer
-    from tests.train.tiny import tiny_config
+    from tests.train.tiny import tiny_config, train
 
     config = tiny_config(num_steps=2, checkpoint_every=1)
     config.optim.update(warmup_steps=1, ema_decay=0.5)  # EMA and raw weights differ after a step
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    return workdir, tokenizer.train_and_evaluate(config, workdir)
+    return workdir, train(config, workdir)

@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from fvq_jax import config_lib
-from fvq_jax.models.factory import check_tokenizer_config
+from fvq_jax.train.tokenizer import resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,14 +19,14 @@ tokenizer = load_config_module("tokenizer")
 
 def test_default_is_the_local_photo_run():
     config = tokenizer.get_config()
-    check_tokenizer_config(config)
+    resolve(config)
     assert config.data.source == "photos"
     assert config.quantizer.projector == "S/4" and config.quantizer.codebook_size == 1024
 
 
 def test_paper_recipe():
     config = tokenizer.get_config("paper")
-    check_tokenizer_config(config)
+    resolve(config)
     assert config.model.ch_mult == (1, 1, 2, 2, 4) and config.model.dec_blocks == 3
     assert (config.quantizer.codebook_size, config.quantizer.code_dim, config.quantizer.projector) == (16384, 256, "L/4")
     assert config.data.image_size == 256 and config.train.global_batch == 128
@@ -36,7 +36,7 @@ def test_paper_recipe():
 
 def test_first_class_knobs_from_the_argument():
     config = tokenizer.get_config("paper,codebook=262144,dim=128,bridge=L/8,model=VQ-8,res=128")
-    check_tokenizer_config(config)
+    resolve(config)
     assert config.quantizer.codebook_size == 262144 and config.quantizer.code_dim == 128
     assert config.quantizer.projector == "L/8"
     assert config.model.preset == "VQ-8" and config.model.ch_mult == (1, 2, 2, 4)
@@ -54,7 +54,7 @@ def test_first_class_knobs_from_the_argument():
 def test_bad_values_name_the_field(arg, field, message):
     config = tokenizer.get_config(arg)
     with pytest.raises(config_lib.ConfigError, match=message) as info:
-        check_tokenizer_config(config)
+        resolve(config)
     assert info.value.field == field
     assert str(info.value).startswith(f"config field {field}:")
 
@@ -63,11 +63,11 @@ def test_bad_model_fields_name_the_field():
     config = tokenizer.get_config()
     config.model.norm_groups = 7
     with pytest.raises(config_lib.ConfigError, match="model.norm_groups"):
-        check_tokenizer_config(config)
+        resolve(config)
     config = tokenizer.get_config()
     config.model.ch_mult = ()
     with pytest.raises(config_lib.ConfigError, match="model.ch_mult"):
-        check_tokenizer_config(config)
+        resolve(config)
     with pytest.raises(config_lib.ConfigError, match="model.preset"):
         tokenizer.get_config("model=VQ-12")
 

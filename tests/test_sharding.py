@@ -9,26 +9,35 @@ from jax.sharding import PartitionSpec as P
 from fvq_jax import config_lib, sharding
 
 
-def mesh_cfg(**kw):
-    return ml_collections.ConfigDict(dict(dict(data=-1, fsdp=1), **kw))
+def mesh_spec(**kw):
+    return sharding.MeshSpec.from_config(ml_collections.ConfigDict(dict(dict(data=-1, fsdp=1), **kw)), "mesh")
 
 
 def test_mesh_shape_fills_minus_one():
-    assert sharding.mesh_shape(mesh_cfg(), 8) == (8, 1, 1)
-    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=-1), 8) == (2, 4, 1)
-    assert sharding.mesh_shape(mesh_cfg(data=4, fsdp=2), 8) == (4, 2, 1)
-    assert sharding.mesh_shape(mesh_cfg(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert mesh_spec().shape(8) == (8, 1, 1)
+    assert mesh_spec(data=2, fsdp=-1).shape(8) == (2, 4, 1)
+    assert mesh_spec(data=4, fsdp=2).shape(8) == (4, 2, 1)
+    assert mesh_spec(data=2, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
+    assert mesh_spec(data=2, fsdp=-1).batch_shards(8) == 8 and mesh_spec(tensor=2).batch_shards(8) == 4
+
+
+def test_a_mesh_block_written_before_tensor_and_rules_reads_as_their_defaults():
+    spec = mesh_spec()
+    assert (spec.tensor, spec.fsdp_min_size, spec.rules) == (1, 2 ** 18, sharding.DEFAULT_RULES)
+    assert sharding.MeshSpec.default() == sharding.MeshSpec.from_config(sharding.default_mesh_config(), "mesh")
+    listed = mesh_spec(rules=[["embed", ["data", "fsdp"]], ["mlp", None]]).rules  # as read back from JSON
+    assert listed == (("embed", ("data", "fsdp")), ("mlp", None))
 
 
 @pytest.mark.parametrize("cfg,message", [
-    (dict(data=3, fsdp=-1), "8 devices do not split"),
-    (dict(data=4, fsdp=4), "needs 16 devices"),
-    (dict(data=-1, fsdp=-1), "at most one axis"),
+    (dict(data=3, fsdp=-1), "config field mesh: 8 devices do not split"),
+    (dict(data=4, fsdp=4), "config field mesh: .* needs 16 devices"),
+    (dict(data=-1, fsdp=-1), "mesh.fsdp: at most one axis"),
     (dict(data=0, fsdp=1), "mesh.data"),
 ])
 def test_bad_meshes_are_rejected(cfg, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        sharding.mesh_shape(mesh_cfg(**cfg), 8)
+        mesh_spec(**cfg).shape(8)
 
 
 def test_array_rule():
@@ -43,7 +52,7 @@ def test_state_shardings_on_8_devices(python_runner):
     out = python_runner("""
         import json, jax, jax.numpy as jnp, ml_collections
         from fvq_jax import sharding
-        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
+        mesh = sharding.make_mesh(sharding.MeshSpec.from_config(dict(data=2, fsdp=4)))
         tree = {"kernel": jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
                 "bias": jax.ShapeDtypeStruct((128,), jnp.float32)}
         s = sharding.state_shardings(tree, mesh, fsdp_min_size=1000)
@@ -64,7 +73,7 @@ def test_logical_rules_split_named_dimensions(python_runner):
         import json, jax, jax.numpy as jnp, ml_collections
         from flax import nnx
         from fvq_jax import sharding
-        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+        mesh = sharding.make_mesh(sharding.MeshSpec.from_config(dict(data=2, fsdp=2, tensor=2)))
         rules = sharding.DEFAULT_RULES
 
         class Block(nnx.Module):
@@ -99,5 +108,7 @@ def test_logical_to_spec_rules():
     assert sharding.logical_to_spec(("other", None, "unknown"), (4, 4, 4), mesh, rules) == P(None, None, None)
     with pytest.raises(ValueError, match="do not match"):
         sharding.logical_to_spec(("embed",), (4, 4), mesh, rules)
-    with pytest.raises(config_lib.ConfigError, match="not a mesh axis"):
-        sharding.check_rules((("embed", "model"),))
+    with pytest.raises(config_lib.ConfigError, match="mesh.rules: rule 'embed' maps to 'model', which is not a mesh axis"):
+        mesh_spec(rules=(("embed", "model"),))
+    with pytest.raises(config_lib.ConfigError, match="mesh.rules: each rule is a"):
+        mesh_spec(rules=(("embed",),))

@@ -38,11 +38,12 @@ LAYOUTS = (False, True)  # model.scan_layers
 
 def compile_times(config) -> dict:
     """Seconds to lower and to compile the train step of `config`, its inputs abstract."""
-    from fvq_jax.train.gpt import build_trainer
+    from fvq_jax.train.gpt import GPTRunSpec, build_trainer
 
-    mesh = sharding.make_mesh(config.mesh)
+    spec = GPTRunSpec.from_config(config)
+    mesh = sharding.make_mesh(spec.mesh)
     with jax.set_mesh(mesh):
-        trainer = build_trainer(config, mesh)
+        trainer = build_trainer(spec, mesh)
         rows, n = config.train.global_batch, config.model.grid ** 2
         batch = {"codes": jax.ShapeDtypeStruct((rows, n), np.int32, sharding=trainer.batch_sharding),
                  "label": jax.ShapeDtypeStruct((rows,), np.int32, sharding=trainer.batch_sharding)}
@@ -64,13 +65,14 @@ def with_layout(config, scan_layers: bool):
 def interleaved_steps(configs: dict, steps: int) -> dict:
     """{key: median and min step ms, tokens/s, XLA memory} of the train steps of `configs` ({key: config}, one
     device mesh), timed one step of each in turn on one random batch."""
-    from fvq_jax.train.gpt import build_trainer
+    from fvq_jax.train.gpt import GPTRunSpec, build_trainer
 
-    mesh = sharding.make_mesh(next(iter(configs.values())).mesh)
+    specs = {key: GPTRunSpec.from_config(config) for key, config in configs.items()}
+    mesh = sharding.make_mesh(next(iter(specs.values())).mesh)
     runs, times = {}, {key: [] for key in configs}
     with jax.set_mesh(mesh):
         for key, config in configs.items():
-            trainer = build_trainer(config, mesh)
+            trainer = build_trainer(specs[key], mesh)
             rng = np.random.default_rng(0)
             rows, n = config.train.global_batch, config.model.grid ** 2
             batch = jax.device_put({"codes": rng.integers(0, config.model.vocab_size, (rows, n), dtype=np.int32),

@@ -49,11 +49,12 @@ def analytic_flops_per_token(config) -> float:
 
 
 def measure(config, steps: int) -> dict:
-    from fvq_jax.train.gpt import build_trainer
+    from fvq_jax.train.gpt import GPTRunSpec, build_trainer
 
-    mesh = sharding.make_mesh(config.mesh)
+    spec = GPTRunSpec.from_config(config)  # the model block filled in as the trainer fills it from codes
+    mesh = sharding.make_mesh(spec.mesh)
     with jax.set_mesh(mesh):
-        trainer = build_trainer(config, mesh)
+        trainer = build_trainer(spec, mesh)
         state = trainer.layout.init()
         rng = np.random.default_rng(0)
         batch = {"codes": rng.integers(0, config.model.vocab_size, (config.train.global_batch, config.model.grid ** 2),

@@ -86,7 +86,7 @@ def measure(*, preset: str, grid: int, vocab: int, tokenizer: str, precision: st
             time_limit: float, latency_images: int = 0, classes: int = 1000) -> dict:
     """Phases 1-3 (see the module docstring) on a server of a random `preset` GPT; one flat dict of figures."""
     serve_config = config_lib.load_file(ROOT / "configs" / "serve.py")
-    spec = server.resolve(serve_config.get_config(f"port=0,max_images={max(latency_images, 1)}"))
+    spec = server.resolve(serve_config.get_config(f"port=0,max_images={max(latency_images, 1)}")).serve
     gpt = random_model(preset, vocab=vocab, classes=classes, grid=grid, precision=precision)
     painter = Painter(gpt, random_tokenizer(tokenizer, vocab), spec.sampling, guided=True)
     service = server.make_service(spec, painter)

@@ -60,14 +60,15 @@ def lpips_network(precision: str) -> tuple[LPIPS, str]:
 
 def measure(config, batch_per_device: int, steps: int) -> dict:
     """Time `steps` train steps of `config` on all devices at `batch_per_device` (after a compile)."""
-    from fvq_jax.train.tokenizer import build_trainer
+    from fvq_jax.train.tokenizer import build_trainer, resolve
 
     config.train.global_batch = batch_per_device * jax.device_count()
     config.optim.warmup_steps = 0
     config.loss.disc_start = 0  # the discriminator path is part of what is timed
-    mesh = sharding.make_mesh(config.mesh)
-    lpips, lpips_weights = lpips_network(config.precision)
-    trainer = build_trainer(config, mesh, lpips)
+    spec = resolve(config)
+    mesh = sharding.make_mesh(spec.mesh)
+    lpips, lpips_weights = lpips_network(spec.precision)
+    trainer = build_trainer(spec, mesh, lpips)
     state = trainer.init()
     size = config.data.image_size
     rng = np.random.default_rng(0)

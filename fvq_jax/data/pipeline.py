@@ -37,8 +37,7 @@ _PADDING: Record = {"padding": True}
 
 
 def local_batch_size(global_batch: int, process_count: int, field: str) -> int:
-    """global_batch / process_count, or ConfigError(field) when it does not divide."""
-    config_lib.require_number(global_batch, field, integer=True)
+    """global_batch (a checked positive int) / process_count, or ConfigError(field) when it does not divide."""
     config_lib.require(global_batch % process_count == 0, field,
                        f"{global_batch} is not divisible by the {process_count} processes")
     return global_batch // process_count
@@ -235,7 +234,6 @@ def eval_batches(data_cfg: DataSpec, *, batch_size: int, num_images: int = 0, pr
     The first num_images records of the eval split (0 = all) are dealt out process_index::process_count;
     every process pads its share to the same number of batches, marking padding with mask False.
     """
-    config_lib.require_number(num_images, "eval.num_images", strict=False, integer=True)
     index, count = process_slot(process_index, process_count)
     batch = local_batch_size(batch_size, count, "eval.batch_size")
     source = make_source(data_cfg, train=False)

@@ -152,10 +152,6 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ScoreSpec, ReferenceSpec
     return ScoreSpec.from_config(config.score, "score"), ReferenceSpec.from_config(config.reference, "reference")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    resolve(config)
-
-
 # ----------------------------------------------------------------------------- samples
 
 
@@ -398,11 +394,6 @@ class Scorer:
         config_lib.require(record is not None and "tokenizer" in record, "reference.reconstruct",
                            f"needs the samples' tokenizer, which {samples_dir / 'sampling.json'} does not record")
         return record["tokenizer"]
-
-
-def score_samples(config: ml_collections.ConfigDict, samples_dir) -> dict:
-    """The score task: score the samples in `samples_dir` as `config` says (see Scorer)."""
-    return Scorer(*resolve(config))(samples_dir)
 
 
 def _images(files: list[Path]) -> Iterator[np.ndarray]:

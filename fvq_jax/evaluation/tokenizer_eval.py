@@ -17,9 +17,11 @@ The reconstruction grid (reconstructions.png) shows images across the classes of
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +32,12 @@ from etils import epath
 from flax import nnx
 
 from fvq_jax import config_lib, sharding
+from fvq_jax.sharding import MeshSpec
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.data.value_range import to_model_range, to_pixel_levels
 from fvq_jax.evaluation import codebook_health, image_metrics, reports
 from fvq_jax.evaluation.host import to_host
-from fvq_jax.models.factory import compute_dtype
 from fvq_jax.models.load import load_tokenizer
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import ops
@@ -46,15 +48,26 @@ METRICS = ("psnr", "ssim", "lpips", "usage", "rfid")
 GRID_IMAGES = 8  # input / reconstruction pairs in a grid (reports.reconstruction_grid shows up to 8)
 
 
-def check_eval_config(eval_cfg: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError naming the first bad field of the `eval` block."""
-    metrics = eval_cfg.metrics
-    config_lib.require(isinstance(metrics, (tuple, list)) and all(isinstance(m, str) for m in metrics),
-                       "eval.metrics", f"must be a tuple of metric names from {METRICS}, got {metrics!r}")
-    unknown = sorted(set(metrics) - set(METRICS))
-    config_lib.require(not unknown, "eval.metrics", f"unknown {unknown}; choose from {METRICS}")
-    config_lib.require_number(eval_cfg.batch_size, "eval.batch_size", integer=True)
-    config_lib.require_number(eval_cfg.num_images, "eval.num_images", strict=False, integer=True)
+@dataclasses.dataclass(frozen=True)
+class EvalSpec(config_lib.Spec):
+    """The `eval` block of a tokenizer run resolved (configs/tokenizer.py describes each field)."""
+
+    batch_size: int  # global
+    num_images: int  # the first N of the eval split; 0 = all
+    metrics: tuple[str, ...]  # of METRICS
+    reference_stats: str  # .npz of the real images' Inception statistics; '' = computed once and cached
+
+    def __post_init__(self):
+        metrics = self.metrics
+        config_lib.require(isinstance(metrics, (tuple, list)) and all(isinstance(m, str) for m in metrics),
+                           "metrics", f"must be a tuple of metric names from {METRICS}, got {metrics!r}")
+        unknown = sorted(set(metrics) - set(METRICS))
+        config_lib.require(not unknown, "metrics", f"unknown {unknown}; choose from {METRICS}")
+        object.__setattr__(self, "metrics", tuple(metrics))
+        config_lib.require_number(self.batch_size, "batch_size", integer=True)
+        config_lib.require_number(self.num_images, "num_images", strict=False, integer=True)
+        config_lib.require(isinstance(self.reference_stats, str), "reference_stats",
+                           f"must be a path or '', got {self.reference_stats!r}")
 
 
 def _indices_counts(indices, mask: jax.Array, num_codes: int) -> jax.Array:
@@ -100,20 +113,20 @@ class GridPicker:
 
 
 class TokenizerEvaluator:
-    """Evaluates a tokenizer train state on `config.data`'s eval split, with `config.eval`."""
+    """Evaluates a tokenizer (its graph `generator_graph`, with `num_codes` codes and the quantizer's `projector`)
+    on the eval split of `data`, as `spec` says."""
 
-    def __init__(self, config: ml_collections.ConfigDict, generator_graph: nnx.GraphDef, mesh: jax.sharding.Mesh,
-                 *, lpips_graph: nnx.GraphDef | None = None, lpips_state: nnx.State | None = None):
-        check_eval_config(config.eval)
-        self.config = config
-        self.metrics = tuple(config.eval.metrics)
+    def __init__(self, spec: EvalSpec, data: DataSpec, generator_graph: nnx.GraphDef, mesh: jax.sharding.Mesh,
+                 *, num_codes: int, projector: str, lpips_graph: nnx.GraphDef | None = None,
+                 lpips_state: nnx.State | None = None):
+        self.spec, self.data_spec = spec, data
+        self.metrics = spec.metrics
         if "lpips" in self.metrics and lpips_graph is None:
             raise ValueError("the lpips metric needs the LPIPS module")
         self.mesh = mesh
         self.batch_sharding = sharding.data_sharding(mesh)
-        self.data = data_pipeline.eval_batches(config.data, batch_size=config.eval.batch_size,
-                                               num_images=config.eval.num_images)
-        self.num_codes = config.quantizer.codebook_size
+        self.data = data_pipeline.eval_batches(data, batch_size=spec.batch_size, num_images=spec.num_images)
+        self.num_codes, self.projector = num_codes, projector
         self._lpips_graph, self._lpips_state = lpips_graph, lpips_state
         self._inception = None
         self._step = jax.jit(self._eval_step(generator_graph))
@@ -159,11 +172,11 @@ class TokenizerEvaluator:
 
     def _reference_stats_path(self) -> epath.Path:
         """Where the real images' Inception statistics of this eval split are cached."""
-        if self.config.eval.reference_stats:
-            return epath.Path(self.config.eval.reference_stats)
-        d = self.config.data
+        if self.spec.reference_stats:
+            return epath.Path(self.spec.reference_stats)
+        d = self.data_spec
         key = json.dumps([d.source, d.tfds_name, d.folder, d.eval_split, d.image_size, len(self.data),
-                          self.config.eval.batch_size, self.config.eval.num_images, self._inception.weights_sha256])
+                          self.spec.batch_size, self.spec.num_images, self._inception.weights_sha256])
         cache = epath.Path(os.environ.get("FVQ_CACHE", "~/.cache/fvq_jax")).expanduser() / "fid_stats"
         return cache / f"{d.source}-{d.eval_split}-{d.image_size}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
@@ -216,14 +229,13 @@ class TokenizerEvaluator:
                             for k, v in codebook_health.usage_summary(counter).items()})
             codes = self._codebook(params, model_state)
             results.update(codebook_health.codebook_health(codes))
-            projector = self.config.quantizer.projector
-            if projector in BRIDGE_PRESETS:
+            if self.projector in BRIDGE_PRESETS:
                 results.update(codebook_health.bridge_position_summary(counter.counts,
-                                                                       BRIDGE_PRESETS[projector].patch))
-        data = DataSpec.from_config(self.config.data, "data")
+                                                                       BRIDGE_PRESETS[self.projector].patch))
+        data = self.data_spec
         protocol = {"dataset": data.name, "split": data.eval_split,
-                    "image_size": self.config.data.image_size, "num_images": int(n),
-                    "crop": "held-out fixed crops" if self.config.data.source == "photos" else "ADM center crop",
+                    "image_size": data.image_size, "num_images": int(n),
+                    "crop": "held-out fixed crops" if data.source == "photos" else "ADM center crop",
                     "weights": weights, "step": step}
         if fid_recon is not None:
             stats_path = self._reference_stats_path()
@@ -248,45 +260,61 @@ class TokenizerEvaluator:
         return results
 
 
-def eval_run_config(run_config: ml_collections.ConfigDict,
-                    eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The run's training config with the eval config's `data` and `eval` fields that are not None."""
-    config = ml_collections.ConfigDict(run_config.to_dict())
-    for block in ("data", "eval"):
-        overrides = {k: v for k, v in eval_config[block].to_dict().items() if v is not None}
-        config[block] = ml_collections.ConfigDict({**run_config[block].to_dict(), **overrides})
-    return config
+@dataclasses.dataclass(frozen=True)
+class EvalTaskSpec(config_lib.Spec):
+    """configs/eval_tokenizer.py resolved (`resolve`): which weights of the run (eval.step, eval.use_ema), on which
+    mesh. Its `data` and `eval` fields that are not None override the run's saved blocks: they are judged with
+    them, by `resolve_run`, once the run's config is read."""
+
+    step: int  # 0: the newest
+    use_ema: bool
+    mesh: MeshSpec
+    data_overrides: Mapping[str, Any]
+    eval_overrides: Mapping[str, Any]
+
+    def __post_init__(self):
+        config_lib.require_number(self.step, "step", strict=False, integer=True)
+        config_lib.require(isinstance(self.use_ema, bool), "use_ema", f"must be true or false, got {self.use_ema!r}")
+
+    def resolve_run(self, saved: ml_collections.ConfigDict) -> tuple[DataSpec, EvalSpec]:
+        """(data, eval) of the evaluation: the run's saved `data` and `eval` blocks with the overrides; ConfigError
+        naming data.<field> / eval.<field>."""
+        def overridden(block: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> dict:
+            return {**block.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+
+        return (DataSpec.from_config(overridden(saved.data, self.data_overrides), "data"),
+                EvalSpec.from_config(overridden(saved.eval, self.eval_overrides), "eval"))
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """The eval entry (configs/eval_tokenizer.py): load the tokenizer in `workdir` (a run at
-    `config.eval.step`, 0 = latest; or an export) and evaluate it on its own data and eval settings,
-    overridden by `config`'s.
+def resolve(config: ml_collections.ConfigDict) -> EvalTaskSpec:
+    """configs/eval_tokenizer.py as an EvalTaskSpec; ConfigError naming `eval.<field>` / `mesh.<field>`."""
+    return EvalTaskSpec.from_config(config.eval, "eval", mesh=MeshSpec.from_config(config.mesh, "mesh"),
+                                    data_overrides=config.data.to_dict(), eval_overrides=config.eval.to_dict())
 
-    Writes workdir/eval/step_N/{metrics.json, reconstructions.png, code_usage.png}. Config errors
-    (and a missing checkpoint or step) are raised before any array is restored.
+
+def evaluate_checkpoint(spec: EvalTaskSpec, workdir: str) -> dict[str, float]:
+    """The eval entry (configs/eval_tokenizer.py): load the tokenizer in `workdir` (a run at `spec.step`, 0 =
+    latest; or an export) and evaluate it on its own data and eval settings, overridden by the spec's.
+
+    Writes workdir/eval/step_N/{metrics.json, reconstructions.png, code_usage.png}. Errors of the overrides
+    against the run (and a missing checkpoint or step) are raised before any array is restored.
     """
-    config_lib.require_number(config.eval.step, "eval.step", strict=False, integer=True)
-    config_lib.require(isinstance(config.eval.use_ema, bool), "eval.use_ema",
-                       f"must be true or false, got {config.eval.use_ema!r}")
     resolved = []
 
     def check(saved: ml_collections.ConfigDict) -> None:  # before any array is read
-        run_config = eval_run_config(saved, config)
-        check_eval_config(run_config.eval)
-        DataSpec.from_config(run_config.data, "data")
-        resolved.append(run_config)
+        resolved.append(spec.resolve_run(saved))
 
-    loaded = load_tokenizer(workdir, step=config.eval.step or None, use_ema=config.eval.use_ema, mesh_cfg=config.mesh,
-                            check=check)
-    run_config = resolved[-1]
-    run_config.mesh = config.mesh
+    loaded = load_tokenizer(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=spec.mesh, check=check)
+    data, evaluation = resolved[-1]
     lpips_graph = lpips_state = None
-    if "lpips" in run_config.eval.metrics:
-        lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=compute_dtype(run_config.precision)))
+    if "lpips" in evaluation.metrics:
+        lpips_graph, lpips_state = nnx.split(LPIPS.from_pretrained(dtype=loaded.model.dtype))
         lpips_state = jax.device_put(lpips_state, sharding.replicated(loaded.mesh))
     graph, params, model_state = nnx.split(loaded.model, nnx.Param, ...)
-    evaluator = TokenizerEvaluator(run_config, graph, loaded.mesh, lpips_graph=lpips_graph, lpips_state=lpips_state)
+    quantizer = loaded.model.quantizer
+    evaluator = TokenizerEvaluator(evaluation, data, graph, loaded.mesh, num_codes=quantizer.num_codes,
+                                   projector=quantizer.projector_name, lpips_graph=lpips_graph,
+                                   lpips_state=lpips_state)
     results = evaluator.evaluate(params, model_state, weights=loaded.weights, workdir=workdir, step=loaded.step)
     print(f"evaluation of step {loaded.step} ({len(evaluator.data)} batches): " + "  ".join(
         f"{k} {v:.4g}" for k, v in sorted(results.items())), flush=True)

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fvq_jax import config_lib, sharding
+from fvq_jax import config_lib
 from fvq_jax.data import codes
 from fvq_jax.data.pipeline import local_batch_size
 from fvq_jax.data.sources import Record, split_source
@@ -62,7 +62,7 @@ from fvq_jax.train.lock import WorkdirLock
 SINGLE_LEVEL_QUANTIZERS = ("vq", "ema")
 
 
-def check_config(config: ml_collections.ConfigDict, num_processes: int | None = None) -> ExtractionSpec:
+def resolve(config: ml_collections.ConfigDict, num_processes: int | None = None) -> ExtractionSpec:
     """The extraction spec of `config`; ConfigError naming the first bad field that needs no tokenizer, data or
     devices to judge (the process count: None = unknown)."""
     spec = ExtractionSpec.from_config(config)
@@ -71,13 +71,13 @@ def check_config(config: ml_collections.ConfigDict, num_processes: int | None = 
     return spec
 
 
-def extract_codes(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
-    """The extraction entry (configs/extract_codes.py): see the module docstring. Returns the manifest."""
-    spec = check_config(config)
+def extract_codes(spec: ExtractionSpec, workdir) -> dict[str, Any]:
+    """The extraction entry (configs/extract_codes.py, `resolve`): see the module docstring. Returns the
+    manifest."""
     out = os.path.abspath(os.fspath(workdir))
     with WorkdirLock(out):
         started = time.time()
-        plan = make_plan(spec, config.mesh, out)
+        plan = make_plan(spec, out)
         shards = codes.plan_shards(plan.num_images, spec.shard_size)
         todo = shards_to_write(plan, shards, out)
         if not todo and plan.previous is not None and plan.previous.get("status") == "complete":
@@ -124,10 +124,10 @@ def check_tokenizer(path: str, tokenizer_config: ml_collections.ConfigDict, imag
                        f"{image_size} is not divisible by the tokenizer's downsampling factor {factor}")
 
 
-def batch_size(spec: ExtractionSpec, num_views: int, mesh_cfg: ml_collections.ConfigDict) -> int:
+def batch_size(spec: ExtractionSpec, num_views: int) -> int:
     """Images per step: spec.batch_size, or one that splits over the processes and whose views split over the
     mesh's batch shards (ConfigError naming batch_size when the one given does not)."""
-    processes, shards = jax.process_count(), sharding.batch_shards(mesh_cfg, jax.device_count())
+    processes, shards = jax.process_count(), spec.mesh.batch_shards(jax.device_count())
     cpu_devices = jax.device_count() if jax.devices()[0].platform == "cpu" else 0
     batch = spec.images_per_batch(num_views, math.lcm(processes, shards // math.gcd(num_views, shards)), cpu_devices)
     local_batch_size(batch, processes, "batch_size")
@@ -136,7 +136,7 @@ def batch_size(spec: ExtractionSpec, num_views: int, mesh_cfg: ml_collections.Co
     return batch
 
 
-def make_plan(spec: ExtractionSpec, mesh_cfg: ml_collections.ConfigDict, out: str) -> Plan:
+def make_plan(spec: ExtractionSpec, out: str) -> Plan:
     """Resolve the extraction against the tokenizer, the data and the devices, load the tokenizer, and refuse a
     finished or unfinished extraction in `out` made with other settings."""
     resolved = []
@@ -146,9 +146,9 @@ def make_plan(spec: ExtractionSpec, mesh_cfg: ml_collections.ConfigDict, out: st
         check_tokenizer(spec.tokenizer, tokenizer_config, data.image_size)
         num_views = spec.views_per_image(augment)
         source = split_source(data, split)
-        resolved.append((data, split, augment, num_views, source, batch_size(spec, num_views, mesh_cfg)))
+        resolved.append((data, split, augment, num_views, source, batch_size(spec, num_views)))
 
-    loaded = load_tokenizer(spec.tokenizer, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=mesh_cfg,
+    loaded = load_tokenizer(spec.tokenizer, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=spec.mesh,
                             check=resolve)
     data, split, augment, num_views, source, batch = resolved[-1]
     views = make_views(data, augment, num_views, spec.crop_range, spec.seed)
@@ -159,7 +159,7 @@ def make_plan(spec: ExtractionSpec, mesh_cfg: ml_collections.ConfigDict, out: st
         kind = "finished" if previous.get("status") == "complete" else "unfinished"
         manifest_lib.refuse_changes(f"the {kind} extraction in {out}", previous["settings"], settings)
     encoder = Encoder(loaded.model, loaded.mesh)
-    grid = encoder.grid(data.image_size, sharding.batch_shards(mesh_cfg, jax.device_count()))
+    grid = encoder.grid(data.image_size, spec.mesh.batch_shards(jax.device_count()))
     return Plan(spec, data, split, augment, views, source, num_images, batch, batch // jax.process_count(), loaded,
                 encoder, grid, settings, previous)
 

@@ -1,7 +1,7 @@
 """The extraction config (configs/extract_codes.py), resolved once: `ExtractionSpec`, then its data block.
 
 Two steps, because the data block can only be judged against the tokenizer: `ExtractionSpec.from_config`
-checks every field of the extraction itself (what `tasks.check_config` runs, needing no tokenizer, data or
+checks every field of the extraction itself (what `tasks.resolve` runs, needing no tokenizer, data or
 devices); `ExtractionSpec.resolve_data` merges the tokenizer's saved `data` block with the config's overrides
 and checks the result once, as a `DataSpec` (fvq_jax/data/spec.py). Nothing below checks a field again.
 """
@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from fvq_jax import config_lib
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.data.transforms import TEN_CROP_VIEWS
+from fvq_jax.sharding import MeshSpec
 
 AUGMENTS = ("tencrop", "center", "random")
 # batch_size 0 picks the images per batch from the views they make: about AUTO_VIEWS in all on accelerators (64
@@ -40,10 +41,11 @@ def default_augment(source: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractionSpec(config_lib.Spec):
-    """configs/extract_codes.py's fields (described there), checked; `data` holds the data overrides (None = the
-    tokenizer's value), judged by `resolve_data`."""
+    """configs/extract_codes.py's fields (described there), checked, and its mesh; `data` holds the data overrides
+    (None = the tokenizer's value), judged by `resolve_data`."""
 
     tokenizer: str  # a training run or an export directory
+    mesh: MeshSpec
     step: int = 0  # 0 = the newest checkpoint
     use_ema: bool = True
     augment: str | None = None  # tencrop | center | random; None: default_augment(data.source)

@@ -20,9 +20,9 @@ COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def compute_dtype(precision: str):
-    """The modules' compute dtype for config.precision (parameters stay float32)."""
-    if precision not in COMPUTE_DTYPES:
-        raise config_lib.ConfigError("precision", f"{precision!r} is not one of {list(COMPUTE_DTYPES)}")
+    """The modules' compute dtype for config.precision (parameters stay float32): the one check of `precision`,
+    of a run's config (train/spec.py) and of a saved one (models/load.py)."""
+    config_lib.require_choice(precision, "precision", tuple(COMPUTE_DTYPES))
     return COMPUTE_DTYPES[precision]
 
 
@@ -71,14 +71,6 @@ class DiscriminatorSpec(config_lib.Spec):
     def check_image_size(self, image_size: int) -> None:
         config_lib.require(logits_size(image_size, self.num_layers) >= 1, "discriminator.num_layers",
                            f"{self.num_layers} stride-2 layers leave no logits for {image_size}x{image_size} images")
-
-
-def check_tokenizer_config(config: ml_collections.ConfigDict) -> None:
-    spec = VQGANSpec.from_config(config)
-    disc = DiscriminatorSpec.from_config(config.discriminator, "discriminator")
-    config_lib.require_number(config.data.image_size, "data.image_size", integer=True)
-    spec.token_grid(config.data.image_size)
-    disc.check_image_size(config.data.image_size)
 
 
 def build_tokenizer(spec: VQGANSpec, *, dtype=jnp.float32, rngs: nnx.Rngs) -> VQGAN:

@@ -58,7 +58,7 @@ def _abstract(build: Callable[[ml_collections.ConfigDict], nnx.Module], config, 
 
 
 def load_model(path, *, task: str | None, step: int | None = None, use_ema: bool = True,
-               mesh_cfg: ml_collections.ConfigDict | None = None,
+               mesh_cfg: sharding.MeshSpec | None = None,
                check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Loaded:
     """The model saved in `path` (see module docstring): of task `task` ("tokenizer" | "gpt"; None: whichever it
     holds). `check(config)`, when given, runs on the saved config before any array is read (its errors stand:
@@ -66,7 +66,7 @@ def load_model(path, *, task: str | None, step: int | None = None, use_ema: bool
     saved = checkpointing.Saved(path)
     if not saved.is_run and (step is not None or not use_ema):
         raise ValueError(f"{path} is an export (one set of weights): a step and the EMA choice apply to training runs")
-    mesh_cfg = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
+    mesh_cfg = mesh_cfg or sharding.MeshSpec.default()
     mesh = sharding.make_mesh(mesh_cfg)
 
     def read(config: dict, restore: Callable, step: int | None) -> Loaded:
@@ -101,7 +101,7 @@ def build_tokenizer_for_inference(config: ml_collections.ConfigDict) -> nnx.Modu
 
 
 def load_tokenizer(path, *, step: int | None = None, use_ema: bool = True,
-                   mesh_cfg: ml_collections.ConfigDict | None = None,
+                   mesh_cfg: sharding.MeshSpec | None = None,
                    check: Callable[[ml_collections.ConfigDict], None] | None = None) -> Loaded:
     """The tokenizer (VQGAN) of a training run or an export; see the module docstring and `load_model`."""
     return load_model(path, task="tokenizer", step=step, use_ema=use_ema, mesh_cfg=mesh_cfg, check=check)
@@ -117,7 +117,7 @@ BUILDERS = {"tokenizer": build_tokenizer_for_inference, "gpt": build_gpt_for_inf
 
 
 def load_gpt(path, *, step: int | None = None, use_ema: bool = True,
-             mesh_cfg: ml_collections.ConfigDict | None = None, scan_layers: bool | None = None) -> Loaded:
+             mesh_cfg: sharding.MeshSpec | None = None, scan_layers: bool | None = None) -> Loaded:
     """The GPT of a training run or an export; see the module docstring. scan_layers: the layout of the model
     returned (None: the one it was saved in, which `config` describes; saved parameters of the other layout are
     converted by models.gpt.stack_layers / unstack_layers)."""
@@ -136,7 +136,7 @@ def _with_layers(model: GPT, scan_layers: bool) -> GPT:
     return nnx.merge(graph, params)
 
 
-def load_recorded_tokenizer(record, *, mesh_cfg: ml_collections.ConfigDict | None = None) -> Loaded:
+def load_recorded_tokenizer(record, *, mesh_cfg: sharding.MeshSpec | None = None) -> Loaded:
     """The tokenizer a record {path, step, weights} names (code extraction writes one into its manifest and
     the GPT run keeps it): the same step and weights of a run, or the export."""
     if is_run(record["path"]):

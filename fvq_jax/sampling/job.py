@@ -26,11 +26,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from fvq_jax import config_lib, sharding
+from fvq_jax.data.pipeline import local_batch_size
 from fvq_jax.evaluation import reports
 from fvq_jax.models.load import Loaded, load_gpt, tokenizer_record
 from fvq_jax.progress import Progress
 from fvq_jax.sampling.images import MAX_SEED, Painter, balanced_labels, decoding_tokenizer, first_of_class
 from fvq_jax.sampling.sampler import SamplingConfig
+from fvq_jax.sharding import MeshSpec
 
 # The fields of sampling.json that decide the pixels (and the batch files' layout); the rest is description.
 IDENTITY = ("sampling.temperature", "sampling.top_k", "sampling.top_p", "sampling.cfg_scale", "sampling.cfg_schedule",
@@ -42,7 +44,7 @@ IDENTITY = ("sampling.temperature", "sampling.top_k", "sampling.top_p", "samplin
 class SampleSpec(config_lib.Spec):
     """configs/sample.py's `sample` block, resolved once (`resolve`); `sampling` holds the sampling numbers."""
 
-    sampling: SamplingConfig
+    sampling: SamplingConfig = config_lib.inline()
     num_samples: int  # 0: per_class x the GPT's classes
     per_class: int
     batch_size: int  # global: split over every device of every host
@@ -76,13 +78,29 @@ class SampleSpec(config_lib.Spec):
         return dict(dataclasses.asdict(self.sampling), **fields)
 
 
-def resolve(config: ml_collections.ConfigDict) -> SampleSpec:
-    """The `sample` block as a SampleSpec; ConfigError naming `sample.<field>` for a bad value."""
-    return SampleSpec.from_config(config.sample, "sample", sampling=SamplingConfig.from_config(config.sample, "sample"))
+@dataclasses.dataclass(frozen=True)
+class SampleTaskSpec(config_lib.Spec):
+    """configs/sample.py resolved: the `sample` block and the mesh it samples on."""
+
+    sample: SampleSpec
+    mesh: MeshSpec
+
+    def check_devices(self, num_devices: int | None, num_processes: int | None) -> None:
+        """ConfigError(sample.batch_size) unless it splits over the data-parallel devices and the processes (None:
+        not known, not checked)."""
+        if num_devices is not None:
+            self.mesh.check_batch(self.sample.batch_size, "sample.batch_size", num_devices)
+        if num_processes is not None:
+            local_batch_size(self.sample.batch_size, num_processes, "sample.batch_size")
 
 
-def check_config(config: ml_collections.ConfigDict) -> SampleSpec:
-    return resolve(config)
+def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None,
+            num_processes: int | None = None) -> SampleTaskSpec:
+    """configs/sample.py as a SampleTaskSpec; ConfigError naming `sample.<field>` / `mesh.<field>` for a bad value,
+    or a batch that does not split over the devices and processes (when their counts are given)."""
+    spec = SampleTaskSpec.from_config(config)
+    spec.check_devices(num_devices, num_processes)
+    return spec
 
 
 def output_name(spec: SampleSpec, gpt: Loaded, tokenizer: Loaded, num_samples: int) -> str:
@@ -111,25 +129,21 @@ def identity(record: dict) -> dict:
     return {field: flat.get(field, config_lib.MISSING) for field in IDENTITY}
 
 
-def sample_run(config: ml_collections.ConfigDict, workdir, out=None) -> epath.Path:
-    """Sample the GPT run in `workdir` as `config.sample` says into `out` (None: workdir/samples/<name>);
+def sample_run(task: SampleTaskSpec, workdir, out=None) -> epath.Path:
+    """Sample the GPT run in `workdir` as `task` (`resolve`) says into `out` (None: workdir/samples/<name>);
     returns the output directory."""
-    spec = resolve(config)
-    mesh = sharding.make_mesh(config.mesh)
-    shards = sharding.batch_shards(config.mesh, jax.device_count())
-    config_lib.require(spec.batch_size % shards == 0 and spec.batch_size % jax.process_count() == 0,
-                       "sample.batch_size", f"{spec.batch_size} does not split over the {shards} data-parallel "
-                       f"devices and {jax.process_count()} processes")
+    spec = task.sample
+    mesh = sharding.make_mesh(task.mesh)
     with jax.set_mesh(mesh):
-        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
-        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="sample.tokenizer")
+        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=task.mesh)
+        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, task.mesh, field="sample.tokenizer")
         num_classes = gpt.model.config.num_classes
         num_samples = spec.num_samples or spec.per_class * num_classes
         config_lib.require(num_samples < MAX_SEED, "sample.per_class",
                            f"{spec.per_class} x {num_classes} classes exceeds {MAX_SEED - 1} samples")
         out = epath.Path(out or epath.Path(workdir) / "samples" / output_name(spec, gpt, tokenizer, num_samples))
         _claim(out, _record(spec, gpt, tokenizer, num_samples, num_classes))
-        painter = Painter(gpt.model, tokenizer.model, spec.sampling, mesh=mesh, rules=sharding.rules_of(config.mesh))
+        painter = Painter(gpt.model, tokenizer.model, spec.sampling, mesh=mesh, rules=task.mesh.rules)
         _sample_batches(painter, out, spec, num_samples)
         _write_grid(painter, out, spec, num_samples)
     print(f"{num_samples} samples of step {gpt.step} ({gpt.weights} weights) in {out}", flush=True)

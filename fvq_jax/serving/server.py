@@ -30,13 +30,14 @@ from fvq_jax.sampling.images import Painter, decoding_tokenizer
 from fvq_jax.sampling.sampler import SamplingConfig
 from fvq_jax.serving.app import make_app
 from fvq_jax.serving.service import Service
+from fvq_jax.sharding import MeshSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class ServeSpec(config_lib.Spec):
     """configs/serve.py's `serve` block, resolved once (`resolve`); `sampling` holds a request's default settings."""
 
-    sampling: SamplingConfig
+    sampling: SamplingConfig = config_lib.inline()
     host: str
     port: int  # 0: any free port
     batch_sizes: tuple[int, ...]  # ascending: the compiled batch sizes; a batch is padded to the next one
@@ -66,13 +67,30 @@ class ServeSpec(config_lib.Spec):
         config_lib.require(isinstance(self.tokenizer, str), "tokenizer", f"must be a string, got {self.tokenizer!r}")
 
 
-def resolve(config: ml_collections.ConfigDict) -> ServeSpec:
-    """The `serve` block as a ServeSpec; ConfigError naming `serve.<field>` for a bad value."""
-    return ServeSpec.from_config(config.serve, "serve", sampling=SamplingConfig.from_config(config.serve, "serve"))
+@dataclasses.dataclass(frozen=True)
+class ServeTaskSpec(config_lib.Spec):
+    """configs/serve.py resolved: the `serve` block and the mesh the models run on."""
+
+    serve: ServeSpec
+    mesh: MeshSpec
+
+    def check_devices(self, num_devices: int | None, num_processes: int | None) -> None:
+        """ConfigError unless one process serves and every batch size splits over the data-parallel devices (None:
+        not known, not checked)."""
+        if num_processes is not None:
+            config_lib.require(num_processes == 1, "serve", f"serves from one process, not {num_processes}")
+        if num_devices is not None:
+            for size in self.serve.batch_sizes:
+                self.mesh.check_batch(size, "serve.batch_sizes", num_devices)
 
 
-def check_config(config: ml_collections.ConfigDict) -> ServeSpec:
-    return resolve(config)
+def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None,
+            num_processes: int | None = None) -> ServeTaskSpec:
+    """configs/serve.py as a ServeTaskSpec; ConfigError naming `serve.<field>` / `mesh.<field>` for a bad value, or
+    for devices it cannot serve on (when their counts are given)."""
+    spec = ServeTaskSpec.from_config(config)
+    spec.check_devices(num_devices, num_processes)
+    return spec
 
 
 def class_names(gpt: Loaded) -> tuple[str, ...] | None:
@@ -88,19 +106,15 @@ def class_names(gpt: Loaded) -> tuple[str, ...] | None:
     return tuple(names) if names and len(names) == gpt.config.model.num_classes else None
 
 
-def load_service(config: ml_collections.ConfigDict, workdir) -> tuple[Service, Loaded]:
-    """The Service of the GPT in `workdir` and its tokenizer, on config.mesh (not compiled yet: `Service.warm_up`)."""
-    spec = resolve(config)
-    config_lib.require(jax.process_count() == 1, "serve", f"serves from one process, not {jax.process_count()}")
-    shards = sharding.batch_shards(config.mesh, jax.device_count())
-    config_lib.require(all(size % shards == 0 for size in spec.batch_sizes), "serve.batch_sizes",
-                       f"{spec.batch_sizes}: each must split over the {shards} data-parallel devices")
-    mesh = sharding.make_mesh(config.mesh)
+def load_service(task: ServeTaskSpec, workdir) -> tuple[Service, Loaded]:
+    """The Service of the GPT in `workdir` and its tokenizer, on the task's mesh (not compiled yet:
+    `Service.warm_up`)."""
+    spec = task.serve
+    mesh = sharding.make_mesh(task.mesh)
     with jax.set_mesh(mesh):
-        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=config.mesh)
-        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, config.mesh, field="serve.tokenizer")
-    painter = Painter(gpt.model, tokenizer.model, spec.sampling, guided=True, mesh=mesh,
-                      rules=sharding.rules_of(config.mesh))
+        gpt = load_gpt(workdir, step=spec.step or None, use_ema=spec.use_ema, mesh_cfg=task.mesh)
+        tokenizer = decoding_tokenizer(spec.tokenizer, gpt, task.mesh, field="serve.tokenizer")
+    painter = Painter(gpt.model, tokenizer.model, spec.sampling, guided=True, mesh=mesh, rules=task.mesh.rules)
     source = dict(gpt=dict(path=str(epath.Path(gpt.source).absolute()), step=gpt.step, weights=gpt.weights,
                            preset=gpt.config.model.preset), tokenizer=tokenizer_record(tokenizer))
     return make_service(spec, painter, class_names=class_names(gpt), source=source), gpt
@@ -143,14 +157,15 @@ class BackgroundServer:
         self.socket.close()
 
 
-def serve(config: ml_collections.ConfigDict, workdir) -> None:
-    """Serve the GPT in `workdir` until SIGTERM / SIGINT (then finish the requests in flight and return)."""
-    spec = resolve(config)
+def serve(task: ServeTaskSpec, workdir) -> None:
+    """Serve the GPT in `workdir` as `task` (`resolve`) says until SIGTERM / SIGINT (then finish the requests in
+    flight and return)."""
+    spec = task.serve
     # A signal while loading or compiling stops the server before it serves (the compile in flight finishes).
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        service, gpt = load_service(config, workdir)
+        service, gpt = load_service(task, workdir)
         try:
             print(f"compiling the sampler at batch sizes {list(spec.batch_sizes)} ...", flush=True)
             seconds = service.warm_up()

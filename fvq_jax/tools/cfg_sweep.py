@@ -24,6 +24,7 @@ import argparse
 import json
 import pathlib
 
+import jax
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -53,8 +54,9 @@ def sweep(workdir: str, scales: list[float], num_samples: int, out, *, sample_ar
     rows = []
     for scale in scales:
         arg = ",".join(a for a in (sample_arg, f"n={num_samples},cfg={scale}") if a)
-        samples_dir = job.sample_run(config_lib.load_file(ROOT / "configs" / "sample.py").get_config(arg), workdir,
-                                     out=out / f"cfg_{scale:g}")
+        task = job.resolve(config_lib.load_file(ROOT / "configs" / "sample.py").get_config(arg), jax.device_count(),
+                           jax.process_count())
+        samples_dir = job.sample_run(task, workdir, out=out / f"cfg_{scale:g}")
         rows.append(dict(scorer(samples_dir), cfg_scale=scale))
     write_reports(rows, out)
     return rows

@@ -8,14 +8,14 @@ the same masks on any mesh and after a resume.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
-import ml_collections
 import optax
 from flax import nnx
 
-from fvq_jax import sharding
+from fvq_jax import config_lib, sharding
 from fvq_jax.losses_gpt import chunked_cross_entropy
 from fvq_jax.train.optimizer import ema_update
 from fvq_jax.train.state import TrainState
@@ -24,17 +24,26 @@ from fvq_jax.train.update import apply_gradients, keep_if_finite
 CHECKED = ("loss", "grad_norm")  # the loop checks the new parameters' norms
 
 
-def make_train_step(graph: nnx.GraphDef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    lr_schedule: Callable) -> Callable:
-    """train_step(state, batch) -> (state, metrics); batch: {"codes": int32 [B, N], "label": int32 [B]}."""
-    rules = sharding.rules_of(config.mesh)
-    ema_decay = config.optim.ema_decay
-    seed = config.seed
+@dataclasses.dataclass(frozen=True)
+class LossSpec(config_lib.Spec):
+    """The GPT's `loss` block resolved."""
+
+    chunk_size: int  # tokens whose [tokens, K] logits exist at once; 0 = the whole batch
+
+    def __post_init__(self):
+        config_lib.require_number(self.chunk_size, "chunk_size", strict=False, integer=True)
+
+
+def make_train_step(graph: nnx.GraphDef, loss_spec: LossSpec, tx: optax.GradientTransformation, lr_schedule: Callable,
+                    *, rules: sharding.Rules, ema_decay: float, seed: int) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch: {"codes": int32 [B, N], "label": int32 [B]}.
+    rules: the mesh block's logical-axis rules; ema_decay: optim.ema_decay (used when the state keeps an EMA);
+    seed: the run's (dropout masks)."""
 
     def train_step(state: TrainState, batch: dict):
         codes, labels = batch["codes"], batch["label"]
         dropout_key = jax.random.fold_in(jax.random.key(seed), state.step)
-        chunk = config.loss.chunk_size or codes.size
+        chunk = loss_spec.chunk_size or codes.size
 
         def loss_fn(params):
             model = nnx.merge(graph, params, state.model_state)

@@ -41,6 +41,7 @@ from fvq_jax.train.update import parameter_norms
 
 if TYPE_CHECKING:
     from fvq_jax.train.program import Parts
+    from fvq_jax.train.spec import TrainSpec
 
 # EX_TEMPFAIL ("try again later"): a preempted run saved its checkpoint and should be started again.
 PREEMPTED_EXIT_CODE = 75
@@ -133,11 +134,11 @@ class MetricsLog:
             self._file.close()
 
 
-def train_loop(state, parts: Parts, *, total_steps: int, train_cfg, checkpointer: checkpointing.Checkpointer,
+def train_loop(state, parts: Parts, *, total_steps: int, train: TrainSpec, checkpointer: checkpointing.Checkpointer,
                saved_config: dict, writer, metrics_log: MetricsLog) -> LoopResult:
     """Run `parts.step(state, batch)` from state.step to `total_steps` on the batches of `parts.data`.
 
-    train_cfg: the `train` block (log_every, checkpoint_every). Checkpoints hold the state, the input
+    train: the `train` block (log_every, checkpoint_every). Checkpoints hold the state, the input
     iterator's position and `saved_config`. The step's metrics must hold "finite" (the guard's verdict) and
     the values it checked.
     """
@@ -146,7 +147,7 @@ def train_loop(state, parts: Parts, *, total_steps: int, train_cfg, checkpointer
     # clu's periodic actions import its metric writers, hence TensorFlow: imported here, not with the module, so
     # the step builders import on accelerator images without TensorFlow (benchmarks/suite.py).
     from clu import periodic_actions
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_steps=train_cfg.log_every,
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, every_steps=train.log_every,
                                                every_secs=None)
     history: list[dict] = []
     pending = None  # (step, device metrics) of the last dispatched step, checked one step late
@@ -184,7 +185,7 @@ def train_loop(state, parts: Parts, *, total_steps: int, train_cfg, checkpointer
                     state = update.run(step, state)
             progress(step)
             stop = step == total_steps or preemption.should_stop(step)
-            if step % train_cfg.log_every == 0 or stop:
+            if step % train.log_every == 0 or stop:
                 check(pending)
                 pending = None
                 summary = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
@@ -203,7 +204,7 @@ def train_loop(state, parts: Parts, *, total_steps: int, train_cfg, checkpointer
                 if hook.every and step % hook.every == 0 and not (stop and hook.skip_at_stop):
                     with progress.timed("hooks"):
                         hook.run(step, state)
-            if step % train_cfg.checkpoint_every == 0 or stop:
+            if step % train.checkpoint_every == 0 or stop:
                 if pending is not None:
                     check(pending)
                     pending = None

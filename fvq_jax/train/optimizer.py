@@ -7,13 +7,46 @@ with the learning rate of `schedules.learning_rate_schedule`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import ml_collections
 import optax
 from flax import nnx
 
-from fvq_jax import sharding
-from fvq_jax.train.schedules import learning_rate_schedule
+from fvq_jax import config_lib, sharding
+from fvq_jax.train.schedules import SCHEDULES, learning_rate_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec(config_lib.Spec):
+    """The `optim` block resolved (configs/tokenizer.py and configs/gpt.py describe each field); that warmup_steps
+    stays below the step count is the run spec's check (train/spec.py)."""
+
+    base_lr: float  # at global batch lr_ref_batch; scaled linearly with the global batch
+    lr_ref_batch: int
+    b1: float
+    b2: float
+    weight_decay: float  # > 0: AdamW
+    grad_clip: float  # 0: no clipping
+    schedule: str  # SCHEDULES
+    warmup_steps: int
+    warmup_start: float
+    decay_start: float
+    final_mult: float
+    ema_decay: float  # 0: no EMA of the weights
+
+    def __post_init__(self):
+        config_lib.require_choice(self.schedule, "schedule", SCHEDULES)
+        for name in ("base_lr", "lr_ref_batch", "warmup_start", "final_mult"):
+            config_lib.require_number(getattr(self, name), name)
+        config_lib.require_number(self.warmup_steps, "warmup_steps", strict=False, integer=True)
+        config_lib.require(0.0 <= self.decay_start < 1.0, "decay_start", f"must lie in [0, 1), got {self.decay_start}")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            config_lib.require(0.0 <= value < 1.0, name, f"must lie in [0, 1), got {value}")
+        config_lib.require_number(self.weight_decay, "weight_decay", strict=False)
+        config_lib.require_number(self.grad_clip, "grad_clip", strict=False)
+        config_lib.require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
 
 
 def decay_mask(params):
@@ -26,8 +59,7 @@ def decay_mask(params):
     return jax.tree.map(mask, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int,
-                   global_batch: int) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimSpec, *, total_steps: int, global_batch: int) -> optax.GradientTransformation:
     lr = learning_rate_schedule(optim, total_steps=total_steps, global_batch=global_batch)
     if optim.weight_decay:
         adam = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask)

@@ -11,9 +11,11 @@ import dataclasses
 import jax
 import ml_collections
 
-from fvq_jax import checkpointing, sharding
+from fvq_jax import checkpointing
+from fvq_jax.sharding import MeshSpec, make_mesh
 from fvq_jax.train.optimizer import make_optimizer
 from fvq_jax.train.state import create_state
+from fvq_jax.train.tokenizer import TokenizerRunSpec
 from fvq_jax.train.tokenizer_state import TokenizerState, build
 
 
@@ -25,9 +27,9 @@ class RestoredTokenizer:
     mesh: jax.sharding.Mesh
 
 
-def restore_tokenizer(workdir, *, step: int | None = None, mesh_cfg=None) -> RestoredTokenizer:
+def restore_tokenizer(workdir, *, step: int | None = None, mesh_spec: MeshSpec | None = None) -> RestoredTokenizer:
     """The train state saved in `workdir` (the newest readable step unless `step`), laid out on the mesh
-    `mesh_cfg` describes (default: data parallel over all devices present).
+    `mesh_spec` describes (default: data parallel over all devices present).
 
     FileNotFoundError when `workdir` has no checkpoint, or none of `step` (naming the saved steps).
     """
@@ -37,10 +39,10 @@ def restore_tokenizer(workdir, *, step: int | None = None, mesh_cfg=None) -> Res
 
     def read(step: int) -> RestoredTokenizer:
         config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-        config.mesh = mesh_cfg or ml_collections.ConfigDict(sharding.default_mesh_config())
-        mesh = sharding.make_mesh(config.mesh)
-        tx = make_optimizer(config.optim, total_steps=config.train.num_steps, global_batch=config.train.global_batch)
-        layout = create_state(lambda: build(config, tx, tx), mesh, config.mesh)
+        spec = TokenizerRunSpec.from_config(config, mesh=mesh_spec or MeshSpec.default())
+        mesh = make_mesh(spec.mesh)
+        tx = make_optimizer(spec.optim, total_steps=spec.train.num_steps, global_batch=spec.train.global_batch)
+        layout = create_state(lambda: build(spec, tx, tx), mesh, spec.mesh)
         return RestoredTokenizer(config=config, step=step, state=checkpointer.restore(step, layout.abstract), mesh=mesh)
 
     return checkpointing.newest_readable(checkpointer, read, step=step)[1]

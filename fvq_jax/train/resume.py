@@ -12,7 +12,7 @@ and the error, the broken one set aside, never deleted).
 from __future__ import annotations
 
 import json
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import jax
 import ml_collections
@@ -20,6 +20,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from fvq_jax import checkpointing, config_lib
+
+if TYPE_CHECKING:
+    from fvq_jax.train.spec import RunSpec
 
 S = TypeVar("S")
 
@@ -40,16 +43,14 @@ class ConfigChanged(config_lib.ConfigError):
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:
-    """The config as saved in checkpoints (JSON types)."""
+    """The config as saved in checkpoints (JSON types). A ConfigDict, not a spec: what a checkpoint saves and a
+    resume compares is the config as resolved (RunSpec.config), every field as written."""
     return json.loads(config.to_json_best_effort())
 
 
 def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """train.allow_changes: a comma-separated string of field names (or block prefixes)."""
-    value = config.train.get("allow_changes", "")
-    config_lib.require(isinstance(value, str), "train.allow_changes",
-                       f"must be a comma-separated string of field names, got {value!r}")
-    return tuple(name.strip() for name in value.split(",") if name.strip())
+    """train.allow_changes (a string: TrainSpec checked it) as field names (or block prefixes)."""
+    return tuple(name.strip() for name in config.train.get("allow_changes", "").split(",") if name.strip())
 
 
 def with_later_fields(saved: dict) -> dict:
@@ -68,7 +69,8 @@ def with_later_fields(saved: dict) -> dict:
 
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> list[str]:
     """ConfigChanged listing every field that differs from the checkpoint's config and may not; returns the
-    fields that differ because train.allow_changes allows them."""
+    fields that differ because train.allow_changes allows them. `config`: the resolved config of the run
+    (RunSpec.config), compared field by field with the saved JSON."""
     saved = with_later_fields(saved)
     allowed = allowed_changes(config)
     changes = config_lib.config_changes(saved, config_json(config), ignore=RESUME_SAFE_FIELDS + allowed)
@@ -85,13 +87,13 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: in
     return [field for field, _, _ in permitted]
 
 
-def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: ml_collections.ConfigDict,
-                      step: int, allowed: list[str], workdir) -> None:
+def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], can_init: bool, step: int,
+                      allowed: list[str], workdir) -> None:
     """ConfigChanged unless the state this config builds has the arrays (names and shapes, `built`) of the one
     saved with `step` (`saved`): a model changed by an allowed field (model.preset, a width, an EMA turned on)
     cannot take the saved arrays, and restoring it would only fail as if every checkpoint were unreadable.
-    The message says what can start from the saved run instead: train.init_from (where the trainer has it)
-    when the parameters agree and only the optimizer state or EMA differ, else a new workdir."""
+    The message says what can start from the saved run instead: train.init_from (`can_init`: the trainer has
+    it) when the parameters agree and only the optimizer state or EMA differ, else a new workdir."""
     # In the built state's order (a TrainState lists its parameters first), then what only the saved one has.
     differ = [name for name in {**built, **saved} if saved.get(name) != built.get(name)]
     if not differ:
@@ -101,7 +103,6 @@ def check_same_arrays(saved: dict[str, tuple], built: dict[str, tuple], config: 
     more = f"\n  ... and {len(differ) - LISTED} more" if len(differ) > LISTED else ""
     cause = (f"the changes allowed by train.allow_changes ({', '.join(allowed)}) change the model" if allowed else
              "this version of the code builds it differently")
-    can_init = "init_from" in config.train
     if can_init and not any(name.startswith("params.") for name in differ):
         start = f"start a new run from its weights instead: --workdir=NEW_DIR --config.train.init_from={workdir}"
     else:
@@ -121,12 +122,12 @@ def _set_aside(checkpointer: checkpointing.Checkpointer, steps, reason: str) -> 
     checkpointer.reload()
 
 
-def resume_or_init(checkpointer: checkpointing.Checkpointer, config: ml_collections.ConfigDict,
-                   init: Callable[[], S], abstract: S, data_iterator=None) -> S:
+def resume_or_init(checkpointer: checkpointing.Checkpointer, spec: RunSpec, init: Callable[[], S], abstract: S,
+                   data_iterator=None) -> S:
     """The state to train from: the chosen saved step restored onto `abstract` (its shardings; the input
     iterator `data_iterator` set to the saved position), or `init()` when none is saved."""
     steps = sorted(checkpointer.all_steps())
-    requested = config.train.get("restore_step", 0) or None
+    requested = spec.train.restore_step or None
     if requested is not None:
         config_lib.require(requested in steps, "train.restore_step",
                            f"no checkpoint of step {requested} in {checkpointer.directory}; saved steps: {steps}")
@@ -139,9 +140,9 @@ def resume_or_init(checkpointer: checkpointing.Checkpointer, config: ml_collecti
         return init()
 
     def read(step: int) -> S:
-        allowed = check_resume_config(checkpointer.restore_config(step), config, step)
-        check_same_arrays(checkpointer.saved_shapes(step), checkpointing.array_shapes(abstract), config, step,
-                          allowed, checkpointer.directory.parent)
+        allowed = check_resume_config(checkpointer.restore_config(step), spec.config, step)
+        check_same_arrays(checkpointer.saved_shapes(step), checkpointing.array_shapes(abstract),
+                          hasattr(spec.train, "init_from"), step, allowed, checkpointer.directory.parent)
         return checkpointer.restore(step, abstract, data_iterator=data_iterator)
 
     _, state, broken = checkpointing.newest_readable(checkpointer, read, step=requested)

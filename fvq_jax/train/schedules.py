@@ -10,10 +10,12 @@ The generator and the discriminator share it; the base LR scales with the global
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import ml_collections
+from typing import TYPE_CHECKING
 
-from fvq_jax import config_lib
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from fvq_jax.train.optimizer import OptimSpec
 
 SCHEDULES = ("lin", "cos", "const")
 
@@ -36,13 +38,13 @@ def annealing_multiplier(step, *, total_steps: int, warmup_steps: int, kind: str
     return jnp.where(step < warmup_steps, warm, after)
 
 
-def scaled_base_lr(optim: ml_collections.ConfigDict, global_batch: int) -> float:
+def scaled_base_lr(optim: OptimSpec, global_batch: int) -> float:
     """base_lr x global_batch / lr_ref_batch (FVQ: 1e-4 at batch 128)."""
     return optim.base_lr * global_batch / optim.lr_ref_batch
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, global_batch: int):
-    """step -> learning rate, from the `config.optim` block."""
+def learning_rate_schedule(optim: OptimSpec, *, total_steps: int, global_batch: int):
+    """step -> learning rate, from the `optim` block."""
     base = scaled_base_lr(optim, global_batch)
 
     def schedule(step):
@@ -51,21 +53,3 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, *, total_steps: int
             warmup_start=optim.warmup_start, decay_start=optim.decay_start, final_mult=optim.final_mult)
 
     return schedule
-
-
-def check_optim_config(optim: ml_collections.ConfigDict, total_steps: int, prefix: str = "optim") -> None:
-    def f(name):
-        return f"{prefix}.{name}"
-
-    config_lib.require_choice(optim.schedule, f("schedule"), SCHEDULES)
-    for name in ("base_lr", "lr_ref_batch", "warmup_start", "final_mult"):
-        config_lib.require_number(optim[name], f(name))
-    config_lib.require_number(optim.warmup_steps, f("warmup_steps"), strict=False, integer=True)
-    config_lib.require(optim.warmup_steps < total_steps, f("warmup_steps"),
-                       f"{optim.warmup_steps} must be below train.num_steps={total_steps}")
-    config_lib.require(0.0 <= optim.decay_start < 1.0, f("decay_start"), f"must lie in [0, 1), got {optim.decay_start}")
-    for name in ("b1", "b2"):
-        config_lib.require(0.0 <= optim[name] < 1.0, f(name), f"must lie in [0, 1), got {optim[name]}")
-    config_lib.require_number(optim.weight_decay, f("weight_decay"), strict=False)
-    config_lib.require_number(optim.grad_clip, f("grad_clip"), strict=False)
-    config_lib.require(0.0 <= optim.ema_decay < 1.0, f("ema_decay"), f"must lie in [0, 1), got {optim.ema_decay}")

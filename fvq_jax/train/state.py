@@ -13,7 +13,6 @@ from typing import Any, Callable, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx, struct
 
@@ -58,8 +57,8 @@ class StateLayout(Generic[S]):
 
 
 def create_state(build: Callable[[], tuple[Any, S]], mesh: jax.sharding.Mesh,
-                 mesh_cfg: ml_collections.ConfigDict) -> StateLayout[S]:
-    """Lay out the state `build()` returns (beside its static graphs) on `mesh` by `mesh_cfg`'s rules.
+                 mesh_spec: sharding.MeshSpec) -> StateLayout[S]:
+    """Lay out the state `build()` returns (beside its static graphs) on `mesh` by the mesh block's rules.
 
     `build` constructs the modules and returns (graphs, state); it is traced, never run eagerly.
     """
@@ -71,7 +70,7 @@ def create_state(build: Callable[[], tuple[Any, S]], mesh: jax.sharding.Mesh,
         return state
 
     abstract = jax.eval_shape(init)
-    shardings = sharding.config_shardings(abstract, mesh, mesh_cfg)
+    shardings = sharding.config_shardings(abstract, mesh, mesh_spec)
     return StateLayout(graphs=graphs[0], abstract=sharding.with_shardings(abstract, shardings), shardings=shardings,
                        init=jax.jit(init, out_shardings=shardings))
 

@@ -1,11 +1,13 @@
-"""FVQ tokenizer training: `train_and_evaluate(config, workdir)`, the tokenizer's parts of the training program.
+"""FVQ tokenizer training: `train_and_evaluate(resolve(config), workdir)`, the tokenizer's parts of the training
+program.
 
 What the tokenizer brings to the program (program.py: workdir, lock, checkpoints, resume, metrics, the
-loop with its guard and preemption): its config checks, a state with a discriminator beside the generator
-(tokenizer_state.py), the joint G + D step (tokenizer_step.py) with LPIPS, reconstruction grids, periodic
-and final evaluations (evaluation/tokenizer_eval.py) and the revive of dead bridge positions.
+loop with its guard and preemption): its config resolved once (`TokenizerRunSpec`), a state with a
+discriminator beside the generator (tokenizer_state.py), the joint G + D step (tokenizer_step.py) with LPIPS,
+reconstruction grids, periodic and final evaluations (evaluation/tokenizer_eval.py) and the revive of dead
+bridge positions.
 
-Reads top to bottom: checks, model and update, then `build_parts`: input, step, evals, console, state updates.
+Reads top to bottom: the spec, model and update, then `build_parts`: input, step, evals, console, state updates.
 """
 
 from __future__ import annotations
@@ -24,35 +26,63 @@ from fvq_jax import config_lib, sharding
 from fvq_jax.data import pipeline as data_pipeline
 from fvq_jax.data.spec import DataSpec
 from fvq_jax.evaluation import tokenizer_eval
-from fvq_jax.models.factory import check_tokenizer_config, compute_dtype, COMPUTE_DTYPES
-from fvq_jax.models.vqgan import VQGANArch
+from fvq_jax.models.factory import DiscriminatorSpec, VQGANSpec
 from fvq_jax.models.lpips import LPIPS
 from fvq_jax.quantizers import bridge_positions
 from fvq_jax.quantizers.vqbridge import BRIDGE_PRESETS
-from fvq_jax.train import checks, loop, program, schedules
+from fvq_jax.train import loop, program, schedules
 from fvq_jax.train.optimizer import make_optimizer
+from fvq_jax.train.spec import RunSpec, TrainSpec
 from fvq_jax.train.state import StateLayout, create_state
 from fvq_jax.train.tokenizer_state import Graphs, TokenizerState, build
-from fvq_jax.train.tokenizer_step import make_train_step
+from fvq_jax.train.tokenizer_step import LossSpec, make_train_step
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                 num_processes: int | None = None) -> None:
-    """Every check that can run before anything is built; raises ConfigError naming the field.
 
-    With the device and process counts, also that the batches split over them.
-    """
-    check_tokenizer_config(config)
-    checks.check_train_config(config, num_devices, num_processes)
-    for name in ("image_every", "eval_every"):
-        config_lib.require_number(config.train[name], f"train.{name}", strict=False, integer=True)
-    config_lib.require_choice(config.precision, "precision", tuple(COMPUTE_DTYPES))
-    config_lib.require_number(config.loss.disc_start, "loss.disc_start", strict=False, integer=True)
-    for name in ("pixel_weight", "perceptual_weight", "codebook_weight", "disc_weight"):
-        config_lib.require_number(config.loss[name], f"loss.{name}", strict=False)
-    DataSpec.from_config(config.data, "data")
-    tokenizer_eval.check_eval_config(config.eval)
-    if num_devices is not None:
-        checks.check_batch_split(config, config.eval.batch_size, "eval.batch_size", num_devices)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizerTrainSpec(TrainSpec):
+    """The tokenizer's `train` block: the shared fields and its periodic grids and evaluations (0: never)."""
+
+    image_every: int
+    eval_every: int  # 0: only the final evaluation
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("image_every", "eval_every"):
+            config_lib.require_number(getattr(self, name), name, strict=False, integer=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizerRunSpec(RunSpec):
+    """configs/tokenizer.py resolved: the VQ-GAN (`tokenizer`: the model and quantizer blocks), its
+    discriminator, losses, data and evaluation, beside the blocks of every run (train/spec.py). Checks across
+    blocks: the image size against the encoder's downsampling and a multi-scale grid, and the discriminator's
+    logits."""
+
+    train: TokenizerTrainSpec
+    tokenizer: VQGANSpec = config_lib.inline()
+    discriminator: DiscriminatorSpec
+    loss: LossSpec
+    data: DataSpec
+    eval: tokenizer_eval.EvalSpec
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.tokenizer.token_grid(self.data.image_size)
+        self.discriminator.check_image_size(self.data.image_size)
+
+    def check_devices(self, num_devices: int | None, num_processes: int | None) -> None:
+        super().check_devices(num_devices, num_processes)
+        if num_devices is not None:
+            self.mesh.check_batch(self.eval.batch_size, "eval.batch_size", num_devices)
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None,
+            num_processes: int | None = None) -> TokenizerRunSpec:
+    """Every check of a tokenizer config, before anything is built (ConfigError naming the field); with the device
+    and process counts, also that the batches split over them."""
+    spec = TokenizerRunSpec.from_config(config)
+    spec.check_devices(num_devices, num_processes)
+    return spec
 
 
 @dataclasses.dataclass
@@ -77,37 +107,38 @@ class Trainer:
         return self.layout.init()
 
 
-def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lpips: LPIPS | None = None) -> Trainer:
-    """Optimizers, state layout, jitted init and train step, for `config` on `mesh`; lpips: the
-    perceptual loss's network (default: the pretrained one in the config's precision)."""
-    total_steps, global_batch = config.train.num_steps, config.train.global_batch
-    tx = make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
-    disc_tx = make_optimizer(config.optim, total_steps=total_steps, global_batch=global_batch)
-    lr_schedule = schedules.learning_rate_schedule(config.optim, total_steps=total_steps, global_batch=global_batch)
-    layout = create_state(lambda: build(config, tx, disc_tx), mesh, config.mesh)
-    lpips_graph, lpips_state = nnx.split(lpips or LPIPS.from_pretrained(dtype=compute_dtype(config.precision)))
+def build_trainer(spec: TokenizerRunSpec, mesh: jax.sharding.Mesh, lpips: LPIPS | None = None) -> Trainer:
+    """Optimizers, state layout, jitted init and train step, for `spec` on `mesh`; lpips: the
+    perceptual loss's network (default: the pretrained one in the run's precision)."""
+    total_steps, global_batch = spec.train.num_steps, spec.train.global_batch
+    tx = make_optimizer(spec.optim, total_steps=total_steps, global_batch=global_batch)
+    disc_tx = make_optimizer(spec.optim, total_steps=total_steps, global_batch=global_batch)
+    lr_schedule = schedules.learning_rate_schedule(spec.optim, total_steps=total_steps, global_batch=global_batch)
+    layout = create_state(lambda: build(spec, tx, disc_tx), mesh, spec.mesh)
+    lpips_graph, lpips_state = nnx.split(lpips or LPIPS.from_pretrained(dtype=spec.dtype))
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.data_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(layout.graphs, lpips_graph, config, tx, disc_tx, lr_schedule),
+        make_train_step(layout.graphs, lpips_graph, spec.loss, tx, disc_tx, lr_schedule,
+                        ema_decay=spec.optim.ema_decay),
         in_shardings=(layout.shardings, replicated, batch_sharding),
         out_shardings=(layout.shardings, replicated),
         donate_argnums=(0,))
-    position_metrics, revive = _bridge_position_programs(config, layout, replicated)
+    position_metrics, revive = _bridge_position_programs(spec, layout, replicated)
     return Trainer(layout, train_step, lpips_graph, jax.device_put(lpips_state, replicated), batch_sharding,
                    position_metrics, revive)
 
 
-def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLayout,
+def _bridge_position_programs(spec: TokenizerRunSpec, layout: StateLayout,
                               replicated: jax.sharding.NamedSharding) -> tuple[Callable | None, Callable | None]:
     """(position metrics, revive) programs for a type=vq quantizer with a VQBridge, else Nones (revive
     also None when quantizer.revive is 'off'). Separate programs, so the train step is the same either way."""
-    q = config.quantizer
-    if q.type != "vq" or q.projector not in BRIDGE_PRESETS:
+    q = spec.tokenizer.quantizer
+    if not q.bridged:
         return None, None
     k, patch = q.codebook_size, BRIDGE_PRESETS[q.projector].patch
-    token_grid = config.data.image_size // VQGANArch.from_config(config.model, "model").downsample_factor
-    tokens_per_step = config.train.global_batch * token_grid ** 2
+    token_grid = spec.data.image_size // spec.tokenizer.model.downsample_factor
+    tokens_per_step = spec.train.global_batch * token_grid ** 2
 
     def position_metrics(model_state):
         counts = bridge_positions.position_counts(model_state["quantizer"]["usage_buffer"][...], k, patch)
@@ -117,25 +148,26 @@ def _bridge_position_programs(config: ml_collections.ConfigDict, layout: StateLa
     if q.revive == "copy":
         revive = jax.jit(
             functools.partial(bridge_positions.revive_dead_positions, num_codes=k, patch=patch,
-                              recent=q.revive_every * tokens_per_step, noise=q.revive_noise, seed=config.seed),
+                              recent=q.revive_every * tokens_per_step, noise=q.revive_noise, seed=spec.seed),
             in_shardings=(layout.shardings, replicated), out_shardings=(layout.shardings, replicated),
             donate_argnums=(0,))
     return jax.jit(position_metrics), revive
 
 
-def build_parts(config: ml_collections.ConfigDict, context: program.Context) -> program.Parts:
+def build_parts(spec: TokenizerRunSpec, context: program.Context) -> program.Parts:
     """The tokenizer's parts of the training program: input, G + D step, reconstruction grids, evaluations, the
     revive, and the final evaluation (eval/final/)."""
     # ------------------------------------------------------------------ input
-    global_batch = config.train.global_batch
-    train_iter = data_pipeline.train_iterator(config.data, global_batch=global_batch, seed=config.seed)
+    global_batch = spec.train.global_batch
+    train_iter = data_pipeline.train_iterator(spec.data, global_batch=global_batch, seed=spec.seed)
 
     # ------------------------------------------------------------------ model and update
-    trainer = build_trainer(config, context.mesh)
+    trainer = build_trainer(spec, context.mesh)
 
     # ------------------------------------------------------------------ evals
-    evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, context.mesh,
-                                                  lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
+    evaluator = tokenizer_eval.TokenizerEvaluator(
+        spec.eval, spec.data, trainer.graphs.generator, context.mesh, num_codes=spec.tokenizer.quantizer.codebook_size,
+        projector=spec.tokenizer.quantizer.projector, lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
 
     def write_images(step, state):
         params, _ = state.inference_params()
@@ -169,18 +201,18 @@ def build_parts(config: ml_collections.ConfigDict, context: program.Context) -> 
         layout=trainer.layout,
         step=lambda state, batch: trainer.train_step(state, trainer.lpips_state, batch),
         data=train_iter, batch_sharding=trainer.batch_sharding, console=console, rates={"images_per_sec": global_batch},
-        hooks=[loop.Periodic(config.train.image_every, write_images),
-               loop.Periodic(config.train.eval_every, evaluate, skip_at_stop=True)],
-        updates=[loop.Periodic(config.quantizer.revive_every, revive)] if trainer.revive else [],
+        hooks=[loop.Periodic(spec.train.image_every, write_images),
+               loop.Periodic(spec.train.eval_every, evaluate, skip_at_stop=True)],
+        updates=[loop.Periodic(spec.tokenizer.quantizer.revive_every, revive)] if trainer.revive else [],
         log_extras=lambda state: trainer.position_metrics(state.model_state) if trainer.position_metrics else {},
         data_skipped=lambda: train_iter.num_skipped,
         final=final)
 
 
-RECIPE = program.Recipe("tokenizer", check_config, build_parts)
+RECIPE = program.Recipe("tokenizer", build_parts)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the tokenizer in `workdir`; returns the final evaluation metrics, or
-    {"preempted_at_step": step} when SIGTERM stopped the run (its checkpoint saved)."""
-    return program.train_and_evaluate(RECIPE, config, workdir)
+def train_and_evaluate(spec: TokenizerRunSpec, workdir: str) -> dict:
+    """Train (or resume) the tokenizer `spec` (`resolve`) describes in `workdir`; returns the final evaluation
+    metrics, or {"preempted_at_step": step} when SIGTERM stopped the run (its checkpoint saved)."""
+    return program.train_and_evaluate(RECIPE, spec, workdir)

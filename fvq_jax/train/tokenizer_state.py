@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 import optax
 from flax import nnx, struct
 
-from fvq_jax.models.factory import DiscriminatorSpec, VQGANSpec, build_discriminator, build_tokenizer, compute_dtype
+from fvq_jax.models.factory import build_discriminator, build_tokenizer
 from fvq_jax.train.state import TrainState, model_fields
+
+if TYPE_CHECKING:
+    from fvq_jax.train.tokenizer import TokenizerRunSpec
 
 
 @struct.dataclass
@@ -30,14 +32,12 @@ class Graphs:
     discriminator: nnx.GraphDef
 
 
-def build(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def build(spec: TokenizerRunSpec, tx: optax.GradientTransformation,
           disc_tx: optax.GradientTransformation) -> tuple[Graphs, TokenizerState]:
-    """Freshly initialised generator and discriminator (from config.seed) as (Graphs, TokenizerState)."""
-    dtype = compute_dtype(config.precision)
-    generator = build_tokenizer(VQGANSpec.from_config(config), dtype=dtype, rngs=nnx.Rngs(config.seed))
-    discriminator = build_discriminator(DiscriminatorSpec.from_config(config.discriminator, "discriminator"),
-                                        dtype=dtype, rngs=nnx.Rngs(config.seed + 1))
-    g_graph, fields = model_fields(generator, tx, keep_ema=bool(config.optim.ema_decay))
+    """Freshly initialised generator and discriminator (from spec.seed) as (Graphs, TokenizerState)."""
+    generator = build_tokenizer(spec.tokenizer, dtype=spec.dtype, rngs=nnx.Rngs(spec.seed))
+    discriminator = build_discriminator(spec.discriminator, dtype=spec.dtype, rngs=nnx.Rngs(spec.seed + 1))
+    g_graph, fields = model_fields(generator, tx, keep_ema=bool(spec.optim.ema_decay))
     d_graph, d_params, d_rest = nnx.split(discriminator, nnx.Param, ...)
     state = TokenizerState(**fields, disc_params=d_params, disc_state=d_rest, disc_opt_state=disc_tx.init(d_params))
     return Graphs(g_graph, d_graph), state

@@ -12,15 +12,15 @@ also checks the new parameters' norms before the state can be saved).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
-from fvq_jax import losses
+from fvq_jax import config_lib, losses
 from fvq_jax.data.value_range import to_model_range
 from fvq_jax.train.optimizer import ema_update
 from fvq_jax.train.tokenizer_state import Graphs, TokenizerState
@@ -29,6 +29,31 @@ from fvq_jax.train.update import apply_gradients, keep_if_finite
 # Values the step's guard checks (the loop checks the new parameters' norms after the step).
 CHECKED = ("pixel_loss", "perceptual_loss", "quantizer_loss", "gen_gan_loss", "disc_loss", "grad_norm",
            "disc_grad_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec(config_lib.Spec):
+    """The tokenizer's `loss` block resolved (configs/tokenizer.py describes each field)."""
+
+    pixel: str  # losses.PIXEL_LOSSES
+    pixel_weight: float
+    perceptual_weight: float
+    codebook_weight: float  # scales the quantizer's total loss
+    disc_weight: float
+    disc_start: int  # the step the GAN terms switch on
+    disc_loss: str  # losses.D_LOSSES
+    gen_loss: str  # losses.G_LOSSES
+    adaptive_weight: bool
+
+    def __post_init__(self):
+        config_lib.require_choice(self.pixel, "pixel", losses.PIXEL_LOSSES)
+        for name in ("pixel_weight", "perceptual_weight", "codebook_weight", "disc_weight"):
+            config_lib.require_number(getattr(self, name), name, strict=False)
+        config_lib.require_number(self.disc_start, "disc_start", strict=False, integer=True)
+        config_lib.require_choice(self.disc_loss, "disc_loss", tuple(losses.D_LOSSES))
+        config_lib.require_choice(self.gen_loss, "gen_loss", tuple(losses.G_LOSSES))
+        config_lib.require(isinstance(self.adaptive_weight, bool), "adaptive_weight",
+                           f"must be true or false, got {self.adaptive_weight!r}")
 
 
 def last_layer_kernel_grad(features: jax.Array, kernel: jax.Array, out_grad: jax.Array) -> jax.Array:
@@ -42,15 +67,14 @@ def last_layer_kernel_grad(features: jax.Array, kernel: jax.Array, out_grad: jax
     return jax.vjp(apply, kernel)[1](out_grad)[0]
 
 
-def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, config: ml_collections.ConfigDict,
+def make_train_step(graphs: Graphs, lpips_graph: nnx.GraphDef, loss_cfg: LossSpec,
                     tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-                    lr_schedule: Callable) -> Callable:
-    """train_step(state, lpips_state, batch) -> (state, metrics); jit it with shardings."""
-    loss_cfg = config.loss
+                    lr_schedule: Callable, *, ema_decay: float) -> Callable:
+    """train_step(state, lpips_state, batch) -> (state, metrics); jit it with shardings. ema_decay: optim.ema_decay
+    (used when the state keeps an EMA)."""
     pixel = lambda x, y: losses.pixel_loss(x, y, loss_cfg.pixel)  # noqa: E731
     d_loss_fn = losses.d_loss_fn(loss_cfg.disc_loss)
     g_loss_fn = losses.g_loss_fn(loss_cfg.gen_loss)
-    ema_decay = config.optim.ema_decay
 
     def train_step(state: TokenizerState, lpips_state: nnx.State, batch: dict):
         images = to_model_range(batch["image"])

@@ -45,6 +45,11 @@ def score_config(weights, arg=""):
     return config
 
 
+def score(config, samples_dir) -> dict:
+    """The score task as `tasks.run` runs it: the config resolved once, then the Scorer."""
+    return scoring.Scorer(*scoring.resolve(config))(samples_dir)
+
+
 def reference_views(config, *, size=16, batch_size=3):
     """The images and labels the reference of `config` (a dataset) takes for samples of `size` pixels."""
     _, spec = scoring.resolve(config)
@@ -122,7 +127,7 @@ def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_pat
     images, labels = reference_views(config, batch_size=4)
     assert images.shape == (6, 16, 16, 3) and set(labels) <= set(range(9))  # the nine training photos
     directory = write_samples(tmp_path / "photos", images, labels, (4, 2))
-    result = scoring.score_samples(config, directory)
+    result = score(config, directory)
     assert abs(result["gfid"]) < 1e-3 and result["class_consistency"] == 1.0
     assert result["classes"] == len(set(labels)) and result["reference"]["num_images"] == 6
     first = capsys.readouterr().out
@@ -132,7 +137,7 @@ def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_pat
 
     # The second score reads both back: no image goes through the Inception, the scores are the same.
     monkeypatch.setattr(scoring, "metrics_from_images", lambda *a, **k: pytest.fail("features were recomputed"))
-    again = scoring.score_samples(config, directory)
+    again = score(config, directory)
     second = capsys.readouterr().out
     assert f"reference features: cache hit {entry} (6 images; key " in second
     assert '"seed": 0' in second and '"inception_sha256": ' in second
@@ -142,14 +147,14 @@ def test_photo_views_against_the_same_views_then_from_the_cache(weights, tmp_pat
     # Samples written again (a batch replaced) are not taken from the cache.
     monkeypatch.undo()
     write_samples(directory, images[::-1], labels[::-1], (4, 2))
-    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(result["gfid"], abs=1e-3)
+    assert score(config, directory)["gfid"] == pytest.approx(result["gfid"], abs=1e-3)
     assert "sample features 6/6 images" in capsys.readouterr().out
 
 
 def test_a_damaged_or_foreign_cache_entry_is_computed_again(weights, samples, tmp_path, user_cache, caplog):
     directory = samples[0]
     config = score_config(weights, "images=5,res=16,seed=3")
-    first = scoring.score_samples(config, directory)
+    first = score(config, directory)
     [entry] = user_cache.glob("*.npz")
     features = load_image_set(entry)[0].features
 
@@ -157,16 +162,16 @@ def test_a_damaged_or_foreign_cache_entry_is_computed_again(weights, samples, tm
         return np.array_equal(load_image_set(entry)[0].features, features)
 
     entry.write_bytes(entry.read_bytes()[:entry.stat().st_size // 2])  # truncated (a full disk, a copy cut short)
-    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
+    assert score(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
     assert "cannot be read" in caplog.text and rewritten_whole()
     # An entry under the right name whose stored key differs (a collision, a hand-copied file) is not trusted.
     foreign = image_set(np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(5))
     save_image_set(entry, foreign, key='{"another": "key"}')
     caplog.clear()
-    assert scoring.score_samples(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
+    assert score(config, directory)["gfid"] == pytest.approx(first["gfid"], rel=1e-6)
     assert "was made for another key" in caplog.text and rewritten_whole()
     # Another seed: other views, another entry beside the first.
-    scoring.score_samples(score_config(weights, "images=5,res=16,seed=4"), directory)
+    score(score_config(weights, "images=5,res=16,seed=4"), directory)
     assert len(list(user_cache.glob("*.npz"))) == 2 and not list(user_cache.glob(".*"))  # no temporary left
 
 
@@ -174,7 +179,7 @@ def test_an_unwritable_cache_costs_a_warning_not_the_score(weights, samples, tmp
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder")
     config = score_config(weights, f"images=5,res=16,cache={blocked}")
-    assert scoring.score_samples(config, samples[0])["num_samples"] == 6
+    assert score(config, samples[0])["num_samples"] == 6
     assert "could not write the cache entry" in caplog.text
 
 
@@ -197,16 +202,16 @@ def test_the_cache_lives_beside_the_reference(tmp_path, user_cache):
 def test_errors_name_the_path(weights, tmp_path):
     config = score_config(weights)
     with pytest.raises(FileNotFoundError, match=f"no samples directory at {tmp_path / 'missing'}"):
-        scoring.score_samples(config, tmp_path / "missing")
+        score(config, tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=f"no sample batches .* in {tmp_path / 'empty'}"):
-        scoring.score_samples(config, tmp_path / "empty")
+        score(config, tmp_path / "empty")
     (tmp_path / "bad").mkdir()
     np.savez(tmp_path / "bad" / "batch_00000_p000.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=f"{tmp_path / 'bad' / 'batch_00000_p000.npz'} holds no images"):
-        scoring.score_samples(config, tmp_path / "bad")
+        score(config, tmp_path / "bad")
     with pytest.raises(config_lib.ConfigError, match=f"reference.npz: no file at {tmp_path / 'none.npz'}"):
-        scoring.score_samples(score_config(weights, f"ref={tmp_path / 'none.npz'}"), tmp_path / "bad")
+        score(score_config(weights, f"ref={tmp_path / 'none.npz'}"), tmp_path / "bad")
 
 
 @pytest.mark.parametrize("arg, fields, field", [
@@ -218,7 +223,7 @@ def test_config_errors_name_the_field(arg, fields, field):
     config = config_lib.load_file(ROOT / "configs" / "score.py").get_config(arg)
     config.reference.update(fields)
     with pytest.raises(config_lib.ConfigError, match=f"config field {field}"):
-        tasks.check_config(config)
+        tasks.resolve(config)
 
 
 @pytest.mark.parametrize("ref, fields", [
@@ -252,9 +257,9 @@ def test_reconstructed_reference_goes_through_the_samples_tokenizer(weights, tin
     samples = np.round((np.clip(np.asarray(decoded), -1, 1) + 1) * 127.5).astype(np.uint8)
     directory = write_samples(tmp_path / "recon", samples, labels, (6,))
     (directory / "sampling.json").write_text(json.dumps({"tokenizer": dict(path=tiny_run[0], step=2, weights="ema")}))
-    result = scoring.score_samples(config, directory)
+    result = score(config, directory)
     assert abs(result["gfid"]) < 1e-3 and (result["precision"], result["recall"]) == (1.0, 1.0)
     assert "through the tokenizer" in result["reference"]["description"]
     (directory / "sampling.json").unlink()
     with pytest.raises(config_lib.ConfigError, match="reference.reconstruct: needs the samples' tokenizer"):
-        scoring.score_samples(config, directory)
+        score(config, directory)

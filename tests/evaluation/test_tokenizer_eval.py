@@ -31,7 +31,7 @@ def reconstruct(model, images_u8):
 def latest_eval(tiny_run):
     """`python -m fvq_jax.main --config=configs/eval_tokenizer.py --workdir=RUN`, in process."""
     workdir, final = tiny_run
-    return workdir, final, tokenizer_eval.evaluate_checkpoint(eval_config(), workdir)
+    return workdir, final, tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(eval_config()), workdir)
 
 
 def test_metrics_json_equals_the_in_process_evaluation(latest_eval):
@@ -85,7 +85,7 @@ def test_step_weights_and_image_count_overrides(tiny_run):
     workdir, _ = tiny_run
     config = eval_config("step=1,ema=false,images=8")
     config.eval.metrics = ("psnr", "usage")
-    results = tokenizer_eval.evaluate_checkpoint(config, workdir)
+    results = tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(config), workdir)
     saved = json.loads((pathlib.Path(workdir) / "eval" / "step_1" / "metrics.json").read_text())
     assert saved["protocol"] == {"dataset": "photos", "split": "validation", "image_size": 16, "num_images": 8,
                                  "crop": "held-out fixed crops", "weights": "raw", "step": 1}
@@ -103,16 +103,16 @@ def test_step_weights_and_image_count_overrides(tiny_run):
 def test_errors_are_clear_and_early(tiny_run, tmp_path):
     workdir, _ = tiny_run
     with pytest.raises(FileNotFoundError, match="no checkpoint under .*: train first, or check --workdir"):
-        tokenizer_eval.evaluate_checkpoint(eval_config(), str(tmp_path))
+        tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(eval_config()), str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 in .*; saved steps: \[1, 2\]"):
-        tokenizer_eval.evaluate_checkpoint(eval_config("step=3"), workdir)
+        tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(eval_config("step=3")), workdir)
     config = eval_config()
     config.eval.metrics = ("psnr", "fid")
     with pytest.raises(ConfigError, match=r"eval.metrics: unknown \['fid'\]") as info:
-        tokenizer_eval.evaluate_checkpoint(config, workdir)
+        tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(config), workdir)
     assert info.value.field == "eval.metrics"
     with pytest.raises(ConfigError, match="data.source") as info:
-        tokenizer_eval.evaluate_checkpoint(eval_config("data=imagenet"), workdir)
+        tokenizer_eval.evaluate_checkpoint(tokenizer_eval.resolve(eval_config("data=imagenet")), workdir)
     assert info.value.field == "data.source"
 
 

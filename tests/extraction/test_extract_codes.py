@@ -13,6 +13,7 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def extract_config(tokenizer, arg: str = "", **fields):
 def run(config, out) -> tuple[dict, str]:
     text = io.StringIO()
     with redirect_stdout(text):
-        manifest = extraction.extract_codes(config, out)
+        manifest = extraction.extract_codes(extraction.resolve(config, jax.process_count()), out)
     return manifest, text.getvalue()
 
 
@@ -264,15 +265,15 @@ def test_multi_level_tokenizers_are_refused(tiny_run, tmp_path, kind):
 
 def test_config_checks_name_the_field(tiny_run):
     with pytest.raises(ConfigError, match="tokenizer: must name a training run or an export directory"):
-        tasks.check_config(extract_config_module.get_config())
+        tasks.resolve(extract_config_module.get_config())
     for arg, field in [("augment=fivecrop", "augment"), ("crops=0", "crops_per_image"), ("batch=-1", "batch_size"),
                        ("shard=0", "shard_size"), ("step=-2", "step")]:
         with pytest.raises(ConfigError, match=f"config field {field}:"):
-            tasks.check_config(extract_config(tiny_run[0], arg))
+            tasks.resolve(extract_config(tiny_run[0], arg))
     with pytest.raises(ConfigError, match="batch_size: 3 is not divisible by the 2 processes"):
-        tasks.check_config(extract_config(tiny_run[0], "batch=3"), num_processes=2)
+        tasks.resolve(extract_config(tiny_run[0], "batch=3"), num_processes=2)
     config = extract_config_module.get_config("imagenet,tokenizer=gs://bucket/fvq16k")
-    tasks.check_config(config)
+    tasks.resolve(config)
     assert (config.augment, config.data.source, config.data.tfds_name, config.data.split,
             config.data.image_size) == ("tencrop", "tfds", "imagenet2012", "train", 256)
     spec = ExtractionSpec.from_config(config)  # batch_size 0: about 640 views, 64 per CPU device
@@ -377,7 +378,7 @@ def test_eight_devices_write_what_one_does(tiny_run, tencrop, model, photos, tmp
         from fvq_jax.extraction import job
         config = config_lib.load_file("configs/extract_codes.py").get_config(
             "tokenizer={tiny_run[0]},augment=tencrop,images=3,batch=4,shard=1")
-        job.extract_codes(config, {out!r})
+        job.extract_codes(job.resolve(config), {out!r})
         """, num_devices=8)
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["extraction"]["device_count"] == 8 and manifest["extraction"]["mesh"]["data"] == 8

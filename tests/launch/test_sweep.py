@@ -233,7 +233,7 @@ def test_sigterm_reaches_the_running_job_and_is_recorded(tmp_path):
      "config.seed = None is not a str, int, float, bool"),
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py:local,codebok=1'}]", "unknown key 'codebok'"),
     ("def get_sweep(): return [{'config': 'configs/nope.py'}]", "config file configs/nope.py not found"),
-    # The task's own config checks (fvq_jax.tasks.check_config) run for every run, dry or not.
+    # The task's own config checks (fvq_jax.tasks.resolve) run for every run, dry or not.
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.data.image_size': 66}]",
      "config field data.image_size: 66 is not divisible by the encoder's downsampling factor 4"),
     ("def get_sweep(): return [{'config': 'configs/tokenizer.py', 'config.optim.warmup_steps': 400}]",

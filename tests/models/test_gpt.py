@@ -403,7 +403,7 @@ def test_sharded_forward_gradient_and_sampling_match_one_device(python_runner):
         from fvq_jax.sampling import sampler
         from tests.models.tiny_gpt import TINY, random_gpt
 
-        mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+        mesh = sharding.make_mesh(sharding.MeshSpec.from_config(dict(data=2, fsdp=2, tensor=2)))
         rng = np.random.default_rng(0)
         tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (8, TINY.seq_len)), jnp.int32)
         labels = jnp.asarray(rng.integers(0, TINY.num_classes, (8,)), jnp.int32)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from flax import nnx
 
 from fvq_jax import config_lib
-from fvq_jax.models.factory import VQGANSpec, check_tokenizer_config
+from fvq_jax.models.factory import VQGANSpec
 from fvq_jax.quantizers import multiscale
 from fvq_jax.quantizers.multiscale import MultiScaleQuantizer
+from fvq_jax.train import tokenizer
 from tests.quantizers import tiny_model
 
 K, D = 64, 8
@@ -145,7 +146,7 @@ def test_scales_validation():
     config.quantizer.type = "multiscale"
     config.data.image_size = 128  # local model: /4 -> 32 x 32 tokens, default scales end at 16
     with pytest.raises(config_lib.ConfigError, match="quantizer.scales"):
-        check_tokenizer_config(config)
+        tokenizer.resolve(config)
     with pytest.raises(config_lib.ConfigError, match="quantizer.l2_norm"):
         tiny_model.quantizer_config(type="multiscale", l2_norm=True)
 

@@ -57,4 +57,13 @@ def test_bad_serve_config_names_the_field(field, value):
     config = config_lib.load_file(ROOT / "configs" / "serve.py").get_config()
     config.serve[field] = value
     with pytest.raises(config_lib.ConfigError, match=f"config field serve.{field}: "):
-        tasks.check_config(config)
+        tasks.resolve(config)
+
+
+def test_devices_it_cannot_serve_on_are_refused_before_anything_is_built():
+    config = config_lib.load_file(ROOT / "configs" / "serve.py").get_config("batch=(2,4)")
+    tasks.resolve(config, num_devices=2, num_processes=1)
+    with pytest.raises(config_lib.ConfigError, match="config field serve.batch_sizes: 2 does not split over the 4 "):
+        tasks.resolve(config, num_devices=4, num_processes=1)
+    with pytest.raises(config_lib.ConfigError, match="config field serve: serves from one process, not 2"):
+        tasks.resolve(config, num_devices=2, num_processes=2)

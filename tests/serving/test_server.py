@@ -38,7 +38,7 @@ def served(gpt_export):
     same programs) behind a BackgroundServer."""
     config = serve_config("port=0,batch=(1,4),max_images=6")
     config.serve.update(max_upload_bytes=UPLOAD_LIMIT, progress_steps=4, max_wait_ms=50.0)
-    service, _ = server.load_service(config, gpt_export)
+    service, _ = server.load_service(server.resolve(config, jax.device_count(), jax.process_count()), gpt_export)
     service.warm_up()
     background = server.BackgroundServer(make_app(service), "127.0.0.1", 0).start()
     with httpx.Client(base_url=background.url, timeout=120) as client:
@@ -51,7 +51,7 @@ def served(gpt_export):
 def job_samples(gpt_export, tmp_path_factory):
     """The sampling job's 20 samples (2 per class) at CFG 2.0, seed 3: sample i has class floor(i / 2)."""
     config = config_lib.load_file(ROOT / "configs" / "sample.py").get_config("n=20,batch=4,cfg=2.0,seed=3,grid=0")
-    out = job.sample_run(config, gpt_export, out=tmp_path_factory.mktemp("job") / "samples")
+    out = job.sample_run(job.resolve(config), gpt_export, out=tmp_path_factory.mktemp("job") / "samples")
     arrays = [dict(np.load(out / f)) for f in sorted(os.listdir(out)) if f.endswith(".npz")]
     return {k: np.concatenate([a[k] for a in arrays]) for k in ("arr_0", "codes", "indices")}
 

@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 
 from fvq_jax.tools import cfg_sweep
-from fvq_jax.train import gpt
 from tests.data.conftest import write_jpegs
 from tests.inception_weights import export_with_head
-from tests.train.gpt_codes import CLASSES, gpt_config, write_synthetic_codes
+from tests.train.gpt_codes import CLASSES, gpt_config, train_gpt, write_synthetic_codes
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def gpt_run(tiny_run, tmp_path_factory):
     tokenizer = dict(path=tiny_run[0], step=2, weights="ema")
     codes_dir = write_synthetic_codes(tmp_path_factory.mktemp("codes"), tokenizer=tokenizer)
     workdir = str(tmp_path_factory.mktemp("gpt"))
-    gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=2, checkpoint_every=2), workdir)
+    train_gpt(gpt_config(codes_dir, num_steps=2, checkpoint_every=2), workdir)
     return workdir
 
 

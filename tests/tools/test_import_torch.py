@@ -163,7 +163,7 @@ def test_imported_checkpoint_restores_sharded_on_8_devices(tmp_path, python_runn
         from fvq_jax.conversion.table import flatten
         from fvq_jax.models.load import load_tokenizer
 
-        mesh_cfg = ml_collections.ConfigDict(sharding.default_mesh_config(data=2, fsdp=4, fsdp_min_size=1024))
+        mesh_cfg = sharding.MeshSpec.default(data=2, fsdp=4, fsdp_min_size=1024)
         model = load_tokenizer({str(tmp_path / 'out')!r}, mesh_cfg=mesh_cfg).model
         kernel = model.decoder.mid.res1.conv1.kernel[...]
         shard = kernel.addressable_shards[0].data.shape
@@ -299,7 +299,7 @@ def test_imported_gpt_restores_sharded_on_8_devices(tmp_path, python_runner):
         from fvq_jax.conversion.table import flatten
         from fvq_jax.models.load import load_gpt
 
-        mesh_cfg = ml_collections.ConfigDict(sharding.default_mesh_config(data=2, fsdp=2, tensor=2))
+        mesh_cfg = sharding.MeshSpec.default(data=2, fsdp=2, tensor=2)
         model = load_gpt({str(tmp_path / 'out')!r}, mesh_cfg=mesh_cfg).model
         for name, kernel in (("wqkv", model.layers[1].attention.wqkv.kernel[...]),
                              ("w1", model.layers[0].feed_forward.w1.kernel[...]),

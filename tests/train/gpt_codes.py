@@ -39,3 +39,13 @@ def gpt_config(codes_dir, **train):
     config.train.update(log_every=1, checkpoint_every=20, sample_every=0)
     config.train.update(train)
     return config
+
+
+def train_gpt(config, workdir):
+    """What `tasks.run` does with a GPT config: resolve it once against its codes (on the devices present), then
+    train."""
+    import jax
+
+    from fvq_jax.train import gpt
+
+    return gpt.train_and_evaluate(gpt.resolve(config, jax.device_count(), jax.process_count()), workdir)

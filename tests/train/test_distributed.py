@@ -16,7 +16,7 @@ SHARDED_VS_SINGLE = """
 import json, sys, jax, numpy as np
 from fvq_jax import checkpointing, sharding
 from fvq_jax.data import pipeline
-from fvq_jax.train.tokenizer import build_trainer
+from fvq_jax.train.tokenizer import build_trainer, resolve
 from tests.train.tiny import tiny_config
 
 config = tiny_config(num_steps=6, global_batch=8)
@@ -25,9 +25,10 @@ config.mesh.fsdp_min_size = 512
 runs, trainers = {}, {}
 for name, (data, fsdp), devices in [("single", (1, 1), jax.devices()[:1]), ("sharded", (2, 4), jax.devices())]:
     config.mesh.update(data=data, fsdp=fsdp)
-    trainer = trainers[name] = build_trainer(config, sharding.make_mesh(config.mesh, devices=devices))
+    spec = resolve(config, len(devices), 1)
+    trainer = trainers[name] = build_trainer(spec, sharding.make_mesh(spec.mesh, devices=devices))
     state = trainer.init()
-    iterator = pipeline.train_iterator(config.data, global_batch=8, seed=0)
+    iterator = pipeline.train_iterator(spec.data, global_batch=8, seed=0)
     losses = []
     for _ in range(3):
         batch = pipeline.to_global_batch(next(iterator), trainer.batch_sharding)

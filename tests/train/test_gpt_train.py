@@ -25,7 +25,7 @@ from fvq_jax.sampling.sampler import SamplingConfig, sample_keys, sample_tokens
 from fvq_jax.train import gpt, resume
 from tests.codes_dirs import write_codes_dir
 from tests.conftest import ROOT, run_python, subprocess_env
-from tests.train.gpt_codes import CLASSES, GRID, K, gpt_config, pattern, write_synthetic_codes
+from tests.train.gpt_codes import CLASSES, GRID, K, gpt_config, pattern, train_gpt, write_synthetic_codes
 
 STEPS = 40
 KEYS = ("loss", "accuracy", "grad_norm", "param_norm", "lr")
@@ -46,7 +46,7 @@ def codes_dir(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(codes_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("gpt"))
-    result = gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=STEPS, sample_every=20), workdir)
+    result = train_gpt(gpt_config(codes_dir, num_steps=STEPS, sample_every=20), workdir)
     return workdir, result
 
 
@@ -107,15 +107,16 @@ from tests.train.gpt_codes import gpt_config
 
 root, codes_dir = sys.argv[1], sys.argv[2]
 dataset = codes_data.open_codes(codes_dir)
-config = gpt.resolve_config(gpt_config(codes_dir, num_steps=10), dataset)
+config = gpt_config(codes_dir, num_steps=10)
 config.mesh.fsdp_min_size = 1
 runs, trainers = {}, {}
 for name, (data, fsdp, tensor), devices in [("single", (1, 1, 1), jax.devices()[:1]),
                                             ("sharded", (2, 2, 2), jax.devices())]:
     config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
+    spec = gpt.resolve(config, len(devices), 1)
+    mesh = sharding.make_mesh(spec.mesh, devices=devices)
     with jax.set_mesh(mesh):
-        trainer = trainers[name] = gpt.build_trainer(config, mesh)
+        trainer = trainers[name] = gpt.build_trainer(spec, mesh)
         state = trainer.layout.init()
         iterator = codes_data.train_iterator(dataset, global_batch=8, seed=0)
         losses = []
@@ -154,12 +155,12 @@ def test_sharded_gpt_step_equals_one_device_and_checkpoints_move(codes_dir, tmp_
 
 
 SAMPLE = """
-import json, sys, numpy as np
+import json, sys, jax, numpy as np
 from fvq_jax import config_lib
 from fvq_jax.sampling import job
 
 config = config_lib.load_file("configs/sample.py").get_config("n=12,batch={batch},cfg=2.0,seed=3,name={name}")
-out = job.sample_run(config, sys.argv[1])
+out = job.sample_run(job.resolve(config, jax.device_count(), jax.process_count()), sys.argv[1])
 print(json.dumps(str(out)))
 """
 
@@ -193,55 +194,66 @@ def test_samples_do_not_depend_on_devices_or_batch_size(trained):
 
 def test_gpt_config_errors_name_the_field(codes_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json in .*extract_codes"):
-        gpt.train_and_evaluate(gpt_config(tmp_path / "none"), str(tmp_path / "a"))
+        train_gpt(gpt_config(tmp_path / "none"), str(tmp_path / "a"))
     small = gpt_config(codes_dir)
     small.model.num_classes = 2
     with pytest.raises(config_lib.ConfigError, match=r"model.num_classes: 2 does not fit the codes .*num_classes 3"):
-        gpt.train_and_evaluate(small, str(tmp_path / "b"))
+        train_gpt(small, str(tmp_path / "b"))
     bare = write_synthetic_codes(tmp_path / "bare")  # no tokenizer recorded: nothing to decode sample grids with
     with pytest.raises(config_lib.ConfigError, match="train.sample_every: the codes in .* name no tokenizer"):
-        gpt.train_and_evaluate(gpt_config(bare, sample_every=10), str(tmp_path / "c"))
+        train_gpt(gpt_config(bare, sample_every=10), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_run_starts_from_another_runs_weights(trained, codes_dir, tmp_path):
     workdir, _ = trained
-    gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=3, init_from=workdir), str(tmp_path / "tuned"))
+    train_gpt(gpt_config(codes_dir, num_steps=3, init_from=workdir), str(tmp_path / "tuned"))
     assert read_metrics(tmp_path / "tuned")[0]["loss"] == pytest.approx(read_metrics(workdir)[-1]["loss"], rel=0.3)
     other = gpt_config(codes_dir, num_steps=3, init_from=workdir)
     other.model.preset = "GPT-S"
     with pytest.raises(config_lib.ConfigError, match=r"train.init_from: .* differ from this run's in \d+ arrays"):
-        gpt.train_and_evaluate(other, str(tmp_path / "other"))
+        train_gpt(other, str(tmp_path / "other"))
 
 
 def test_the_codes_fill_in_the_model_before_it_is_checked(codes_dir):
     """--config.model.vocab_size=64 alone (the right value): resolved against the codes, then checked whole."""
     config = gpt_config(codes_dir)
     config.model.vocab_size = K
-    tasks.check_config(config, num_devices=1, num_processes=1)  # what main.py runs first: nothing to refuse
-    resolved, dataset = gpt.prepare(config)
-    gpt.check_config(resolved, num_devices=1, num_processes=1)
-    assert (resolved.model.vocab_size, resolved.model.num_classes, resolved.model.grid) == (K, CLASSES, GRID)
-    assert len(dataset) == 48
+    spec = tasks.resolve(config, num_devices=1, num_processes=1)  # what main.py runs first: nothing to refuse
+    assert (spec.model.vocab_size, spec.model.num_classes, spec.model.grid) == (K, CLASSES, GRID)
+    saved = spec.config.model  # what checkpoints save and resumes compare: the filled-in config
+    assert (saved.vocab_size, saved.num_classes, saved.grid) == (K, CLASSES, GRID)
+    assert spec.codes.tokenizer == spec.config.codes.tokenizer.to_dict() and spec.codes.tokenizer["step"] == 2
+    assert len(gpt.prepare(spec)) == 48
     config.model.vocab_size = 2 * K
     with pytest.raises(config_lib.ConfigError, match=rf"model.vocab_size: {2 * K} does not fit the codes .*vocab_size {K}"):
-        gpt.prepare(config)
+        gpt.resolve(config)
+    config.model.vocab_size = K
+    config.model.n_head = 3
+    with pytest.raises(config_lib.ConfigError, match="model.n_head: GPT dim 64 is not divisible by n_head 3"):
+        gpt.resolve(config)
 
 
 def test_the_step_count_follows_epochs_over_the_codes(codes_dir):
     """train.num_steps 0: max(min_steps, ceil(epochs x images / batch)); the photos' default stays 300 steps."""
     config = gpt_config(codes_dir, num_steps=0, num_epochs=2.5, min_steps=0)
-    assert gpt.prepare(config)[0].train.num_steps == int(np.ceil(2.5 * 48 / 8)) == 15
+    spec = gpt.resolve(config)
+    assert spec.train.num_steps == spec.config.train.num_steps == int(np.ceil(2.5 * 48 / 8)) == 15
     config.train.min_steps = 20
-    assert gpt.prepare(config)[0].train.num_steps == 20
+    assert gpt.resolve(config).train.num_steps == 20
     default = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("")
     assert default.train.num_steps == 0 and default.train.global_batch == 16
-    assert gpt.epoch_steps(default.train, 9) == 300  # the nine photos' codes: as before
-    steps = gpt.epoch_steps(default.train, 6000)
+    default_train = gpt.GPTTrainSpec.from_config(default.train, "train")
+    assert gpt.epoch_steps(default_train, 9) == 300  # the nine photos' codes: as before
+    steps = gpt.epoch_steps(default_train, 6000)
     assert steps * 16 >= 3 * 6000  # a folder of 6,000 images: a few passes
     config.train.min_steps = -1
     with pytest.raises(config_lib.ConfigError, match="train.min_steps"):
-        gpt.prepare(config)
+        gpt.resolve(config)
+    config.train.update(min_steps=0, num_steps=10)
+    config.optim.warmup_steps = 15
+    with pytest.raises(config_lib.ConfigError, match="optim.warmup_steps: 15 must be below train.num_steps=10"):
+        gpt.resolve(config)
 
 
 def test_corrupt_codes_refuse_the_run_before_its_workdir_exists(codes_dir, tmp_path):
@@ -250,7 +262,7 @@ def test_corrupt_codes_refuse_the_run_before_its_workdir_exists(codes_dir, tmp_p
     shard = sorted(broken.glob("*.array_record"))[1]
     shard.write_bytes(shard.read_bytes()[:-40])  # a truncated shard
     with pytest.raises(ValueError, match=rf"{shard.name}"):
-        gpt.train_and_evaluate(gpt_config(broken), str(tmp_path / "run"))
+        train_gpt(gpt_config(broken), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -262,7 +274,7 @@ def test_a_changed_model_cannot_resume_and_says_what_can(trained, codes_dir, tmp
     other = gpt_config(codes_dir, num_steps=STEPS, sample_every=20, allow_changes="model.preset")
     other.model.preset = "GPT-S"
     with pytest.raises(resume.ConfigChanged) as info:
-        gpt.train_and_evaluate(other, str(workdir))
+        train_gpt(other, str(workdir))
     message = str(info.value)
     assert f"the checkpoint of step {STEPS} holds other arrays than the state this config builds" in message
     first = message.splitlines()[1]  # the first array listed: a parameter, saved -> built (GPT-tiny -> GPT-S)
@@ -273,7 +285,7 @@ def test_a_changed_model_cannot_resume_and_says_what_can(trained, codes_dir, tmp
     ema.optim.ema_decay = 0.9
     with pytest.raises(resume.ConfigChanged, match=rf"ema_params\..* absent -> (?s:.*)start a new run from its "
                                                    rf"weights instead: .*--config.train.init_from={workdir}"):
-        gpt.train_and_evaluate(ema, str(workdir))
+        train_gpt(ema, str(workdir))
     assert sorted(os.listdir(workdir / "checkpoints")) == sorted(os.listdir(os.path.join(trained[0], "checkpoints")))
     assert not (workdir / "checkpoints.aside").exists()
 
@@ -288,7 +300,7 @@ def test_sample_grids_show_every_class_with_images_up_to_the_cap(tiny_run, tmp_p
     manifest = json.load(open(manifest_path))
     manifest["images_per_class"] = [labels.count(c) for c in range(classes)]
     json.dump(manifest, open(manifest_path, "w"))
-    gpt.train_and_evaluate(gpt_config(codes_dir, num_steps=1, sample_every=1), str(tmp_path / "run"))
+    train_gpt(gpt_config(codes_dir, num_steps=1, sample_every=1), str(tmp_path / "run"))
     grid = Image.open(tmp_path / "run" / "samples" / "step_1.png")
     assert grid.size == (4 * 16 + 5 * 2, 10 * 16 + 11 * 2)  # 10 rows of 4 samples (sample.per_class)
     assert gpt.sample_rows(codes_data.open_codes(codes_dir), 4) == 4
@@ -303,7 +315,7 @@ def test_a_scanned_run_trains_like_the_looped_one_from_its_weights(trained, code
     for scan_layers in (False, True):
         config = gpt_config(codes_dir, num_steps=3, init_from=workdir)
         config.model.scan_layers = scan_layers
-        gpt.train_and_evaluate(config, str(tmp_path / str(scan_layers)))
+        train_gpt(config, str(tmp_path / str(scan_layers)))
         logged[scan_layers] = read_metrics(tmp_path / str(scan_layers))
     for looped, scanned in zip(logged[False], logged[True]):
         for key in ("loss", "grad_norm", "param_norm"):

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from fvq_jax.train import tokenizer
 from fvq_jax.train.lock import WorkdirLock, WorkdirLocked
-from tests.train.tiny import tiny_config
+from tests.train.tiny import tiny_config, train
 
 
 def write_lock(workdir, **record):
@@ -24,7 +23,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
         assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
         with pytest.raises(WorkdirLocked, match=rf"in use by another run: host {socket.gethostname()}, "
                                                 rf"pid {os.getpid()}, started 20\d\d-"):
-            tokenizer.train_and_evaluate(tiny_config(num_steps=4), str(tmp_path))
+            train(tiny_config(num_steps=4), str(tmp_path))
         assert lock.path.exists()
     assert not (tmp_path / "LOCK").exists()  # released on exit
     assert sorted(os.listdir(tmp_path)) == []  # the refused run wrote nothing

@@ -2,6 +2,7 @@
 it gets metrics.jsonl, exact resume, preemption, the non-finite guard, the workdir lock and the final
 evaluation from the program, without a line of its own."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ import pytest
 from flax import nnx
 
 from fvq_jax import checkpointing, config_lib, sharding
-from fvq_jax.train import checks, loop, program
+from fvq_jax.train import loop, program
 from fvq_jax.train.lock import WorkdirLock, WorkdirLocked
 from fvq_jax.train.optimizer import make_optimizer
+from fvq_jax.train.spec import RunSpec
 from fvq_jax.train.state import TrainState, create_state, model_fields
 from fvq_jax.train.update import apply_gradients, keep_if_finite
 from tests.conftest import ROOT
@@ -30,7 +32,7 @@ def toy_config(**train) -> ml_collections.ConfigDict:
     """A train block, the shared optim (constant LR) and mesh blocks, and the toy's own `toy` block."""
     gpt = config_lib.load_file(ROOT / "configs" / "gpt.py").get_config("")
     config = ml_collections.ConfigDict(dict(
-        seed=0, optim=gpt.optim.to_dict(), mesh=gpt.mesh.to_dict(),
+        seed=0, precision="fp32", optim=gpt.optim.to_dict(), mesh=gpt.mesh.to_dict(),
         train=dict(global_batch=8, num_steps=6, log_every=1, checkpoint_every=2, keep_checkpoints=10, keep_every=0,
                    restore_step=0, allow_changes=""),
         toy=dict(preempt_after=0)))  # > 0: a hook sends SIGTERM to this process after that step
@@ -41,19 +43,33 @@ def toy_config(**train) -> ml_collections.ConfigDict:
 
 # ---------------------------------------------------------------------- the toy model's parts: all it writes
 
-def check_config(config, num_devices=None, num_processes=None):
-    checks.check_train_config(config, num_devices, num_processes)
-    config_lib.require_number(config.toy.preempt_after, "toy.preempt_after", strict=False, integer=True)
+@dataclasses.dataclass(frozen=True)
+class ToySpec(config_lib.Spec):
+    preempt_after: int
+
+    def __post_init__(self):
+        config_lib.require_number(self.preempt_after, "preempt_after", strict=False, integer=True)
 
 
-def build_parts(config, context: program.Context) -> program.Parts:
-    tx = make_optimizer(config.optim, total_steps=config.train.num_steps, global_batch=config.train.global_batch)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ToyRunSpec(RunSpec):
+    toy: ToySpec
+
+
+def resolve(config, num_devices=None, num_processes=None):
+    spec = ToyRunSpec.from_config(config)
+    spec.check_devices(num_devices, num_processes)
+    return spec
+
+
+def build_parts(spec, context: program.Context) -> program.Parts:
+    tx = make_optimizer(spec.optim, total_steps=spec.train.num_steps, global_batch=spec.train.global_batch)
 
     def init():
-        graph, fields = model_fields(nnx.Linear(4, 1, rngs=nnx.Rngs(config.seed)), tx, keep_ema=False)
+        graph, fields = model_fields(nnx.Linear(4, 1, rngs=nnx.Rngs(spec.seed)), tx, keep_ema=False)
         return graph, TrainState(**fields)
 
-    layout = create_state(init, context.mesh, config.mesh)
+    layout = create_state(init, context.mesh, spec.mesh)
 
     def step(state, batch):
         def loss_fn(params):
@@ -68,8 +84,8 @@ def build_parts(config, context: program.Context) -> program.Parts:
 
     x = np.random.default_rng(1).normal(size=(EXAMPLES, 4)).astype(np.float32)
     examples = [{"x": x[i], "y": x[i] @ TRUE_W} for i in range(EXAMPLES)]
-    data = iter(grain.MapDataset.source(examples).seed(config.seed).shuffle().repeat().to_iter_dataset()
-                .batch(config.train.global_batch))
+    data = iter(grain.MapDataset.source(examples).seed(spec.seed).shuffle().repeat().to_iter_dataset()
+                .batch(spec.train.global_batch))
 
     def preempt(step, state):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -80,11 +96,16 @@ def build_parts(config, context: program.Context) -> program.Parts:
     return program.Parts(
         layout=layout, step=jax.jit(step, donate_argnums=(0,)), data=data,
         batch_sharding=sharding.data_sharding(context.mesh), console=lambda step, s: f"loss {s['loss']:.4f}",
-        rates={"examples_per_sec": config.train.global_batch},
-        hooks=[loop.Periodic(config.toy.preempt_after, preempt)] if config.toy.preempt_after else [], final=final)
+        rates={"examples_per_sec": spec.train.global_batch},
+        hooks=[loop.Periodic(spec.toy.preempt_after, preempt)] if spec.toy.preempt_after else [], final=final)
 
 
-TOY = program.Recipe("toy", check_config, build_parts)
+TOY = program.Recipe("toy", build_parts)
+
+
+def train(config, workdir):
+    """What `tasks.run` does for a trainer: resolve once, then the program."""
+    return program.train_and_evaluate(TOY, resolve(config), workdir)
 
 
 # ---------------------------------------------------------------------- what it gets for free
@@ -111,7 +132,7 @@ def kernel(workdir, step):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("toy"))
-    return workdir, program.train_and_evaluate(TOY, toy_config(), workdir)
+    return workdir, train(toy_config(), workdir)
 
 
 def test_the_toy_trains_logs_and_is_evaluated(uninterrupted):
@@ -131,9 +152,9 @@ def test_the_toy_trains_logs_and_is_evaluated(uninterrupted):
 def test_the_toy_resumes_exactly_after_preemption(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     workdir = str(tmp_path / "run")
-    stopped = program.train_and_evaluate(TOY, _preempting(3), workdir)
+    stopped = train(_preempting(3), workdir)
     assert stopped == {"preempted_at_step": 4} and saved_steps(workdir) == [2, 4]  # stopped at the next boundary
-    program.train_and_evaluate(TOY, toy_config(allow_changes="toy.preempt_after"), workdir)
+    train(toy_config(allow_changes="toy.preempt_after"), workdir)
     assert losses(workdir) == losses(reference)  # the input position and the state came back exactly
     np.testing.assert_array_equal(kernel(workdir, 6), kernel(reference, 6))
 
@@ -147,18 +168,18 @@ def _preempting(after: int) -> ml_collections.ConfigDict:
 def test_the_toy_gets_the_guard_the_config_diff_and_the_lock(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     workdir = str(tmp_path / "run")
-    program.train_and_evaluate(TOY, toy_config(num_steps=4), workdir)
+    train(toy_config(num_steps=4), workdir)
     changed = toy_config(num_steps=4)
     changed.optim.base_lr = 0.6
     with pytest.raises(config_lib.ConfigError, match=r"optim.base_lr: 0.3 -> 0.6"):
-        program.train_and_evaluate(TOY, changed, workdir)
+        train(changed, workdir)
     exploding = toy_config(num_steps=6, allow_changes="train.num_steps,optim.base_lr")
     exploding.optim.base_lr = 1e30
     with pytest.raises(loop.NonFiniteStep, match=r"step 5: the update left non-finite parameters .*last checkpoint: 4"):
-        program.train_and_evaluate(TOY, exploding, workdir)
+        train(exploding, workdir)
     assert saved_steps(workdir) == [2, 4] and [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4]
     with WorkdirLock(workdir), pytest.raises(WorkdirLocked):
-        program.train_and_evaluate(TOY, toy_config(), workdir)
+        train(toy_config(), workdir)
     with pytest.raises(config_lib.ConfigError, match="toy.preempt_after"):  # the toy's own check, before anything
-        program.train_and_evaluate(TOY, _preempting(-1), str(tmp_path / "never"))
+        train(_preempting(-1), str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()

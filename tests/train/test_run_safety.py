@@ -19,7 +19,7 @@ from fvq_jax.models.load import load_tokenizer
 from fvq_jax.train import loop, resume, tokenizer
 from fvq_jax.train.restore import restore_tokenizer
 from tests.conftest import ROOT, subprocess_env
-from tests.train.tiny import tiny_config
+from tests.train.tiny import tiny_config, train
 
 STEPS = 4
 
@@ -58,7 +58,7 @@ def aside(workdir):
 def base_run(tmp_path_factory):
     """4 steps of the tiny config, checkpoints at 2 and 4, every step logged."""
     workdir = str(tmp_path_factory.mktemp("base"))
-    tokenizer.train_and_evaluate(config(), workdir)
+    train(config(), workdir)
     return workdir
 
 
@@ -82,7 +82,7 @@ def test_resume_refuses_a_changed_config_and_names_every_field(copy_of):
     changed.train.log_every = 2  # cadence: allowed
     before = open(os.path.join(workdir, "metrics.jsonl")).read()
     with pytest.raises(resume.ConfigChanged) as info:
-        tokenizer.train_and_evaluate(changed, workdir)
+        train(changed, workdir)
     message = str(info.value)
     for line in ("seed: 0 -> 1", "data.image_size: 16 -> 32", "train.global_batch: 4 -> 8",
                  "optim.base_lr: 0.001 -> 0.002", "optim.schedule: 'lin' -> 'cos'"):
@@ -96,9 +96,9 @@ def test_an_allowed_change_extends_the_run(copy_of, base_run):
     workdir = copy_of()
     longer = config(num_steps=STEPS + 2)
     with pytest.raises(resume.ConfigChanged, match="train.num_steps: 4 -> 6"):
-        tokenizer.train_and_evaluate(longer, workdir)
+        train(longer, workdir)
     longer.train.allow_changes = "train.num_steps"
-    tokenizer.train_and_evaluate(longer, workdir)
+    train(longer, workdir)
     logged = metrics(workdir)
     assert [r["step"] for r in logged] == list(range(1, STEPS + 3)) and steps(workdir) == [2, 4, 6]
     assert losses(logged[:STEPS]) == losses(metrics(base_run))
@@ -111,7 +111,7 @@ def test_a_changed_model_cannot_resume(copy_of):
     wider = config(allow_changes="model.ch")
     wider.model.ch = 8
     with pytest.raises(resume.ConfigChanged) as info:
-        tokenizer.train_and_evaluate(wider, workdir)
+        train(wider, workdir)
     message = str(info.value)
     assert "the checkpoint of step 4 holds other arrays than the state this config builds" in message
     assert message.splitlines()[1].startswith("  params.") and "unreadable" not in message
@@ -127,7 +127,7 @@ def test_guard_rejects_an_overflowing_update_before_it_is_saved(copy_of):
     bad = config(num_steps=STEPS + 2, allow_changes="train.num_steps,optim.base_lr")
     bad.optim.base_lr = 1e30
     with pytest.raises(loop.NonFiniteStep, match=r"step 5: the update left non-finite parameters \(.*param_norm=inf.*\); not saved \(last checkpoint: 4\)"):
-        tokenizer.train_and_evaluate(bad, workdir)
+        train(bad, workdir)
     assert steps(workdir) == [2, 4]
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(params(workdir))) < 1e3
     assert [r["step"] for r in metrics(workdir)] == list(range(1, STEPS + 1))  # step 5 never logged
@@ -136,14 +136,14 @@ def test_guard_rejects_an_overflowing_update_before_it_is_saved(copy_of):
 def test_restore_step_goes_back_and_sets_later_steps_aside(copy_of, base_run):
     workdir = copy_of()
     earlier = config(restore_step=2)
-    tokenizer.train_and_evaluate(earlier, workdir)
+    train(earlier, workdir)
     assert steps(workdir) == [2, 4] and len(aside(workdir)) == 1 and aside(workdir)[0].startswith("4-after-restore-step-2")
     # The replayed steps 3 and 4 equal the first run's; the abandoned lines are kept aside, not duplicated.
     assert losses(metrics(workdir)) == losses(metrics(base_run))
     assert [r["step"] for r in metrics(workdir, "metrics.rolled_back.jsonl")] == [3, 4]
     jax.tree.map(np.testing.assert_array_equal, params(workdir), params(base_run))
     with pytest.raises(config_lib.ConfigError, match=r"train.restore_step: no checkpoint of step 3 .*\[2, 4\]"):
-        tokenizer.train_and_evaluate(config(restore_step=3), workdir)
+        train(config(restore_step=3), workdir)
 
 
 def _break(step_dir, how):
@@ -167,7 +167,7 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_previous(copy_of, base_run
     loaded = load_tokenizer(workdir)  # evaluation and export: the previous step, with a warning
     assert loaded.step == 2
     assert any("checkpoint of step 4" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
-    tokenizer.train_and_evaluate(config(), workdir)  # resume: from step 2, the broken step set aside
+    train(config(), workdir)  # resume: from step 2, the broken step set aside
     assert steps(workdir) == [2, 4] and aside(workdir)[0].startswith("4-unreadable")
     jax.tree.map(np.testing.assert_array_equal, params(workdir), params(base_run))
 
@@ -177,12 +177,14 @@ def test_structural_errors_come_before_anything_is_built(tmp_path):
     bad_res.data.image_size = 18  # the tiny encoder downsamples by 4
     with pytest.raises(config_lib.ConfigError, match="data.image_size: 18 is not divisible by the encoder's "
                                                      "downsampling factor 4"):
-        tokenizer.train_and_evaluate(bad_res, str(tmp_path / "a"))
+        train(bad_res, str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()
     with pytest.raises(config_lib.ConfigError, match=r"train.global_batch: 4 does not split over the 8 "
                                                      r"data-parallel devices"):
-        tokenizer.check_config(config(), num_devices=8, num_processes=1)
-    tokenizer.check_config(config(global_batch=8), num_devices=8, num_processes=2)
+        tokenizer.resolve(config(), num_devices=8, num_processes=1)
+    tokenizer.resolve(config(global_batch=8), num_devices=8, num_processes=2)
+    with pytest.raises(config_lib.ConfigError, match=r"eval.batch_size: 8 does not split over the 16 data-parallel"):
+        tokenizer.resolve(config(global_batch=16), num_devices=16, num_processes=2)
 
 
 @pytest.mark.parametrize("arg,message", [

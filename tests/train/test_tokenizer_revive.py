@@ -13,7 +13,7 @@ from fvq_jax import checkpointing, sharding
 from fvq_jax.train import tokenizer
 from tests.conftest import ROOT, subprocess_env
 from tests.train.test_tokenizer_train import _wait_for_path, _wait_for_step, host_params, read_metrics
-from tests.train.tiny import tiny_config
+from tests.train.tiny import tiny_config, train
 
 STEPS, EVERY = 12, 4  # checkpoint interval
 # A 64-index window fills in one step (4 images x 16 tokens), so revives start at the first revive step.
@@ -28,9 +28,10 @@ def revive_config(revive=REVIVE):
 
 
 def _step_program(config):
-    trainer = tokenizer.build_trainer(config, sharding.make_mesh(config.mesh))
+    spec = tokenizer.resolve(config)
+    trainer = tokenizer.build_trainer(spec, sharding.make_mesh(spec.mesh))
     state = trainer.layout.abstract
-    batch = {"image": jax.ShapeDtypeStruct((config.train.global_batch, 16, 16, 3), np.uint8)}
+    batch = {"image": jax.ShapeDtypeStruct((spec.train.global_batch, 16, 16, 3), np.uint8)}
     return trainer, trainer.train_step.lower(state, trainer.lpips_state, batch).as_text()
 
 
@@ -44,14 +45,14 @@ def test_revive_lives_outside_the_train_step():
 
 def test_killed_run_with_revive_and_restart_resumes_exactly(tmp_path):
     reference_dir, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
-    tokenizer.train_and_evaluate(revive_config(RESTART), reference_dir)
+    train(revive_config(RESTART), reference_dir)
     reference = read_metrics(reference_dir)
     # The positions the revive acts on show in the log: some were dead and came to life.
     live = [reference[s][0]["bridge_live_positions"] for s in range(1, STEPS + 1)]
     assert min(live) < 4 and max(live) == 4, live
 
     code = (f"from tests.train.test_tokenizer_revive import RESTART, revive_config; "
-            f"from fvq_jax.train import tokenizer; tokenizer.train_and_evaluate(revive_config(RESTART), {workdir!r})")
+            f"from tests.train.tiny import train; train(revive_config(RESTART), {workdir!r})")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(1),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_step(process, workdir, EVERY + 2)
@@ -59,7 +60,7 @@ def test_killed_run_with_revive_and_restart_resumes_exactly(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=120)
     assert max(checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).all_steps()) < STEPS
-    tokenizer.train_and_evaluate(revive_config(RESTART), workdir)
+    train(revive_config(RESTART), workdir)
 
     metrics = read_metrics(workdir)
     for step in range(1, STEPS + 1):

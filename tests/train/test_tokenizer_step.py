@@ -9,7 +9,7 @@ from flax import nnx
 from fvq_jax import sharding
 from fvq_jax.train import schedules
 from fvq_jax.train.optimizer import make_optimizer
-from fvq_jax.train.tokenizer import build_trainer
+from fvq_jax.train.tokenizer import build_trainer, resolve
 from fvq_jax.train.tokenizer_step import last_layer_kernel_grad, make_train_step
 from tests.train.tiny import tiny_config
 
@@ -41,12 +41,14 @@ def step_setup():
     config = tiny_config()
     config.loss.adaptive_weight = True
     config.loss.disc_start = 0
-    trainer = build_trainer(config, sharding.make_mesh(config.mesh))
-    total, batch = config.train.num_steps, config.train.global_batch
-    tx = make_optimizer(config.optim, total_steps=total, global_batch=batch)
-    lr = schedules.learning_rate_schedule(config.optim, total_steps=total, global_batch=batch)
+    spec = resolve(config)
+    trainer = build_trainer(spec, sharding.make_mesh(spec.mesh))
+    total, batch = spec.train.num_steps, spec.train.global_batch
+    tx = make_optimizer(spec.optim, total_steps=total, global_batch=batch)
+    lr = schedules.learning_rate_schedule(spec.optim, total_steps=total, global_batch=batch)
     # Jitted without donation: the tests compare the states before and after a step.
-    step = jax.jit(make_train_step(trainer.graphs, trainer.lpips_graph, config, tx, tx, lr))
+    step = jax.jit(make_train_step(trainer.graphs, trainer.lpips_graph, spec.loss, tx, tx, lr,
+                                   ema_decay=spec.optim.ema_decay))
     init, lpips_state = trainer.init, trainer.lpips_state
     images = np.random.default_rng(0).integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8)
     return config, init, step, lpips_state, {"image": images, "label": np.zeros(batch, np.int32)}

@@ -17,7 +17,7 @@ from fvq_jax.evaluation import tokenizer_eval
 from fvq_jax.train import loop, tokenizer
 from fvq_jax.train.restore import restore_tokenizer
 from tests.conftest import ROOT, subprocess_env
-from tests.train.tiny import tiny_config
+from tests.train.tiny import tiny_config, train
 
 STEPS = 20
 EVERY = 5  # checkpoint interval
@@ -49,7 +49,7 @@ def assert_same_run(metrics, reference):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    results = tokenizer.train_and_evaluate(tiny_config(num_steps=STEPS, checkpoint_every=EVERY), workdir)
+    results = train(tiny_config(num_steps=STEPS, checkpoint_every=EVERY), workdir)
     return workdir, results
 
 
@@ -58,10 +58,12 @@ def test_loss_falls_and_usage_is_reported(uninterrupted):
     metrics = read_metrics(workdir)
     assert sorted(metrics) == list(range(1, STEPS + 1))
     # The same held-out images before training: the trained tokenizer reconstructs them better.
-    config = tiny_config(num_steps=STEPS)
-    trainer = tokenizer.build_trainer(config, sharding.make_mesh(config.mesh))
-    evaluator = tokenizer_eval.TokenizerEvaluator(config, trainer.graphs.generator, sharding.make_mesh(config.mesh),
-                                                  lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
+    spec = tokenizer.resolve(tiny_config(num_steps=STEPS))
+    trainer = tokenizer.build_trainer(spec, sharding.make_mesh(spec.mesh))
+    evaluator = tokenizer_eval.TokenizerEvaluator(
+        spec.eval, spec.data, trainer.graphs.generator, sharding.make_mesh(spec.mesh),
+        num_codes=spec.tokenizer.quantizer.codebook_size, projector=spec.tokenizer.quantizer.projector,
+        lpips_graph=trainer.lpips_graph, lpips_state=trainer.lpips_state)
     untrained_state = trainer.init()
     untrained = evaluator.evaluate(untrained_state.params, untrained_state.model_state)
     assert results["mse"] < 0.7 * untrained["mse"] and results["lpips"] < untrained["lpips"]
@@ -80,8 +82,8 @@ def test_loss_falls_and_usage_is_reported(uninterrupted):
 
 
 def _start_training(workdir):
-    code = (f"from tests.train.tiny import tiny_config; from fvq_jax.train import tokenizer; "
-            f"tokenizer.train_and_evaluate(tiny_config(num_steps={STEPS}, checkpoint_every={EVERY}), {workdir!r})")
+    code = (f"from tests.train.tiny import tiny_config, train; "
+            f"train(tiny_config(num_steps={STEPS}, checkpoint_every={EVERY}), {workdir!r})")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(1),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -127,7 +129,7 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path, sig):
     else:
         assert process.returncode == -signal.SIGKILL
         assert max(steps) < STEPS
-    tokenizer.train_and_evaluate(tiny_config(num_steps=STEPS, checkpoint_every=EVERY), workdir)
+    train(tiny_config(num_steps=STEPS, checkpoint_every=EVERY), workdir)
     assert_same_run(read_metrics(workdir), read_metrics(reference_dir))
     resumed, reference = host_params(workdir), host_params(reference_dir)
     jax.tree.map(np.testing.assert_array_equal, resumed, reference)
@@ -137,6 +139,6 @@ def test_an_overflowing_first_update_stops_the_run_before_anything_is_saved(tmp_
     config = tiny_config(num_steps=6, checkpoint_every=1)
     config.optim.base_lr = 1e30  # the first update would send the weights to ~1e27 with a finite loss
     with pytest.raises(loop.NonFiniteStep, match=r"step 1: the update left non-finite parameters \(.*param_norm=inf") as info:
-        tokenizer.train_and_evaluate(config, str(tmp_path))
+        train(config, str(tmp_path))
     assert "not saved (last checkpoint: None)" in str(info.value)
     assert not os.listdir(tmp_path / "checkpoints") and not (tmp_path / "LOCK").exists()

@@ -12,3 +12,12 @@ def tiny_config(**train):
     config = config_lib.load_file(ROOT / "configs" / "tokenizer.py").get_config("tiny")
     config.train.update(train)
     return config
+
+
+def train(config, workdir):
+    """What `tasks.run` does with a tokenizer config: resolve it once (on the devices present), then train."""
+    import jax
+
+    from fvq_jax.train import tokenizer
+
+    return tokenizer.train_and_evaluate(tokenizer.resolve(config, jax.device_count(), jax.process_count()), workdir)
