@@ -15,7 +15,8 @@ levels) drawn as 32 x 32 colour images, `--variants` per digit (default 4: 6,472
 images): each variant scaled, rotated and shifted a little and drawn in its own ink and paper colours (one light
 and one dark), all drawn from numpy's default_rng([seed, digit index, variant]). Classes "0" ... "9" (label =
 digit); every tenth digit of the set (index % 10 == 9) is held out for validation, so no validation image is a
-variant of a training one:
+variant of a training one. `--per_class=N` keeps only the first N digits of each class in each split (a few
+images per class, for smoke runs and tests):
 
   python -m fvq_jax.tools.sample_folder --kind=digits --out=workdir/digits
 """
@@ -43,6 +44,7 @@ flags.DEFINE_string("out", None, "folder to write (<out>/train, <out>/validation
 flags.DEFINE_enum("kind", "textures", ["textures", "digits"], "which images (see the module docstring)")
 flags.DEFINE_integer("variants", 4, "digits: images drawn from each of the 1,797 digits")
 flags.DEFINE_integer("seed", 0, "digits: seed of the variants' placement and colours")
+flags.DEFINE_integer("per_class", 0, "digits: at most this many digits of each class in each split; 0 = all")
 
 
 def skimage_data_dir() -> str:
@@ -105,8 +107,9 @@ def draw_digit(levels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.round(255 * (paper * (1 - alpha) + ink_colour * alpha)).astype(np.uint8)
 
 
-def write_digits(out: str, variants: int, seed: int = 0) -> dict[str, int]:
-    """Write the digits folder (see the module docstring); returns {split: images written}."""
+def write_digits(out: str, variants: int, seed: int = 0, per_class: int = 0) -> dict[str, int]:
+    """Write the digits folder (see the module docstring): `variants` images of each digit, of the first
+    `per_class` digits of each class in each split (0: all); returns {split: images written}."""
     from sklearn.datasets import load_digits  # ships its data: no download
 
     digits = load_digits()
@@ -114,8 +117,13 @@ def write_digits(out: str, variants: int, seed: int = 0) -> dict[str, int]:
     for label in range(10):
         for split in counts:
             os.makedirs(os.path.join(out, split, str(label)), exist_ok=True)
+    taken = np.zeros((2, 10), int)  # digits written per split (train, validation) and class
     for index, (levels, label) in enumerate(zip(digits.images, digits.target)):
-        split = "validation" if index % HELD_OUT == HELD_OUT - 1 else "train"
+        held_out = index % HELD_OUT == HELD_OUT - 1
+        if per_class and taken[int(held_out), label] == per_class:
+            continue
+        taken[int(held_out), label] += 1
+        split = "validation" if held_out else "train"
         for variant in range(variants):
             pixels = draw_digit(levels, np.random.default_rng([seed, index, variant]))
             Image.fromarray(pixels).save(os.path.join(out, split, str(label), f"{index:04d}_{variant}.png"))
@@ -126,7 +134,7 @@ def write_digits(out: str, variants: int, seed: int = 0) -> dict[str, int]:
 def main(argv):
     del argv
     if FLAGS.kind == "digits":
-        counts = write_digits(FLAGS.out, FLAGS.variants, FLAGS.seed)
+        counts = write_digits(FLAGS.out, FLAGS.variants, FLAGS.seed, FLAGS.per_class)
         print(f"wrote {FLAGS.out}: {counts['train']} training and {counts['validation']} validation images of "
               f"10 digits, {DIGIT_SIZE}x{DIGIT_SIZE}")
         return 0
