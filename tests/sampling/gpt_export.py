@@ -9,7 +9,7 @@ from flax import nnx
 from fvq_jax import checkpointing, config_lib
 from fvq_jax.conversion.gpt import model_config
 from fvq_jax.models.factory import VQGANSpec, build_tokenizer
-from fvq_jax.models.gpt import gpt_config
+from fvq_jax.models.gpt import GPTConfig
 from tests.codes_dirs import write_codes_dir
 from tests.models.tiny_gpt import random_gpt
 from tests.train.tiny import ROOT
@@ -21,7 +21,7 @@ CLASS_NAMES = tuple(f"class {c} of ten" for c in range(CLASSES))
 def write_gpt_export(directory, tokenizer: dict | None, *, codes_dir=None, seed: int = 0) -> str:
     """An export directory of a random GPT-tiny; `tokenizer` is recorded as its codes' tokenizer ({path, step,
     weights}) and `codes_dir` as its codes (the class names come from there)."""
-    model = random_gpt(gpt_config("GPT-tiny", vocab_size=K, num_classes=CLASSES, grid=GRID), seed=seed)
+    model = random_gpt(GPTConfig(preset="GPT-tiny", vocab_size=K, num_classes=CLASSES, grid=GRID), seed=seed)
     config = model_config(model.config)
     config.codes = dict(tokenizer=tokenizer, dir=None if codes_dir is None else str(codes_dir))
     checkpointing.save_export(directory, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "state": {}},
