@@ -13,9 +13,13 @@ The blocks run as a Python loop over a list of blocks (parameters `layers/<i>/..
 "layers"): one compiled block whatever the depth. `remat` names what a block keeps for the backward
 pass (REMAT_POLICIES). `stack_layers` / `unstack_layers` convert saved parameters between the two layouts.
 
-Sampling uses `init_cache` + `decode`: a fixed-shape KV cache [n_layer, B, N, H, hd] that a jitted
-loop carries, one position per call (position 0 consumes the class label); each layer writes its slot
-(layer, position) in place (dynamic_update_slice), in both layouts.
+Sampling uses `init_cache` + `decode`: a fixed-shape KV cache that a jitted loop carries, one position per call
+(position 0 consumes the class label). Each layer has its own k and v arrays [B, H, N, hd], heads before
+positions, so a step's attention reads each head's keys and values as one contiguous block in place (a cache
+stacked over the layers is sliced per layer, and on XLA's CPU backend a slice is a copy: one of the whole cache
+per step); a step writes its slot at `position` in place (dynamic_update_slice). The decode runs the blocks in a
+Python loop in both layouts: a scanned GPT decodes through `looped()`, its stacked weights sliced into one block
+per layer once, before the sampler's loop, not at every step.
 """
 
 from __future__ import annotations
@@ -277,19 +281,23 @@ class Attention(nnx.Module):
         return self.wo(constrain(jax.nn.dot_product_attention(q, k, v, is_causal=True), BLHD))
 
     def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               layer: jax.Array, position: jax.Array):
-        """One position against the cache. x: [B, 1, dim]; cos, sin: [1, hd/2]; cache_k, cache_v: the whole
-        cache [n_layer, B, N, H, hd] -> (out [B, 1, dim], cache_k, cache_v with (layer, position) written).
+               position: jax.Array):
+        """One position against this layer's cache. x: [B, 1, dim]; cos, sin: [1, hd/2]; cache_k, cache_v:
+        [B, H, N, hd] -> (out [B, 1, dim], cache_k, cache_v with slot `position` written in place).
 
-        The stacked cache is updated in place (dynamic_update_slice), never restacked, so a step costs
-        no copy of the cache."""
+        The arithmetic of `jax.nn.dot_product_attention` (float32 logits scaled by 1/sqrt(hd), softmax in float32,
+        probabilities in the cache's dtype), written as two einsums over the cache as it lies: that function
+        wants [B, N, H, hd] and transposes the whole cache at every position. Slots after `position` (not written
+        yet) are masked."""
         q, k, v = self._qkv(x, cos, sin)
-        start = (layer, 0, position, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-        visible = jnp.full((x.shape[0],), position + 1, jnp.int32)  # slots after `position` are not written yet
-        out = jax.nn.dot_product_attention(q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype),
-                                           key_value_seq_lengths=visible)
+        slot = (0, 0, position, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), slot)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), slot)
+        logits = jnp.einsum("bhd,bhnd->bhn", q[:, 0], cache_k.astype(q.dtype), preferred_element_type=jnp.float32)
+        logits = logits * jnp.float32(1 / np.sqrt(q.shape[-1]))
+        logits = jnp.where(jnp.arange(cache_k.shape[2]) <= position, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1).astype(cache_v.dtype)
+        out = jnp.einsum("bhn,bhnd->bhd", probs, cache_v).astype(q.dtype)[:, None]
         return self.wo(out), cache_k, cache_v
 
 
@@ -327,10 +335,9 @@ class Block(nnx.Module):
         h = h + dropout(self.feed_forward(self.ffn_norm(h)), self.ffn_dropout, keys[1])
         return constrain(h, BLD)
 
-    def decode(self, h, cos, sin, cache_k, cache_v, layer: jax.Array, position):
+    def decode(self, h, cos, sin, cache_k, cache_v, position):
         """Block.__call__ for one position, without dropout (see Attention.decode)."""
-        out, cache_k, cache_v = self.attention.decode(self.attention_norm(h), cos, sin, cache_k, cache_v, layer,
-                                                      position)
+        out, cache_k, cache_v = self.attention.decode(self.attention_norm(h), cos, sin, cache_k, cache_v, position)
         h = h + out
         return h + self.feed_forward(self.ffn_norm(h)), cache_k, cache_v
 
@@ -372,8 +379,8 @@ class GPT(nnx.Module):
         the list of blocks. xs: arrays (or None) leading with [n_layer].
 
         The scan runs over the block's split state, merging the block inside each step, not through nnx.scan: an
-        nnx transform refuses a module of an enclosing trace, and the sampler's jitted loop calls `decode` on a
-        model merged outside its loop body."""
+        nnx transform refuses a module of an enclosing trace, and the naive sampler's jitted loop calls
+        `hidden_states` on a model merged outside its loop body."""
         scan = self.config.scan_layers
 
         def step(graph, state, carry, x):
@@ -431,22 +438,40 @@ class GPT(nnx.Module):
 
     # ------------------------------------------------------------------------- sampling
 
-    def init_cache(self, batch_size: int, dtype=None) -> dict[str, jax.Array]:
-        """An empty KV cache: {"k", "v"}: [n_layer, B, N, H, hd] in `dtype` (default: the compute dtype)."""
-        c = self.config
-        shape = (c.n_layer, batch_size, c.seq_len, c.n_head, c.head_dim)
-        dtype = self.dtype if dtype is None else dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    def looped(self) -> "GPT":
+        """This GPT with its blocks in the looped layout: itself when it is looped; a scanned GPT's stacked weights
+        sliced into one block per layer (arrays of the same values; under a trace, copies made where this is
+        called). The sampler calls it once before its loop over the positions, so that the decode reads each
+        layer's weights as they lie, not sliced out of the stack at every step."""
+        if not self.config.scan_layers:
+            return self
+        config = dataclasses.replace(self.config, scan_layers=False)
+        graph, state = nnx.split(nnx.eval_shape(lambda: GPT(config, dtype=self.dtype, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, unstack_layers(nnx.to_pure_dict(nnx.state(self))))
+        return nnx.merge(graph, state)
 
-    def decode(self, ids: jax.Array, position: jax.Array, cache: dict[str, jax.Array]):
+    def init_cache(self, batch_size: int, dtype=None) -> dict[str, tuple[jax.Array, ...]]:
+        """An empty KV cache: {"k", "v"}: one array per layer, [B, H, N, hd], in `dtype` (default: the compute
+        dtype)."""
+        c = self.config
+        shape = (batch_size, c.n_head, c.seq_len, c.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return {name: tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layer)) for name in ("k", "v")}
+
+    def decode(self, ids: jax.Array, position: jax.Array, cache: dict[str, tuple[jax.Array, ...]]):
         """One causal step. ids: [B] class labels at position 0, else the code at sequence `position` (t_{p-1});
-        position: scalar int (may be traced) -> (logits [B, K] float32 for t_position, the updated cache)."""
+        position: scalar int (may be traced); cache: `init_cache`'s -> (logits [B, K] float32 for t_position, the
+        updated cache). A scanned GPT decodes as `looped()` (call that once outside a loop over positions)."""
+        if self.config.scan_layers:
+            return self.looped().decode(ids, position, cache)
         first = position == 0
         # Both lookups stay in range whichever table the ids belong to; the select keeps the right one.
         h = jnp.where(first, self.cls_embedding(jnp.where(first, ids, 0)),
                       self.tok_embeddings(jnp.where(first, 0, ids)))[:, None]
         cos, sin = (jax.lax.dynamic_slice_in_dim(x, position, 1) for x in self._rope())
-        h, cache_k, cache_v = self._over_layers(
-            lambda block, carry, layer: block.decode(carry[0], cos, sin, *carry[1:], layer, position),
-            (h, cache["k"], cache["v"]), jnp.arange(self.config.n_layer))
-        return self.logits(self.norm(h))[:, 0], {"k": cache_k, "v": cache_v}
+        keys, values = [], []
+        for block, cache_k, cache_v in zip(self.layers, cache["k"], cache["v"]):
+            h, cache_k, cache_v = block.decode(h, cos, sin, cache_k, cache_v, position)
+            keys.append(cache_k)
+            values.append(cache_v)
+        return self.logits(self.norm(h))[:, 0], {"k": tuple(keys), "v": tuple(values)}

@@ -230,7 +230,7 @@ def decoding_fns(graphdef: nnx.GraphDef, *, guided: bool, use_cache: bool = True
         b, n = labels.shape[0], model.config.seq_len
         cache = None
         if use_cache:
-            cache = jax.tree.map(lambda x: constrain(x, (None, "act_batch", None, "act_heads", None)),
+            cache = jax.tree.map(lambda x: constrain(x, ("act_batch", "act_heads", None, None)),
                                  model.init_cache(rows_of(model, labels).shape[0]))
         return constrain(jnp.zeros((b, n), jnp.int32), ("act_batch", None)), cache
 
@@ -239,11 +239,12 @@ def decoding_fns(graphdef: nnx.GraphDef, *, guided: bool, use_cache: bool = True
         b, n = labels.shape[0], model.config.seq_len
         classes = rows_of(model, labels)
         rows = classes.shape[0]
+        decoder = model.looped()  # a scanned GPT's weights unstacked here, once per call, not at every step
 
         def cached_logits(t, tokens, cache):
             previous = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
             ids = jnp.where(t == 0, classes, jnp.tile(previous, rows // b))
-            return model.decode(ids, t, cache)
+            return decoder.decode(ids, t, cache)
 
         def naive_logits(t, tokens, cache):
             # Positions after t hold placeholders; causality keeps them out of position t.

@@ -14,6 +14,7 @@ from flax import nnx
 
 from fvq_jax import config_lib, sharding
 from fvq_jax.models import gpt
+from fvq_jax.sampling import sampler
 from fvq_jax.train import resume
 from tests.models.tiny_gpt import TINY, forward, param_arrays, random_gpt
 
@@ -245,11 +246,11 @@ def test_kv_cache_decode_matches_the_full_forward():
     full = np.asarray(forward(model, tokens, labels))
     step = jax.jit(lambda ids, t, cache: model.decode(ids, t, cache))
     cache = model.init_cache(3)
-    assert cache["k"].shape == (TINY.n_layer, 3, TINY.seq_len, TINY.n_head, TINY.head_dim)
+    assert [x.shape for x in cache["k"] + cache["v"]] == [(3, TINY.n_head, TINY.seq_len, TINY.head_dim)] * 4
     for t in range(TINY.seq_len):
         logits, cache = step(labels if t == 0 else tokens[:, t - 1], jnp.int32(t), cache)
         np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
-    assert np.asarray(cache["k"]).any(axis=(0, 1, 3, 4))[1:].all()  # every position written (0: zero key)
+    assert np.asarray(cache["k"]).any(axis=(0, 1, 2, 4))[1:].all()  # every position written (0: zero key)
 
 
 def test_dropout_function():
@@ -359,25 +360,45 @@ def test_scanned_layers_compute_what_the_looped_ones_do():
     assert not [e for e in _jaxpr(looped, "hidden_states", tokens, labels).eqns if e.primitive.name == "scan"]
 
 
-def test_scanned_decode_updates_the_stacked_cache_in_place():
+def test_scanned_decode_is_the_looped_decode_and_reads_each_cache_in_place():
+    """A scanned GPT decodes as its looped() self: the looped GPT's logits bit for bit (and the full forward's).
+    No decode step slices, transposes or stacks a layer's cache [B, H, N, hd] (on the CPU each would be a copy of
+    it): each layer writes one slot of its k and of its v (dynamic_update_slice) and attends to the arrays as they
+    lie. In the sampler's loop over positions no stacked [n_layer, ...] weight is read: looped() slices them once,
+    before the loop."""
     looped, scanned = random_gpt(TINY), random_gpt(SCANNED)
     tokens, labels = _tokens(TINY, 3, 9)
     full = np.asarray(forward(looped, tokens, labels))
     step = jax.jit(lambda graph, params, ids, t, cache: nnx.merge(graph, params).decode(ids, t, cache),
                    static_argnums=0)
-    cache = scanned.init_cache(3)
+    caches = {"looped": looped.init_cache(3), "scanned": scanned.init_cache(3)}
     for t in range(TINY.seq_len):
-        logits, cache = step(*nnx.split(scanned), labels if t == 0 else tokens[:, t - 1], jnp.int32(t), cache)
-        np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
-    # Inside the scan the carried cache [n_layer, B, N, H, hd] gets one slot written per layer (k and v), by
-    # dynamic_update_slice: nothing is restacked or concatenated.
-    jaxpr = _jaxpr(scanned, "decode", labels, jnp.int32(0), scanned.init_cache(3))
-    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
-    body = list(_equations(scan.params["jaxpr"].jaxpr))
-    shape = cache["k"].shape
-    writes = [e for e in body if e.primitive.name == "dynamic_update_slice" and e.outvars[0].aval.shape == shape]
-    assert len(writes) == 2
-    assert not [e for e in body if e.primitive.name == "concatenate" and e.outvars[0].aval.shape == shape]
+        ids = labels if t == 0 else tokens[:, t - 1]
+        logits = {}
+        for name, model in (("looped", looped), ("scanned", scanned)):
+            logits[name], caches[name] = step(*nnx.split(model), ids, jnp.int32(t), caches[name])
+        np.testing.assert_array_equal(np.asarray(logits["scanned"]), np.asarray(logits["looped"]), f"position {t}")
+        np.testing.assert_allclose(np.asarray(logits["scanned"]), full[:, t], rtol=1e-5, atol=1e-5)
+    layer = (3, TINY.n_head, TINY.seq_len, TINY.head_dim)
+    for model in (looped, scanned):
+        body = list(_equations(_jaxpr(model, "decode", labels, jnp.int32(0), model.init_cache(3))))
+        assert not [e for e in body if e.primitive.name == "scan"]
+        writes = [e for e in body if e.primitive.name == "dynamic_update_slice" and e.outvars[0].aval.shape == layer]
+        assert len(writes) == 2 * TINY.n_layer
+        reads = [e.primitive.name for e in body if any(getattr(v, "aval", None) is not None
+                                                       and v.aval.shape == layer for v in e.invars)]
+        assert sorted(set(reads)) == ["dot_general", "dynamic_update_slice"], reads
+    # The sampler's loop over a traced range of positions (the server's) reads no stacked weight in its body.
+    stacked = {v.shape for v in jax.tree.leaves(nnx.state(scanned.layers, nnx.Param))}
+    graph, params = nnx.split(scanned)
+    start, advance = sampler.decoding_fns(graph, guided=True)
+    rows = (labels, sampler.sample_keys(0, 0, 3), sampler.SamplingConfig(cfg_scale=2.0).rows(3))
+    jaxpr = jax.make_jaxpr(lambda p, first, stop: advance(p, start(p, labels), *rows, first, stop))(
+        params, 0, TINY.seq_len).jaxpr
+    (loop,) = [e for e in jaxpr.eqns if e.primitive.name == "while"]
+    inside = {v.aval.shape for e in _equations(loop.params["body_jaxpr"].jaxpr) for v in e.invars
+              if getattr(v, "aval", None) is not None}
+    assert stacked and not stacked & inside
 
 
 def test_bf16_compute_is_close_to_fp32():
@@ -387,7 +408,7 @@ def test_bf16_compute_is_close_to_fp32():
     logits = forward(model, tokens, labels)
     assert logits.dtype == jnp.float32 and forward(model, tokens, labels, method="hidden_states").dtype == jnp.bfloat16
     assert all(v.dtype == np.float32 for v in param_arrays(model).values())
-    assert model.init_cache(2)["k"].dtype == jnp.bfloat16
+    assert {x.dtype for x in model.init_cache(2)["k"]} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_allclose(np.asarray(logits), fp32, atol=0.05 * np.abs(fp32).max())
 
 
