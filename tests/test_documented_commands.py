@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import json
-import pathlib
 import re
 
 import numpy as np

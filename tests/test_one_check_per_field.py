@@ -8,7 +8,6 @@ run meets (the files on disk, a checkpoint, the devices of this process), which 
 """
 
 import ast
-import pathlib
 
 from tests.conftest import ROOT
 
