@@ -91,15 +91,17 @@ def device_peak(device_kind: str | None = None) -> Peak | None:
 
 def mfu_fields(flops_per_device: float | None, seconds: float, precision: str, device_kind: str | None = None) -> dict:
     """Model FLOP utilisation of a step: XLA's FLOPs per device / step time / the chip's peak for
-    `precision` ('bf16' | 'fp32'). MFU is 'n/a' off the PEAKS table (e.g. on a CPU)."""
+    `precision` ('bf16' | 'fp32'). MFU is 'n/a' off the PEAKS table (e.g. on a CPU) or without a FLOP count
+    (the peak is still given, for an analytic count)."""
     peak = device_peak(device_kind)
     achieved = None if flops_per_device is None else flops_per_device / seconds / 1e12
     fields = dict(xla_tflop_per_device_step=None if flops_per_device is None else flops_per_device / 1e12,
                   achieved_tflops=achieved)
-    if peak is None or achieved is None:
+    if peak is None:
         return dict(fields, peak_tflops=None, mfu="n/a")
     peak_tflops = peak.bf16 if precision == "bf16" else peak.fp32
-    return dict(fields, peak_device=peak.name, peak_tflops=peak_tflops, mfu=achieved / peak_tflops)
+    return dict(fields, peak_device=peak.name, peak_tflops=peak_tflops,
+                mfu="n/a" if achieved is None else achieved / peak_tflops)
 
 
 def device_peak_gib() -> float | None:

@@ -85,6 +85,27 @@ def test_gpt_train_step_measures_the_fp32_baseline_in_the_same_run(tmp_path):
     assert ratio["speedup"] == pytest.approx(ours["tokens_per_sec"] / base["tokens_per_sec"])
 
 
+def test_a_scanned_gpt_steps_flops_are_not_taken_from_xla():
+    """XLA's cost analysis counts a scanned loop's body once: the scanned GPT-tiny step (2 layers) counts far
+    fewer FLOPs than the same step looped, so the benchmark gives no XLA MFU for it (the analytic one stands)."""
+    sizes = dict(preset="GPT-tiny", batch=2, grid=4, vocab=64, classes=10, precision="fp32")
+    records = {}
+    for scan in (False, True):
+        config = gpt_train_step.gpt_config(**sizes)
+        config.model.scan_layers = scan
+        records[scan] = gpt_train_step.measure(config, steps=1)
+    looped, scanned = records[False], records[True]
+    assert looped["xla_tflop_per_device_step"] > 0 and looped["xla_flops_note"] == ""
+    assert scanned["xla_tflop_per_device_step"] is None and "loop body once" in scanned["xla_flops_note"]
+    assert scanned["analytic_tflop_per_step"] == looped["analytic_tflop_per_step"]
+
+
+def test_without_a_flop_count_the_peak_is_still_given():
+    from fvq_jax.benchmarks import common
+    fields = common.mfu_fields(None, 1.0, "bf16", "NVIDIA H100 80GB HBM3")
+    assert fields["mfu"] == "n/a" and fields["peak_tflops"] == 989.4
+
+
 def test_gpt_loss_memory_full_against_chunked(tmp_path):
     out = tmp_path / "m.jsonl"
     gpt_loss_memory.main(["--tokens=64", "--dim=16", "--vocab=256", "--chunk=16", f"--out={out}"])
