@@ -33,12 +33,11 @@ KEYS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    flags, values = config_lib.parse_arg(arg, flags=FLAGS, keys={k: v[1] for k, v in KEYS.items()})
-    config = paper_config() if "paper" in flags else local_config()
-    for key, value in values.items():
-        block, field = KEYS[key][0].rsplit(".", 1) if "." in KEYS[key][0] else ("", KEYS[key][0])
-        (config[block] if block else config)[field] = value
-    return config
+    return config_lib.config_from_arg(arg, base_config, keys=KEYS, flags=FLAGS)
+
+
+def base_config(flags: set[str]) -> ml_collections.ConfigDict:
+    return paper_config() if "paper" in flags else local_config()
 
 
 def paper_config() -> ml_collections.ConfigDict:
