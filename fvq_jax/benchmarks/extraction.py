@@ -52,6 +52,7 @@ from absl import app, flags
 from flax import nnx
 
 from fvq_jax import checkpointing, config_lib
+from fvq_jax.sharding import MeshSpec
 from fvq_jax.benchmarks.common import describe_device, emit
 from fvq_jax.data import codes
 from fvq_jax.data.sources import FolderSource
@@ -236,7 +237,7 @@ def main(argv):
     augment = _AUGMENT.value
     views = len(TEN_CROP_VIEWS) if augment == "tencrop" else 1
     cpu_devices = jax.device_count() if jax.devices()[0].platform == "cpu" else 0
-    auto = ExtractionSpec(tokenizer="-").images_per_batch(views, 1, cpu_devices)  # a one-process extraction's own
+    auto = ExtractionSpec(tokenizer="-", mesh=MeshSpec(data=-1, fsdp=1)).images_per_batch(views, 1, cpu_devices)  # a one-process extraction's own
     with tempfile.TemporaryDirectory() as scratch:
         folder = _FOLDER.value or os.path.join(scratch, "digits")
         if not _FOLDER.value:
