@@ -23,6 +23,7 @@ or an export once for any reader.
 
 from __future__ import annotations
 
+import logging as std_logging
 import time
 from typing import Any, Callable, TypeVar
 
@@ -51,6 +52,17 @@ class CheckpointUnreadable(RuntimeError):
         first_line = (str(cause).strip().splitlines() or [""])[0][:400]
         super().__init__(f"checkpoint of step {step} in {directory} is unreadable: {type(cause).__name__}: {first_line}")
         self.step = step
+
+
+class _ReadOnlyNotice(std_logging.Filter):
+    """Orbax warns "Given directory is read only=..." whenever a manager opens a directory for reading, which is
+    what reading a run (loading, evaluation, sampling, export) is: not worth a warning on every such command."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.get_absl_logger().addFilter(_ReadOnlyNotice())
 
 
 class Checkpointer:
