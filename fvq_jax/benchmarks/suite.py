@@ -403,7 +403,7 @@ def gpt_stage(run: StageRun) -> None:
     run.add(Figure(f"{GPT_CASE.label}: tokens/s per device", record["tokens_per_sec"] / jax.device_count(),
                    "tokens/s"))
     run.add(Figure(f"{GPT_CASE.label}: MFU (XLA FLOPs)", _mfu_percent(record), "%", target=">= 40",
-                   note=record["xla_flops_note"] or ("" if record["mfu"] != "n/a" else "no peak for this device")))
+                   note=record.get("xla_flops_note") or ("" if record["mfu"] != "n/a" else "no peak for this device")))
     peak = record["peak_tflops"]
     analytic = (None if not peak else
                 100 * record["analytic_tflop_per_step"] / jax.device_count() / (record["median_ms"] / 1e3) / peak)

@@ -36,8 +36,9 @@ def test_every_stage_lands_with_numeric_figures(tiny_run):
         assert stage["status"] == "ok", stage
         assert stage["figures"] and stage["records"]
         for figure in stage["figures"]:
-            if figure["unit"] == "%":  # MFU: no peak for a CPU
-                assert figure["value"] is None and figure["note"] == "no peak for this device"
+            if figure["unit"] == "%":  # MFU: no peak for a CPU; no XLA count for the (scanned) GPT step
+                assert figure["value"] is None and figure["note"] in (
+                    "no peak for this device", "scanned layers: XLA counts the loop body once")
             else:
                 assert isinstance(figure["value"], float) and figure["value"] > 0, figure
             # Tiny sizes are never compared with the device sizes' references and targets.
