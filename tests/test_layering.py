@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 # Lowest first. A module may import its own floor and the floors below it.
 FLOORS = (
-    ("config_lib", "progress", "nn", "sharding", "checkpointing"),  # infrastructure
+    ("config_lib", "progress", "files", "nn", "sharding", "checkpointing"),  # infrastructure
     ("data",),  # image sources, transforms, the input pipelines, the codes format
     ("quantizers", "losses", "losses_gpt"),  # pure math and the quantizer modules
     ("models",),  # VQ-GAN, GPT, LPIPS, Inception; loading them

@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from fvq_jax import checkpointing, config_lib
+from fvq_jax import checkpointing, config_lib, files
 from fvq_jax.sharding import MeshSpec
 from fvq_jax.benchmarks.common import describe_device, emit
 from fvq_jax.data import codes
@@ -222,7 +222,7 @@ def verification_rate(scratch: str, megabytes: int) -> float:
         with open(path, "wb") as f:
             f.write(rng.integers(0, 256, megabytes * 2 ** 20 // 8, np.uint8).tobytes())
         paths.append(path)
-        records.append({"bytes": os.path.getsize(path), "sha256": codes.file_digest(path)})
+        records.append({"bytes": os.path.getsize(path), "sha256": files.sha256(path)})
     wall, _ = timed(lambda: codes.shard_problems(paths, records, "verify"), 1)
     return megabytes * 2 ** 20 / 1e6 / wall
 

@@ -43,7 +43,6 @@ import bisect
 import concurrent.futures
 import dataclasses
 import glob
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ import numpy as np
 from absl import logging
 from array_record.python import array_record_module
 
+from fvq_jax import files
 from fvq_jax.data.pipeline import ProcessShare, local_batch_size, prefetch, process_slot
 from fvq_jax.progress import Progress
 
@@ -65,7 +65,6 @@ HEADER = ("label", "index")  # the int32s before the codes in every record
 RECORD_DTYPE = np.dtype("<i4")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: each read decodes one record only
 SHARD_SUFFIX = ".array_record"
-_HASH_BLOCK = 8 << 20  # bytes read per hash update
 
 
 def encode_record(label: int, index: int, codes: np.ndarray) -> bytes:
@@ -127,15 +126,6 @@ def finished_file(directory: str, shard: int) -> str | None:
     return found[0] if found else None
 
 
-def file_digest(path: str) -> str:
-    """The SHA-256 of the file at `path`, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _size_problem(path: str, record: dict[str, Any]) -> str | None:
     if "sha256" not in record:
         return "it was written without a checksum (a codes directory of format version 1)"
@@ -146,11 +136,11 @@ def _size_problem(path: str, record: dict[str, Any]) -> str | None:
 
 
 def _hash_all(paths: list[str], what: str) -> list[str]:
-    """file_digest of every path, on threads (hashlib releases the GIL), with a progress line for long checks."""
+    """files.sha256 of every path, on threads (hashlib releases the GIL), with a progress line for long checks."""
     progress = Progress(what, len(paths), unit="shards")
     digests: dict[str, str] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        futures = {pool.submit(file_digest, path): path for path in paths}
+        futures = {pool.submit(files.sha256, path): path for path in paths}
         for future in concurrent.futures.as_completed(futures):
             digests[futures[future]] = future.result()
             progress.update(1)
@@ -210,7 +200,7 @@ class ShardWriter:
         write_json(sidecar_path(self._path), {
             "file": os.path.basename(self._path), "process": self._process, "shard": shard.index,
             "first": shard.start, "end": shard.end, "images": self._images, "skipped": self._skipped,
-            "label_counts": self._labels, "bytes": os.path.getsize(written), "sha256": file_digest(written),
+            "label_counts": self._labels, "bytes": os.path.getsize(written), "sha256": files.sha256(written),
             "settings": self._settings})
         os.replace(written, self._path)
         self._todo.pop()

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from etils import epath
 
+from fvq_jax import files
 from fvq_jax.evaluation.host import to_host
 
 
@@ -39,19 +39,9 @@ class FeatureStats:
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> epath.Path:
-    """np.savez(path, **arrays) through a temporary name in the same folder, renamed over `path` once
-    complete: a reader sees the old file or the new one, never a part (an interrupted write leaves no file)."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with temporary.open("wb") as f:  # a file object keeps np.savez from appending .npz to the name
-            np.savez(f, **arrays)
-        temporary.replace(path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
+    """np.savez(path, **arrays), written whole or not at all (`files.write_atomically`; a file object keeps
+    np.savez from appending .npz to the name)."""
+    return files.write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_stats(path: str | os.PathLike) -> FeatureStats:

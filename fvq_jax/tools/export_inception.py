@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fvq_jax.conversion import inception as conversion
-from fvq_jax.models.inception import checksum_path, default_weights_path, file_sha256
+from fvq_jax import files
+from fvq_jax.models.inception import checksum_path, default_weights_path
 
 _TORCH_HINT = "pip install 'fvq_jax[torch]'"
 
@@ -62,9 +63,9 @@ def export(source: str | os.PathLike | None = None,
     weights, layout = conversion.convert(read_torch_state(source))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.npz")  # np.savez appends .npz to other names
-    conversion.save_npz(weights, partial, source=f"{source.name} [{layout.name}], sha256 {file_sha256(source)}")
+    conversion.save_npz(weights, partial, source=f"{source.name} [{layout.name}], sha256 {files.sha256(source)}")
     os.replace(partial, out)
-    sha = file_sha256(out)
+    sha = files.sha256(out)
     checksum_path(out).write_text(f"{sha}  {out.name}\n")
     return out, sha, "logits_kernel" in weights
 

@@ -43,7 +43,7 @@ from etils import epath
 from fvq_jax import checkpointing
 from fvq_jax.conversion import gpt, tokenizer, torch_files
 from fvq_jax.conversion.table import NonFiniteWeights, StateDict, StateDictMismatch
-from fvq_jax.models.inception import file_sha256
+from fvq_jax import files
 from fvq_jax.models.load import load_tokenizer, tokenizer_record
 
 KINDS = ("tokenizer", "gpt")
@@ -52,7 +52,7 @@ KINDS = ("tokenizer", "gpt")
 def _write(src, out, state: StateDict, config, arrays: dict, *, kind: str, format: str,
            ignored: list[str]) -> dict:
     """Save the export directory `out` with the import record; returns the record and what was written."""
-    config["import"] = dict(source=str(pathlib.Path(src).absolute()), sha256=file_sha256(src), kind=kind,
+    config["import"] = dict(source=str(pathlib.Path(src).absolute()), sha256=files.sha256(src), kind=kind,
                             format=format, weights=state.entry or "top", ignored=ignored)
     checkpointing.save_export(out, arrays, config.to_dict())
     leaves = jax.tree.leaves(arrays["params"])

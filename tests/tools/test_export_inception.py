@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fvq_jax import files
 from fvq_jax.models import inception
 from fvq_jax.tools import export_inception
 from tests.inception_weights import require_torch_inception
@@ -38,7 +39,7 @@ def test_round_trip(exported):
 def test_default_location_follows_env(exported, monkeypatch):
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(exported))
     assert inception.default_weights_path() == exported
-    assert inception.load_inception().weights_sha256 == inception.file_sha256(exported)
+    assert inception.load_inception().weights_sha256 == files.sha256(exported)
     monkeypatch.delenv(inception.WEIGHTS_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", "/some/cache")
     assert str(inception.default_weights_path()) == "/some/cache/fvq_jax/inception_fid.npz"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fvq_jax.models.inception import file_sha256
+from fvq_jax import files
 from fvq_jax.models.load import load_gpt, load_recorded_tokenizer, load_tokenizer, saved_config
 from fvq_jax.sampling.sampler import SamplingConfig, sample_keys, sample_tokens
 from fvq_jax.tools import import_torch
@@ -45,7 +45,7 @@ def test_cli_import_reproduces_the_reference(name, tmp_path, capsys):
 
     config = saved_config(tmp_path / "out")
     assert config.quantizer.projector == bridge and config.model.preset == "imported"
-    assert config["import"].to_dict() == dict(source=str(src), sha256=file_sha256(src), kind="tokenizer",
+    assert config["import"].to_dict() == dict(source=str(src), sha256=files.sha256(src), kind="tokenizer",
                                               format=name, weights="top", ignored=[])
 
 
@@ -226,7 +226,7 @@ def test_gpt_cli_import_reproduces_the_reference(suffix, imported_vq, tmp_path, 
         token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, class_dropout=0.1, rope_base=10000.0, norm_eps=1e-5,
         remat="none", scan_layers=False)
     assert config.codes.tokenizer.to_dict() == dict(path=str(imported_vq), step=None, weights="raw")
-    assert config["import"].to_dict() == dict(source=str(src), sha256=file_sha256(src), kind="gpt", format="llamagen",
+    assert config["import"].to_dict() == dict(source=str(src), sha256=files.sha256(src), kind="gpt", format="llamagen",
                                               weights="model" if suffix == ".pt" else "top", ignored=[])
     # The recorded tokenizer decodes the sampled codes (a 4 x 4 grid -> 8 x 8 pixels at its downsampling 2).
     decoder = load_recorded_tokenizer(config.codes.tokenizer).model
